@@ -1,0 +1,34 @@
+# Everything starts from a fresh clone: `make test` and `make repro` create .venv and install.
+SHELL := /bin/bash
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+# Telemetry off for every tool the project runs (see docs/ENVIRONMENT notes in README).
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := true
+export MLFLOW_DISABLE_TELEMETRY := true
+export DVC_NO_ANALYTICS := 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install test repro bench clean
+
+install: .venv/.installed
+
+.venv/.installed: pyproject.toml requirements.lock
+	test -x $(PY) || python3.11 -m venv .venv || python3 -m venv .venv
+	$(PIP) install --quiet --upgrade pip
+	# torch first, pinned: a looser request would pull the multi-GB CUDA build.
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -c requirements.lock -e ".[all]"
+	touch $@
+
+# Two workers on two cores, one torch thread each: more threads oversubscribe the CPU.
+test: install
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup
+
+repro: install
+	$(PY) -m chopgrad.bench --decoder wan-tiny --frames 17,33,65 --d-trunc 0,1,2 --height 32 --width 32 \
+		--json results/bench/wan-tiny.json --plot results/bench/wan-tiny.png
+
+clean:
+	rm -rf .venv .pytest_cache

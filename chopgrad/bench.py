@@ -1,0 +1,294 @@
+"""Benchmark: peak memory and wall time of one ``decode_loss(...).backward()``.
+
+    python -m chopgrad.bench --decoder wan-tiny --frames 17,33,65 --d-trunc 0,1,2 --json out.json
+
+For each configuration (full backprop, exact recompute mode, ChopGrad at each ``d_trunc``) and
+frame count it measures ``peak_bytes``, the working memory of the call above what was allocated
+before it: on CUDA from ``torch.cuda.max_memory_allocated``; on CPU the peak resident memory of a
+fresh process that runs only that configuration, minus its resident memory just before the call
+(Linux: ``/proc/self/status``, with the peak reset through ``/proc/self/clear_refs``; the child
+runs with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed memory leaves the resident set).
+
+Decoders have random weights (memory and time do not depend on their values):
+``wan-tiny`` (``AutoencoderKLWan(base_dim=8)``), ``cogvideox-tiny`` and ``wan2.1`` (the real Wan 2.1
+VAE architecture, diffusers' default config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import chopgrad
+
+__all__ = ["Config", "build_decoder", "measure", "run", "main"]
+
+DECODERS = ("wan-tiny", "cogvideox-tiny", "wan2.1")
+
+
+@dataclass(frozen=True)
+class Config:
+    decoder: str
+    mode: str  # "full" | "exact" | "chopgrad"
+    d_trunc: int | None
+    frames: int
+    height: int
+    width: int
+    device: str
+    dtype: str
+
+
+def build_decoder(name: str, device: str, dtype: torch.dtype):
+    """A random-weight diffusers VAE of the named architecture, or a local diffusers folder, wrapped."""
+    from diffusers import AutoencoderKLCogVideoX, AutoencoderKLWan
+
+    torch.manual_seed(0)
+    if Path(name).is_dir():
+        config = Path(name) / "config.json"
+        if not config.is_file():
+            raise ValueError(f"{name} is not a diffusers model folder: {config} is missing")
+        cls_name = json.loads(config.read_text()).get("_class_name")
+        cls = {"AutoencoderKLWan": AutoencoderKLWan, "AutoencoderKLCogVideoX": AutoencoderKLCogVideoX}.get(cls_name)
+        if cls is None:
+            raise ValueError(f"{config} declares {cls_name!r}; chopgrad supports AutoencoderKLWan and AutoencoderKLCogVideoX")
+        vae = cls.from_pretrained(name, local_files_only=True)
+    elif name == "wan-tiny":
+        vae = AutoencoderKLWan(base_dim=8, z_dim=16)
+    elif name == "cogvideox-tiny":
+        vae = AutoencoderKLCogVideoX(
+            block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2
+        )
+    elif name == "wan2.1":
+        vae = AutoencoderKLWan()  # diffusers' defaults are the Wan 2.1 VAE architecture
+    else:
+        raise ValueError(f"unknown decoder {name!r}: choose one of {', '.join(DECODERS)} or a local diffusers VAE folder")
+    vae = vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return chopgrad.wrap_decoder(vae)
+
+
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not found in /proc/self/status (the CPU memory benchmark needs Linux)")
+
+
+def measure(config: Config) -> dict:
+    """Run one configuration in this process and return its result row."""
+    device, dtype = torch.device(config.device), getattr(torch, config.dtype)
+    decoder = build_decoder(config.decoder, config.device, dtype)
+    scale = decoder.spatial_scale
+    if config.height % scale or config.width % scale:
+        raise ValueError(f"height and width must be multiples of {scale} for {config.decoder}")
+    latent_frames = chopgrad.num_latent_frames(decoder, config.frames)
+    generator = torch.Generator().manual_seed(0)
+    shape = (1, decoder.latent_channels, latent_frames, config.height // scale, config.width // scale)
+    latents = torch.randn(shape, generator=generator).to(device, dtype).requires_grad_(True)
+    target = (torch.rand(1, 3, config.frames, config.height, config.width, generator=generator) * 2 - 1).to(
+        device, dtype
+    )
+    kwargs = {"full": {"d_trunc": None}, "exact": {"d_trunc": None, "recompute": True}}.get(
+        config.mode, {"d_trunc": config.d_trunc}
+    )
+
+    def mse(pred, tgt):
+        return torch.nn.functional.mse_loss(pred.float(), tgt.float())
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # reset the peak resident set size (VmHWM)
+        before = _rss_bytes("VmRSS")
+    start = time.perf_counter()
+    chopgrad.decode_loss(decoder, latents, target, mse, **kwargs).backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() - before if device.type == "cuda" else _rss_bytes("VmHWM") - before
+    row = asdict(config)
+    del row["dtype"]
+    row.update(peak_bytes=int(peak), seconds=round(seconds, 4), device=_device_name(device), dtype=config.dtype)
+    return row
+
+
+def tiling_error(decoder, latent_frames: int, height: int, width: int, tiles: tuple[int, int], halos: list[int]) -> list[dict]:
+    """How far the tiled forward is from the untiled one, for each halo (latent pixels).
+
+    Returns rows ``{"tiles", "halo", "max_abs", "rms", "psnr_db"}`` comparing ``decode`` with
+    ``tiles`` against ``decode`` without, on seeded random latents, in the decoder's [-1, 1] range.
+    """
+    scale = decoder.spatial_scale
+    generator = torch.Generator().manual_seed(0)
+    shape = (1, decoder.latent_channels, latent_frames, height // scale, width // scale)
+    param = next(iter(decoder.parameters()))
+    latents = torch.randn(shape, generator=generator).to(param.device, param.dtype)
+    rows = []
+    with torch.no_grad():
+        reference = chopgrad.decode(decoder, latents)
+        for halo in halos:
+            diff = (chopgrad.decode(decoder, latents, tiles=tiles, halo=halo) - reference).float()
+            rms = float(diff.pow(2).mean().sqrt())
+            psnr = float("inf") if rms == 0 else 20 * torch.log10(torch.tensor(2.0 / rms)).item()
+            rows.append({"tiles": list(tiles), "halo": halo, "max_abs": float(diff.abs().max()), "rms": rms, "psnr_db": psnr})
+    return rows
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def _measure_in_fresh_process(config: Config) -> dict:
+    # glibc keeps freed small and mid-sized blocks in its heap, so resident memory would remember
+    # released step graphs; serving every block over 64 KiB with mmap returns it to the OS on free.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run(
+        [sys.executable, "-m", "chopgrad.bench", "--one", json.dumps(asdict(config))],
+        check=True, capture_output=True, text=True, env=env,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run(configs: list[Config], fresh_process: bool = True, progress=print) -> list[dict]:
+    rows = []
+    for index, config in enumerate(configs, 1):
+        row = _measure_in_fresh_process(config) if fresh_process else measure(config)
+        progress(
+            f"[{index}/{len(configs)}] {row['mode']:8s} d_trunc={str(row['d_trunc']):4s} frames={row['frames']:4d}"
+            f"  peak {row['peak_bytes'] / 2**20:9.1f} MiB  {row['seconds']:8.3f} s"
+        )
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| decoder | mode | d_trunc | frames | HxW | peak MiB | seconds | device |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        d = "-" if r["d_trunc"] is None else r["d_trunc"]
+        lines.append(
+            f"| {r['decoder']} | {r['mode']} | {d} | {r['frames']} | {r['height']}x{r['width']} | "
+            f"{r['peak_bytes'] / 2**20:.1f} | {r['seconds']:.3f} | {r['device']} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (mem_ax, time_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    labels = sorted({_label(r) for r in rows})
+    for label in labels:
+        series = sorted((r for r in rows if _label(r) == label), key=lambda r: r["frames"])
+        frames = [r["frames"] for r in series]
+        mem_ax.plot(frames, [r["peak_bytes"] / 2**20 for r in series], marker="o", label=label)
+        time_ax.plot(frames, [r["seconds"] for r in series], marker="o", label=label)
+    first = rows[0]
+    for ax, ylabel in ((mem_ax, "peak working memory (MiB)"), (time_ax, "seconds, decode_loss + backward")):
+        ax.set_xlabel("frames")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    mem_ax.legend()
+    fig.suptitle(f"{first['decoder']} {first['height']}x{first['width']} on {first['device']}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _label(row: dict) -> str:
+    return f"chopgrad d_trunc={row['d_trunc']}" if row["mode"] == "chopgrad" else row["mode"]
+
+
+def _decoder_name(text: str) -> str:
+    if text in DECODERS or Path(text).is_dir():
+        return text
+    raise argparse.ArgumentTypeError(f"invalid choice {text!r}: one of {', '.join(DECODERS)} or a local diffusers VAE folder")
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m chopgrad.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--decoder", type=_decoder_name, default="wan-tiny", help=f"one of {', '.join(DECODERS)} or a local diffusers VAE folder")
+    parser.add_argument("--frames", type=_ints, default=[17, 33, 65], help="pixel frame counts, e.g. 17,33,65")
+    parser.add_argument("--d-trunc", type=_ints, default=[0, 1, 2], help="truncation distances for chopgrad")
+    parser.add_argument("--modes", default="full,exact,chopgrad", help="any of full,exact,chopgrad")
+    parser.add_argument("--height", type=int, default=64)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    parser.add_argument("--json", type=Path, help="write the result rows here")
+    parser.add_argument("--plot", type=Path, help="write a PNG of memory and time vs frames here")
+    parser.add_argument("--tiling-halos", type=_ints, help="instead: report the tiled-forward error for these halos")
+    parser.add_argument("--tiles", type=_ints, default=[2, 2], help="tile rows,cols for --tiling-halos")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one configuration, in this process
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(measure(Config(**json.loads(args.one)))))
+        return
+
+    if args.tiling_halos is not None:
+        decoder = build_decoder(args.decoder, args.device, getattr(torch, args.dtype))
+        latent_frames = chopgrad.num_latent_frames(decoder, args.frames[0])
+        rows = tiling_error(decoder, latent_frames, args.height, args.width, tuple(args.tiles), args.tiling_halos)
+        print("| tiles | halo (latent px) | max abs | RMS | PSNR dB |\n|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['tiles'][0]}x{r['tiles'][1]} | {r['halo']} | {r['max_abs']:.2e} | {r['rms']:.2e} | {r['psnr_db']:.1f} |")
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        return
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = set(modes) - {"full", "exact", "chopgrad"}
+    if unknown:
+        parser.error(f"unknown mode(s) {sorted(unknown)}: choose from full, exact, chopgrad")
+    if any(d < 0 for d in args.d_trunc):
+        parser.error("--d-trunc values must be >= 0")
+    decoder = build_decoder(args.decoder, "cpu", torch.float32)
+    for frames in args.frames:  # fail before any measurement on a frame count the decoder cannot make
+        try:
+            chopgrad.num_latent_frames(decoder, frames)
+        except ValueError as error:
+            parser.error(f"--frames {frames}: {error}")
+    configs = [
+        Config(args.decoder, mode, d, frames, args.height, args.width, args.device, args.dtype)
+        for mode in modes
+        for d in (args.d_trunc if mode == "chopgrad" else [None])
+        for frames in args.frames
+    ]
+    rows = run(configs, fresh_process=args.device == "cpu")
+    print(markdown_table(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    if args.plot:
+        plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny random-weight decoders that run in well under a second on CPU."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import chopgrad  # noqa: E402  (applies the torchvision fix before diffusers is imported)
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def _quiet_output(vae, conv_out) -> None:
+    # Random decoders saturate Wan's clamp; scale the last conv so outputs stay well inside
+    # [-1, 1] and gradients can be compared with plain autograd through vae.decode.
+    with torch.no_grad():
+        conv_out.weight.mul_(0.05)
+        if conv_out.bias is not None:
+            conv_out.bias.zero_()
+
+
+def make_wan(variant: str = "2.1", dtype=torch.float64):
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    if variant == "2.1":
+        vae = AutoencoderKLWan(base_dim=8, z_dim=16)
+    else:  # Wan 2.2: residual up/down blocks and 2x2 patchify
+        vae = AutoencoderKLWan(
+            base_dim=8, decoder_base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], is_residual=True,
+            patch_size=2, in_channels=12, out_channels=12, scale_factor_spatial=16,
+        )
+    vae = vae.to(dtype).eval().requires_grad_(False)
+    _quiet_output(vae, vae.decoder.conv_out)
+    return vae
+
+
+def make_cogvideox(dtype=torch.float64):
+    from diffusers import AutoencoderKLCogVideoX
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLCogVideoX(
+        block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2
+    )
+    vae = vae.to(dtype).eval().requires_grad_(False)
+    _quiet_output(vae, vae.decoder.conv_out.conv)
+    return vae
+
+
+@pytest.fixture(scope="session")
+def wan21():
+    return make_wan("2.1")
+
+
+@pytest.fixture(scope="session")
+def wan22():
+    return make_wan("2.2")
+
+
+@pytest.fixture(scope="session")
+def cogvideox():
+    return make_cogvideox()
+
+
+def mse(pred, target):
+    return ((pred - target) ** 2).mean()

@@ -1,0 +1,419 @@
+"""The embedded scene set: exact geometry against hand projections, the nerfstudio reader, the stage."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stages import scenes as stage
+from stages.common import scenes, video
+from stages.common.scenes import ObjectBox, Room, SceneError, SceneSpec
+
+TINY = {"frames": 4, "height": 20, "width": 28, "num_objects": 2, "texture_size": 32}
+
+
+def opengl_camera(eye, yaw_deg=0.0, pitch_deg=0.0) -> np.ndarray:  # [4, 4]
+    """Camera-to-world by hand: start looking down -z, pitch about x, then yaw about +y."""
+    yaw, pitch = np.radians(yaw_deg), np.radians(pitch_deg)
+    r_yaw = np.array([[np.cos(yaw), 0, np.sin(yaw)], [0, 1, 0], [-np.sin(yaw), 0, np.cos(yaw)]])
+    r_pitch = np.array([[1, 0, 0], [0, np.cos(pitch), -np.sin(pitch)], [0, np.sin(pitch), np.cos(pitch)]])
+    c2w = np.eye(4)
+    c2w[:3, :3], c2w[:3, 3] = r_yaw @ r_pitch, eye
+    return c2w
+
+
+def project(points, intrinsics, c2w) -> np.ndarray:  # [N, 3] -> [N, 2] pixel coordinates (u, v)
+    """OpenCV pinhole projection through the inverse of an OpenGL camera-to-world (nerfstudio convention)."""
+    camera = (np.linalg.inv(c2w) @ np.c_[points, np.ones(len(points))].T)[:3]  # [3, N] OpenGL camera axes
+    x, y, z = camera[0], -camera[1], -camera[2]  # OpenCV axes: y down, z forward
+    assert (z > 0).all(), "every point must be in front of the camera"
+    (fx, _, cx), (_, fy, cy) = intrinsics[:2]
+    return np.stack([fx * x / z + cx, fy * y / z + cy], axis=1)
+
+
+def hull_distance(corners_uv, height, width) -> np.ndarray:  # [H, W] signed pixel distance of pixel centres
+    hull = cv2.convexHull(corners_uv.astype(np.float32))
+    return np.array([[cv2.pointPolygonTest(hull, (j + 0.5, i + 0.5), True) for j in range(width)]
+                     for i in range(height)])
+
+
+def ramp_texture(size=64) -> np.ndarray:  # [size, size, 3]: red = 4 * column / 255, green = 4 * row / 255
+    rows, cols = np.mgrid[0:size, 0:size].astype(np.float32)
+    return np.stack([cols * 4 / 255, rows * 4 / 255, np.full_like(cols, 0.5)], axis=-1)
+
+
+def flat(colour) -> np.ndarray:
+    return np.ones((8, 8, 3), np.float32) * np.asarray(colour, np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry, against hand computations.
+
+
+@pytest.mark.parametrize("supersample", [1, 2])
+def test_room_depth_and_texture_coordinates_by_hand(supersample):
+    """Every pixel: which plane its centre ray meets, at what depth, and the wall's texel there."""
+    room = Room((4.0, 2.0, 6.0))  # x in [-2, 2], y in [0, 2], z in [-3, 3]
+    spec = SceneSpec(room, [], floor_texture=flat((0.2, 0.9, 0.1)), wall_texture=ramp_texture(),
+                     ceiling_texture=flat((0.9, 0.1, 0.9)), object_textures=[], texels_per_metre=10.0,
+                     ambient=1.0)
+    height, width = 24, 32
+    intrinsics = scenes.make_intrinsics(height, width, fov_deg=90.0)
+    assert np.allclose(intrinsics, [[16, 0, 16], [0, 16, 12], [0, 0, 1]])
+    eye = np.array([0.3, 1.0, 0.5])
+    out = scenes.render(spec, intrinsics, opengl_camera(eye)[None], height, width, supersample)
+
+    rows, cols = np.mgrid[0:height, 0:width] + 0.5
+    dirs = np.stack([(cols - 16) / 16, -(rows - 12) / 16, -np.ones_like(cols)], -1)  # camera axes = world
+    planes = {"x-": (0, -2.0), "x+": (0, 2.0), "floor": (1, 0.0), "ceiling": (1, 2.0), "z-": (2, -3.0)}
+    with np.errstate(divide="ignore"):
+        t = {name: (value - eye[axis]) / dirs[..., axis] for name, (axis, value) in planes.items()}
+    t = {name: np.where(v > 0, v, np.inf) for name, v in t.items()}
+    depth = np.minimum.reduce(list(t.values()))
+    np.testing.assert_allclose(out.depth[0], depth, rtol=1e-5)
+    assert (out.labels == 0).all()
+
+    hit = eye + depth[..., None] * dirs
+    plane = np.argmin(np.stack(list(t.values())), axis=0)  # [H, W] index into planes
+    same = [np.roll(plane, shift, axis) == plane for shift in (-1, 1) for axis in (0, 1)]
+    interior = np.logical_and.reduce(same)  # all sub-samples of the pixel meet its plane (faces are convex)
+    interior[[0, -1], :] = interior[:, [0, -1]] = False
+    names = list(planes)
+    image = out.images[0].astype(float)
+    # The wall ahead is parallel to the image, so its texel coordinates are affine in the pixel
+    # coordinates and the sub-sample average equals the centre value: a along x from -2, b down from 2.
+    back = interior & (plane == names.index("z-"))
+    col, row = (hit[..., 0] + 2) * 10 - 0.5, (2 - hit[..., 1]) * 10 - 0.5
+    back &= (col > 0.5) & (row > 0.5)  # away from the texture's wrap seam
+    assert back.sum() > 50
+    np.testing.assert_allclose(image[back, 0], col[back] * 4, atol=1.01)  # red ramp: 4 levels per texel
+    np.testing.assert_allclose(image[back, 1], row[back] * 4, atol=1.01)
+    floor = interior & (plane == names.index("floor"))
+    ceiling = interior & (plane == names.index("ceiling"))
+    assert floor.sum() > 20 and ceiling.sum() > 20
+    np.testing.assert_allclose(image[floor], np.tile([51, 229.5, 25.5], (floor.sum(), 1)), atol=1)
+    np.testing.assert_allclose(image[ceiling], np.tile([229.5, 25.5, 229.5], (ceiling.sum(), 1)), atol=1)
+
+
+def test_box_mask_is_the_projection_of_its_corners():
+    box = ObjectBox(7, "crate", center=(0.2, 0.4, -1.0), size=(0.6, 0.8, 0.5), yaw=0.5)
+    spec = SceneSpec(Room((6.0, 3.0, 6.0)), [box], flat(0.5), flat(0.5), flat(0.5), [flat(0.8)])
+    height, width = 30, 40
+    intrinsics = scenes.make_intrinsics(height, width, fov_deg=70.0)
+    c2w = opengl_camera([0.9, 1.5, 1.2], yaw_deg=25.0, pitch_deg=-30.0)
+    labels = scenes.render(spec, intrinsics, c2w[None], height, width).labels[0]
+    # Corners by hand: local +-size/2, turned by yaw about +y (x' = c x + s z, z' = -s x + c z).
+    c, s = np.cos(0.5), np.sin(0.5)
+    local = np.array([[x, y, z] for x in (-0.3, 0.3) for y in (-0.4, 0.4) for z in (-0.25, 0.25)])
+    x, y, z = local.T
+    corners = np.stack([c * x + s * z, y, -s * x + c * z], axis=1)
+    corners += box.center
+    np.testing.assert_allclose(np.sort(box.corners(), 0), np.sort(corners, 0), atol=1e-12)
+    distance = hull_distance(project(corners, intrinsics, c2w), height, width)
+    assert (labels[distance > 1e-3] == 7).all() and (labels[distance < -1e-3] == 0).all()
+    assert 20 < (labels == 7).sum() < labels.size / 2
+
+
+@pytest.mark.parametrize("side", [0, 90, 180, 270])
+def test_box_faces_show_their_texture_upright_and_unmirrored(side):
+    """Seen from any side, a face's texture runs left to right (red ramp) and top to bottom (green)."""
+    turn = 20 + side  # look straight at one face of a box turned by 20 degrees
+    box = ObjectBox(1, "box", (0.0, 0.5, 0.0), (1.0, 1.0, 1.0), yaw=np.radians(20))
+    spec = SceneSpec(Room((8.0, 3.0, 8.0)), [box], flat(0.5), flat(0.5), flat(0.5), [ramp_texture()],
+                     ambient=1.0)
+    eye = np.array([2.0 * np.sin(np.radians(turn)), 0.5, 2.0 * np.cos(np.radians(turn))])
+    intrinsics = scenes.make_intrinsics(24, 24, 60.0)
+    out = scenes.render(spec, intrinsics, opengl_camera(eye, yaw_deg=turn)[None], 24, 24, supersample=1)
+    face = out.labels[0] == 1
+    assert face.sum() > 50
+    image = out.images[0].astype(float)
+    rows, cols = np.nonzero(face)
+    assert np.corrcoef(cols, image[face, 0])[0, 1] > 0.99 and np.corrcoef(rows, image[face, 1])[0, 1] > 0.99
+
+
+@settings(max_examples=15, deadline=None)
+@given(yaw=st.floats(0, np.pi), x=st.floats(-1, 1), size=st.floats(0.2, 1.0), turn=st.floats(-40, 40))
+def test_box_mask_matches_projection_for_any_pose(yaw, x, size, turn):
+    box = ObjectBox(1, "box", center=(x, size / 2, -1.0), size=(size, size, size * 0.7), yaw=yaw)
+    spec = SceneSpec(Room((6.0, 3.0, 6.0)), [box], flat(0.5), flat(0.5), flat(0.5), [flat(0.8)])
+    intrinsics = scenes.make_intrinsics(16, 20, fov_deg=80.0)
+    c2w = opengl_camera([0.0, 1.4, 1.5], yaw_deg=turn, pitch_deg=-25.0)
+    labels = scenes.render(spec, intrinsics, c2w[None], 16, 20, supersample=1).labels[0]
+    distance = hull_distance(project(box.corners(), intrinsics, c2w), 16, 20)
+    assert (labels[distance > 1e-3] == 1).all() and (labels[distance < -1e-3] == 0).all()
+
+
+def test_render_rejects_cameras_outside_the_room_or_inside_an_object():
+    box = ObjectBox(1, "box", (0.0, 0.5, 0.0), (1.0, 1.0, 1.0), 0.0)
+    spec = SceneSpec(Room((4.0, 3.0, 4.0)), [box], flat(0.5), flat(0.5), flat(0.5), [flat(0.8)])
+    intrinsics = scenes.make_intrinsics(8, 8, 60.0)
+    with pytest.raises(SceneError, match="inside the room"):
+        scenes.render(spec, intrinsics, opengl_camera([0, 1, 9])[None], 8, 8)
+    with pytest.raises(SceneError, match="inside an object"):
+        scenes.render(spec, intrinsics, opengl_camera([0.1, 0.5, 0])[None], 8, 8)
+    bad = SceneSpec(spec.room, [box, box], flat(0.5), flat(0.5), flat(0.5), [flat(0.8)] * 2)
+    with pytest.raises(SceneError, match=r"distinct integers in 1\.\.255"):
+        scenes.render(bad, intrinsics, opengl_camera([1.5, 1, 1.5])[None], 8, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated scenes.
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("generated") / "scene"
+    scenes.generate_scene(folder, seed=3, **TINY)
+    return folder
+
+
+def test_generation_is_deterministic_by_seed(generated, tmp_path):
+    scenes.generate_scene(tmp_path / "again", seed=3, **TINY)
+    scenes.generate_scene(tmp_path / "other", seed=4, **TINY)
+    def files(folder):
+        return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+    first = files(generated)
+    assert len(first) == 2 * TINY["frames"] + 2  # images, masks, transforms.json, objects.json
+    assert first == files(tmp_path / "again")
+    frame = Path("images/frame_00001.png")
+    assert first[frame] != files(tmp_path / "other")[frame]
+
+
+def test_generated_scene_layout_and_masks_agree_with_the_boxes(generated):
+    meta = json.loads((generated / "transforms.json").read_text())
+    assert meta["camera_model"] == "OPENCV" and (meta["w"], meta["h"]) == (28, 20)
+    assert [f["file_path"] for f in meta["frames"]] == [f"images/frame_{i:05d}.png" for i in range(1, 5)]
+    scene = scenes.load_scene(generated)
+    assert scene.images.shape == (4, 20, 28, 3) and scene.masks.shape == (4, 20, 28)
+    assert [box.label for box in scene.objects] == [1, 2] and scene.room is not None
+    # Every pixel labelled k lies inside the projection of box k (occlusion can only remove pixels).
+    for frame in range(4):
+        for box in scene.objects:
+            inside = hull_distance(project(box.corners(), scene.intrinsics, scene.camtoworlds[frame]), 20, 28)
+            assert (inside[scene.masks[frame] == box.label] > -1e-3).all()
+    assert (scene.masks > 0).any()
+    # The room encloses every camera, and every box stands on the floor.
+    lo, hi = scene.room.bounds
+    assert ((scene.camtoworlds[:, :3, 3] > lo) & (scene.camtoworlds[:, :3, 3] < hi)).all()
+    assert all(np.isclose(box.corners()[:, 1].min(), 0.0) for box in scene.objects)
+
+
+def test_trajectory_is_smooth_and_looks_ahead():
+    rng = np.random.default_rng(0)
+    spec = scenes.make_spec(rng, 3, texture_size=16)
+    c2w = scenes.make_trajectory(spec, rng, 300)
+    rotations = c2w[:, :3, :3]
+    identity = np.tile(np.eye(3), (300, 1, 1))
+    np.testing.assert_allclose(rotations @ rotations.transpose(0, 2, 1), identity, atol=1e-9)
+    steps = np.linalg.norm(np.diff(c2w[:, :3, 3], axis=0), axis=1)
+    assert steps.max() < 0.1 and steps.max() < 3 * steps.mean()  # no jumps
+    assert (c2w[:, 1, 1] > 0.5).all()  # camera up stays near world up: no roll, no flips
+
+
+# ---------------------------------------------------------------------------------------------
+# The reader, on scenes written by hand (not by the generator).
+
+
+def write_by_hand(folder: Path, names=("frame_00002.png", "frame_00010.png", "frame_00001.png"), size=(6, 8),
+                  images_dir="images", **overrides) -> dict:
+    """A nerfstudio scene written directly: frames listed out of order, poses = translations by index."""
+    (folder / images_dir).mkdir(parents=True)
+    frames = []
+    for name in names:
+        number = int(name[6:11])
+        pixels = np.full((*size, 3), (number, 2 * number, 3 * number), np.uint8)
+        cv2.imwrite(str(folder / images_dir / name), pixels)
+        pose = np.eye(4)
+        pose[:3, 3] = [number, 0, 0]
+        frames.append({"file_path": f"images/{name}", "transform_matrix": pose.tolist(),
+                       "colmap_im_id": number})  # an extra key, as in DL3DV
+    meta = {"camera_model": "OPENCV", "fl_x": 10.0, "fl_y": 11.0, "cx": 4.0, "cy": 3.0, "w": size[1],
+            "h": size[0], "k1": 0.01, "k2": 0.0, "p1": 0.0, "p2": 0.0, "applied_transform": [[1, 0, 0, 0]],
+            "frames": frames}
+    meta.update(overrides)
+    (folder / "transforms.json").write_text(json.dumps(meta))
+    return meta
+
+
+def test_reader_loads_a_hand_written_nerfstudio_scene(tmp_path):
+    write_by_hand(tmp_path)
+    scene = scenes.load_scene(tmp_path)
+    assert [p.name for p in scene.image_paths] == ["frame_00001.png", "frame_00002.png", "frame_00010.png"]
+    assert scene.images.shape == (3, 6, 8, 3) and (scene.height, scene.width) == (6, 8)
+    # PNGs were written BGR with (B, G, R) = (n, 2n, 3n): RGB reads back (3n, 2n, n).
+    assert scene.images[:, 0, 0].tolist() == [[3, 2, 1], [6, 4, 2], [30, 20, 10]]
+    np.testing.assert_array_equal(scene.camtoworlds[:, 0, 3], [1, 2, 10])
+    np.testing.assert_array_equal(scene.intrinsics, [[10, 0, 4], [0, 11, 3], [0, 0, 1]])
+    np.testing.assert_array_equal(scene.distortion, [0.01, 0, 0, 0])
+    assert scene.masks is None and scene.objects is None and "applied_transform" in scene.extra
+    lazy = scenes.load_scene(tmp_path, load_images=False)
+    assert lazy.images is None and lazy.num_frames == 3
+    np.testing.assert_array_equal(lazy.read_images([2]), scene.images[2:])
+
+
+def test_reader_uses_a_downsampled_copy_like_dl3dv(tmp_path):
+    write_by_hand(tmp_path, images_dir="images_2", size=(3, 4), w=8, h=6)  # listed images/ is absent
+    scene = scenes.load_scene(tmp_path)
+    assert scene.image_paths[0].parent.name == "images_2" and (scene.height, scene.width) == (3, 4)
+    np.testing.assert_allclose(scene.intrinsics, [[5, 0, 2], [0, 5.5, 1.5], [0, 0, 1]])
+    (tmp_path / "images_4").mkdir()
+    with pytest.raises(SceneError, match=r"several resized copies \['images_2', 'images_4'\]"):
+        scenes.load_scene(tmp_path)
+    assert scenes.load_scene(tmp_path, image_dir="images_2").width == 4
+
+
+def test_reader_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Scene folder not found"):
+        scenes.load_scene(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"transforms\.json not found"):
+        scenes.load_scene(tmp_path / "empty")
+
+    write_by_hand(tmp_path / "missing")
+    (tmp_path / "missing/images/frame_00010.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 image\(s\) listed in .* missing, e\.g\. .*frame_00010"):
+        scenes.load_scene(tmp_path / "missing")
+
+    write_by_hand(tmp_path / "extra")
+    cv2.imwrite(str(tmp_path / "extra/images/frame_00099.png"), np.zeros((6, 8, 3), np.uint8))
+    with pytest.raises(SceneError, match=r"1 image\(s\) in .* are not listed .*frame_00099\.png"):
+        scenes.load_scene(tmp_path / "extra")
+
+    write_by_hand(tmp_path / "mixed")
+    cv2.imwrite(str(tmp_path / "mixed/images/frame_00010.png"), np.zeros((7, 8, 3), np.uint8))
+    with pytest.raises(SceneError, match=r"frame_00010\.png is 8x7 but the scene's frames are 8x6"):
+        scenes.load_scene(tmp_path / "mixed")
+
+    write_by_hand(tmp_path / "wh", w=16)
+    with pytest.raises(SceneError, match=r"says images are 16x6 but they are 8x6"):
+        scenes.load_scene(tmp_path / "wh")
+
+    write_by_hand(tmp_path / "fisheye", camera_model="OPENCV_FISHEYE")
+    with pytest.raises(SceneError, match="OPENCV_FISHEYE' is not supported"):
+        scenes.load_scene(tmp_path / "fisheye")
+
+    meta = write_by_hand(tmp_path / "nofocal")
+    del meta["fl_x"], meta["fl_y"]
+    (tmp_path / "nofocal/transforms.json").write_text(json.dumps(meta))
+    with pytest.raises(SceneError, match="has no 'fl_x'"):
+        scenes.load_scene(tmp_path / "nofocal")
+
+    write_by_hand(tmp_path / "badpose")
+    meta = json.loads((tmp_path / "badpose/transforms.json").read_text())
+    meta["frames"][0]["transform_matrix"] = [[1, 0, 0]]
+    (tmp_path / "badpose/transforms.json").write_text(json.dumps(meta))
+    with pytest.raises(SceneError, match="must be a finite 4x4 matrix"):
+        scenes.load_scene(tmp_path / "badpose")
+
+    (tmp_path / "garbled").mkdir()
+    (tmp_path / "garbled/transforms.json").write_text("{frames: ")
+    with pytest.raises(SceneError, match="is not valid JSON"):
+        scenes.load_scene(tmp_path / "garbled")
+
+
+def test_split_round_trip_and_errors(tmp_path):
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+    scenes.write_split(tmp_path, ["a", "b"], ["c"])
+    assert scenes.load_split(tmp_path) == {"train": ["a", "b"], "test": ["c"]}
+    with pytest.raises(SceneError, match=r"\['a'\] are in both train and test"):
+        scenes.write_split(tmp_path, ["a"], ["a"])
+    (tmp_path / "c").rmdir()
+    with pytest.raises(FileNotFoundError, match=r"names scene 'c' but .* is missing"):
+        scenes.load_split(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"split\.json not found"):
+        scenes.load_split(tmp_path / "a")
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage.
+
+PARAMS = {"num_scenes": 3, "num_test_scenes": 1, "frames": 3, "height": 16, "width": 24, "seed": 5,
+          "num_objects": 2}
+
+
+def test_stage_writes_a_loadable_set_and_replaces_it_atomically(tmp_path, monkeypatch):
+    out = tmp_path / "data" / "scenes"
+    result = stage.run(stage.Params(**PARAMS), out)
+    assert scenes.load_split(out) == {"train": ["scene_000", "scene_001"], "test": ["scene_002"]}
+    assert result["metrics"]["total_frames"] == 9 and result["metrics"]["num_test_scenes"] == 1
+    assert json.loads((out / "metrics.json").read_text()) == result["metrics"]
+    assert [p.name for p in result["videos"]] == ["scene_000.mp4", "scene_002.mp4"]
+    assert video.read_video(result["videos"][0]).shape == (3, 16, 48, 3)  # frames beside their labels
+    for name in ("scene_000", "scene_001", "scene_002"):
+        assert scenes.load_scene(out / name).images.shape == (3, 16, 24, 3)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*.png")}
+
+    def broken(folder, **kwargs):  # the second scene of a rerun fails
+        if folder.name == "scene_001":
+            raise RuntimeError("disk full")
+        return real(folder, **kwargs)
+
+    real = scenes.generate_scene
+    monkeypatch.setattr(scenes, "generate_scene", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        stage.run(stage.Params(**{**PARAMS, "seed": 6}), out)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*.png")} == before  # old set untouched
+    assert sorted(p.name for p in out.parent.iterdir()) == ["scenes"]  # no temporary folders left
+    monkeypatch.setattr(scenes, "generate_scene", real)
+    stage.run(stage.Params(**PARAMS), out, metrics_path=tmp_path / "metrics" / "scenes.json",
+              plots_dir=tmp_path / "plots")  # a rerun: same seed, same bytes
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*.png")} == before
+    assert (tmp_path / "metrics" / "scenes.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["scene_000.mp4", "scene_002.mp4"]
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"num_test_scenes": 3}, r"num_test_scenes must be in \[0, num_scenes\)"),
+    ({"num_scenes": 0}, "num_scenes must be >= 1"),
+    ({"frames": 0}, "frames must be >= 1"),
+    ({"height": 4}, r"height and scenes.width must be in \[8, 4096\]"),
+    ({"seed": -1}, "seed must be >= 0"),
+    ({"num_objects": 20}, r"num_objects must be in \[0, 8\]"),
+    ({"frames": 2.5}, "frames must be an integer"),
+])
+def test_stage_params_are_validated(change, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        stage.Params(**{**PARAMS, **change})
+
+
+def test_stage_main_parses_argv_loads_params_and_logs(tmp_path, monkeypatch):
+    (tmp_path / "params.yaml").write_text("scenes:\n" + "".join(f"  {k}: {v}\n" for k, v in PARAMS.items()))
+    logged = {"metrics": {}, "videos": [], "artifacts": []}
+
+    class Tracker:
+        def log_metrics(self, metrics):
+            logged["metrics"].update(metrics)
+
+        def log_video(self, path):
+            logged["videos"].append(Path(path).name)
+
+        def log_artifact(self, path):
+            logged["artifacts"].append(Path(path).name)
+
+    class StageRun:
+        def __init__(self, name, params):
+            logged["stage"], logged["params"] = name, params
+
+        def __enter__(self):
+            return Tracker()
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setitem(sys.modules, "stages.common.tracking", types.SimpleNamespace(stage_run=StageRun))
+    stage.main(["--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "out")])
+    assert logged["stage"] == "scenes" and logged["params"] == stage.Params(**PARAMS)
+    assert logged["metrics"]["total_frames"] == 9 and logged["metrics"]["seconds"] >= 0
+    assert logged["videos"] == ["scene_000.mp4", "scene_002.mp4"]
+    assert logged["artifacts"] == ["split.json", "metrics.json"]
+    assert scenes.load_split(tmp_path / "out")["test"] == ["scene_002"]

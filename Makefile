@@ -27,7 +27,7 @@ test: install
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup
 
 repro: install
-	$(PY) -m chopgrad.bench --decoder wan-tiny --frames 17,33,65 --d-trunc 0,1,2 --height 32 --width 32 \
+	$(PY) -m chopgrad.bench --decoder wan-tiny --frames 17,33,65 --d-trunc 0,1,2 --height 64 --width 64 --threads 1 \
 		--json results/bench/wan-tiny.json --plot results/bench/wan-tiny.png
 
 clean:

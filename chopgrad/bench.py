@@ -7,7 +7,8 @@ frame count it measures ``peak_bytes``, the working memory of the call above wha
 before it: on CUDA from ``torch.cuda.max_memory_allocated``; on CPU the peak resident memory of a
 fresh process that runs only that configuration, minus its resident memory just before the call
 (Linux: ``/proc/self/status``, with the peak reset through ``/proc/self/clear_refs``; the child
-runs with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed memory leaves the resident set).
+runs with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed memory leaves the resident set). Time is
+the wall time of the call after one warm-up call, in a second fresh process on CPU.
 
 Decoders have random weights (memory and time do not depend on their values):
 ``wan-tiny`` (``AutoencoderKLWan(base_dim=8)``), ``cogvideox-tiny`` and ``wan2.1`` (the real Wan 2.1
@@ -82,8 +83,12 @@ def _rss_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not found in /proc/self/status (the CPU memory benchmark needs Linux)")
 
 
-def measure(config: Config) -> dict:
-    """Run one configuration in this process and return its result row."""
+def measure(config: Config, warmup: bool = False) -> dict:
+    """Run one configuration in this process and return its result row.
+
+    With ``warmup`` one untimed call runs first, so that the timed call reuses allocated memory
+    (steady state, as in a training loop); without it the peak memory of a first call is exact.
+    """
     device, dtype = torch.device(config.device), getattr(torch, config.dtype)
     decoder = build_decoder(config.decoder, config.device, dtype)
     scale = decoder.spatial_scale
@@ -103,6 +108,9 @@ def measure(config: Config) -> dict:
     def mse(pred, tgt):
         return torch.nn.functional.mse_loss(pred.float(), tgt.float())
 
+    if warmup:
+        chopgrad.decode_loss(decoder, latents, target, mse, **kwargs).backward()
+        latents.grad = None
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -151,21 +159,30 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
-def _measure_in_fresh_process(config: Config) -> dict:
-    # glibc keeps freed small and mid-sized blocks in its heap, so resident memory would remember
-    # released step graphs; serving every block over 64 KiB with mmap returns it to the OS on free.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run(
-        [sys.executable, "-m", "chopgrad.bench", "--one", json.dumps(asdict(config))],
-        check=True, capture_output=True, text=True, env=env,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def _measure_in_fresh_process(config: Config, threads: int | None = None) -> dict:
+    """Peak memory from one process, time from another.
+
+    Memory: glibc keeps freed blocks in its heap, so resident memory would remember released step
+    graphs; with every block over 64 KiB served by mmap, freed memory leaves the resident set.
+    That makes each allocation fault in fresh pages, so time comes from a second process with the
+    default allocator, timing the call after one warm-up call.
+    """
+
+    def child(env: dict, warmup: bool) -> dict:
+        argv = [sys.executable, "-m", "chopgrad.bench", "--one", json.dumps(asdict(config))]
+        out = subprocess.run(argv + ["--warmup"] * warmup, check=True, capture_output=True, text=True, env=env)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    base = dict(os.environ) | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
+    row = child(base | {"MALLOC_MMAP_THRESHOLD_": "65536"}, warmup=False)
+    row["seconds"] = child(base, warmup=True)["seconds"]
+    return row
 
 
-def run(configs: list[Config], fresh_process: bool = True, progress=print) -> list[dict]:
+def run(configs: list[Config], fresh_process: bool = True, threads: int | None = None, progress=print) -> list[dict]:
     rows = []
     for index, config in enumerate(configs, 1):
-        row = _measure_in_fresh_process(config) if fresh_process else measure(config)
+        row = _measure_in_fresh_process(config, threads) if fresh_process else measure(config, warmup=True)
         progress(
             f"[{index}/{len(configs)}] {row['mode']:8s} d_trunc={str(row['d_trunc']):4s} frames={row['frames']:4d}"
             f"  peak {row['peak_bytes'] / 2**20:9.1f} MiB  {row['seconds']:8.3f} s"
@@ -241,14 +258,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    parser.add_argument("--threads", type=int, help="CPU threads per measurement (default: torch's); 1 is steadiest")
     parser.add_argument("--json", type=Path, help="write the result rows here")
     parser.add_argument("--plot", type=Path, help="write a PNG of memory and time vs frames here")
     parser.add_argument("--tiling-halos", type=_ints, help="instead: report the tiled-forward error for these halos")
     parser.add_argument("--tiles", type=_ints, default=[2, 2], help="tile rows,cols for --tiling-halos")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one configuration, in this process
+    parser.add_argument("--warmup", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(measure(Config(**json.loads(args.one)))))
+        print(json.dumps(measure(Config(**json.loads(args.one)), warmup=args.warmup)))
         return
 
     if args.tiling_halos is not None:
@@ -281,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         for d in (args.d_trunc if mode == "chopgrad" else [None])
         for frames in args.frames
     ]
-    rows = run(configs, fresh_process=args.device == "cpu")
+    rows = run(configs, fresh_process=args.device == "cpu", threads=args.threads)  # CUDA: in process
     print(markdown_table(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,8 @@ export DO_NOT_TRACK := true
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
+# DVC stage commands call `python -m stages.<name>`: the venv's python and dvc come first.
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: install test repro bench clean
@@ -26,7 +28,13 @@ install: .venv/.installed
 test: install
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup
 
+# The main job: the DVC pipeline (pipeline stages in dvc.yaml, values in params.yaml) on the
+# embedded default data; a second run with nothing changed does nothing.
 repro: install
+	$(PY) -m dvc repro
+
+# The core benchmark of docs/benchmark.md (about 7 minutes on 2 CPU cores).
+bench: install
 	$(PY) -m chopgrad.bench --decoder wan-tiny --frames 17,33,65 --d-trunc 0,1,2 --height 64 --width 64 --threads 1 \
 		--json results/bench/wan-tiny.json --plot results/bench/wan-tiny.png
 

@@ -1,0 +1,270 @@
+"""The pipeline frame: dvc.yaml, params.yaml, stages/ and the Prefect flow agree, and they run.
+
+The slow tests reproduce the real pipeline with tiny params in a temporary copy of the repository
+(a git + DVC repo of its own), then run the Prefect flow over it under Prefect's test harness.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from ruamel.yaml import YAML
+
+from stages.common import tracking  # noqa: F401  (telemetry off before Prefect's test server starts)
+from stages.common.params import load_params
+
+REPO = Path(__file__).resolve().parents[1]
+UNTRACKED_DEPS = {"stages/common/tracking.py"}  # side record only; see dvc.yaml
+
+
+def read_yaml(path: Path) -> dict:
+    return YAML(typ="safe", pure=True).load(path.read_text())
+
+
+def write_yaml(path: Path, data: dict) -> None:
+    with path.open("w") as f:
+        YAML(typ="safe", pure=True).dump(data, f)
+
+
+def entries(stage: dict, kind: str) -> dict[str, dict]:
+    """A stage's outs/metrics/plots as {path: options}."""
+    found = {}
+    for item in stage.get(kind, []):
+        path, options = next(iter(item.items())) if isinstance(item, dict) else (item, {})
+        found[path] = options or {}
+    return found
+
+
+def imported_files(path: Path, seen: set[Path] | None = None) -> set[Path]:
+    """The project files (stages/, chopgrad/) that ``path`` imports, at any depth, lazily or not."""
+    seen = set() if seen is None else seen
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
+        else:
+            continue
+        for name in names:
+            if name.split(".")[0] not in ("stages", "chopgrad"):
+                continue
+            parts = name.split(".")
+            for candidate in (REPO.joinpath(*parts).with_suffix(".py"), REPO.joinpath(*parts, "__init__.py")):
+                if candidate.is_file() and candidate not in seen:
+                    seen.add(candidate)
+                    imported_files(candidate, seen)
+    return seen
+
+
+def test_stages_sections_files_and_flow_agree():
+    from pipeline.flow import stage_order
+
+    stages = read_yaml(REPO / "dvc.yaml")["stages"]
+    params = read_yaml(REPO / "params.yaml")
+    assert set(params) == set(stages), "one params.yaml section per dvc.yaml stage, and no other"
+    assert stage_order(REPO) == list(stages), "the flow runs every stage, in dvc.yaml's order"
+    for name, stage in stages.items():
+        assert stage["cmd"].startswith(f"python -m stages.{name} --params params.yaml "), name
+        assert stage["params"] == [name], f"{name}: declare the whole '{name}' section"
+        module = importlib.import_module(f"stages.{name}")
+        assert module.STAGE == name
+        load_params(name, module.Params, REPO / "params.yaml")  # the committed section is valid
+        for path, options in entries(stage, "metrics").items():
+            assert path.endswith(".json") and options.get("cache") is False, (name, path)
+        for path in entries(stage, "plots"):
+            assert path.endswith(".png"), f"{name}: plots are images, rendered offline by `dvc plots show`"
+
+
+def test_stage_deps_cover_the_code_they_import():
+    for name, stage in read_yaml(REPO / "dvc.yaml")["stages"].items():
+        deps = stage["deps"]
+        stage_file = REPO / "stages" / f"{name}.py"
+        assert f"stages/{name}.py" in deps
+        for file in imported_files(stage_file):
+            relative = file.relative_to(REPO).as_posix()
+            if relative in UNTRACKED_DEPS or not file.read_text().strip():
+                continue
+            assert any(relative == dep or relative.startswith(dep.rstrip("/") + "/") for dep in deps), \
+                f"stage {name} imports {relative}, which is not among its deps"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running it: a temporary copy of the repository with tiny params
+
+TINY = {
+    "scenes": {"num_scenes": 3, "num_test_scenes": 1, "frames": 9, "height": 16, "width": 24, "seed": 0,
+               "num_objects": 1},
+    "vae": {"base_dim": 4, "z_dim": 4, "dim_mult": [1, 2, 2, 2], "clip_frames": 5, "crop": [16, 16],
+            "batch_size": 1, "steps": 2, "warmup_steps": 1, "eval_frames": 5},
+}
+COPY = ["dvc.yaml", "params.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", ".gitignore", "stages",
+        "chopgrad", "pipeline"]
+GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "-c", "commit.gpgsign=false"]
+
+
+def environment(tmp: Path) -> dict[str, str]:
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+            "OMP_NUM_THREADS": "1"}
+
+
+def dvc(repo: Path, *args: str) -> str:
+    env = {k: v for k, v in environment(repo.parent).items() if k != "CHOPGRAD_EXECUTION_ID"}
+    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A git + DVC copy of the repository's pipeline, params shrunk to seconds, one commit."""
+    repo = tmp_path_factory.mktemp("pipeline") / "repo"
+    repo.mkdir()
+    for name in COPY:
+        source, target = REPO / name, repo / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, target)
+    params = read_yaml(repo / "params.yaml")
+    for section, values in TINY.items():
+        params[section].update(values)
+    write_yaml(repo / "params.yaml", params)
+    subprocess.run([*GIT, "init", "-q"], cwd=repo, check=True)
+    subprocess.run([*GIT, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*GIT, "commit", "-q", "-m", "pipeline"], cwd=repo, check=True)
+    return repo
+
+
+def mlflow_runs(tmp: Path) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("chopgrad")
+    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_skips_and_reruns_only_what_changed(project):
+    out = dvc(project, "repro")
+    assert "Running stage 'scenes'" in out and "Running stage 'vae'" in out
+    for path in ["data/scenes/split.json", "data/vae/config.json", "data/vae/diffusion_pytorch_model.safetensors",
+                 "metrics/vae.json", "metrics/scenes.json", "plots/vae/training_curve.png",
+                 "plots/vae/reconstruction.png", "plots/vae/reconstruction.mp4", "dvc.lock"]:
+        assert (project / path).is_file(), path
+    lock = read_yaml(project / "dvc.lock")["stages"]
+    assert lock["vae"]["params"]["params.yaml"]["vae"]["steps"] == 2
+
+    runs = mlflow_runs(project.parent)
+    assert [r.info.run_name for r in runs] == ["scenes", "vae"]
+    assert len({r.data.tags["chopgrad.execution_id"] for r in runs}) == 1  # one `dvc repro`, one id
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["dvc.stage"] == run.info.run_name
+        assert run.data.tags["mlflow.source.git.commit"] == commit.strip()
+        key = run.data.tags["dvc.stage_hash"]  # DVC's run-cache key: names its record of this run
+        assert (project / ".dvc" / "cache" / "runs" / key[:2] / key).is_dir()
+    vae_run = runs[1]
+    assert vae_run.data.metrics["test_psnr"] == json.loads((project / "metrics/vae.json").read_text())["test_psnr"]
+    assert vae_run.data.params["steps"] == "2"
+
+    again = dvc(project, "repro")
+    assert "Running stage" not in again and "didn't change, skipping" in again
+
+    swept = dvc(project, "exp", "run", "-S", "vae.steps=3")
+    assert "Running stage 'vae'" in swept and "Running stage 'scenes'" not in swept
+    assert read_yaml(project / "dvc.lock")["stages"]["vae"]["params"]["params.yaml"]["vae"]["steps"] == 3
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.mark.slow
+def test_flow_runs_the_pipeline_under_prefect(project, harness, monkeypatch):
+    from pipeline.flow import pipeline
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project.parent / 'mlflow.db'}")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    before = len(mlflow_runs(project.parent))
+    state = pipeline(repo=str(project), stages=["vae"], force=True, return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result() == ["vae"]
+    (run,) = mlflow_runs(project.parent)[before:]
+    assert run.info.run_name == "vae"
+    assert run.data.tags["chopgrad.execution_id"] == f"prefect-{state.state_details.flow_run_id}"
+
+
+FLAKY = """
+stages:
+  first:
+    cmd: python -c "import pathlib as p; n = p.Path('../attempts'); n.write_text(n.read_text() + 'x' if n.exists() else 'x'); assert len(n.read_text()) > 1, 'fails once'; p.Path('a.txt').write_text('a')"
+    outs: [a.txt]
+  second:
+    cmd: python -c "import os, pathlib as p; p.Path('b.txt').write_text(os.environ['CHOPGRAD_EXECUTION_ID'])"
+    deps: [a.txt]
+    outs: [b.txt]
+"""
+
+
+@pytest.fixture
+def toy(tmp_path) -> Path:
+    """A two-stage DVC repo whose first stage fails on its first attempt."""
+    repo = tmp_path / "toy"
+    repo.mkdir()
+    subprocess.run([*GIT, "init", "-q"], cwd=repo, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True, env=environment(tmp_path))
+    (repo / "dvc.yaml").write_text(FLAKY)
+    return repo
+
+
+@pytest.mark.slow
+def test_flow_retries_a_failed_stage_and_stops_after_a_final_failure(toy, harness):
+    from pipeline.flow import pipeline, stage_order
+
+    assert stage_order(toy) == ["first", "second"]
+    state = pipeline(repo=str(toy), retries=1, return_state=True)
+    assert state.is_completed(), state.message
+    assert (toy.parent / "attempts").read_text() == "xx"  # failed once, passed on the retry
+    assert (toy / "b.txt").read_text() == f"prefect-{state.state_details.flow_run_id}"
+
+    (toy.parent / "attempts").unlink()
+    (toy / "b.txt").unlink()
+    state = pipeline(repo=str(toy), retries=0, force=True, return_state=True)
+    assert state.is_failed()
+    assert "dvc repro --single-item first failed" in str(state.message) + repr(state.result(raise_on_failure=False))
+    assert not (toy / "b.txt").exists()  # the stage after the failure never ran
+
+    with pytest.raises(ValueError, match=r"unknown stage\(s\) \['third'\]"):
+        pipeline(repo=str(toy), stages=["third"])
+
+
+def test_deployment_has_the_cron_schedule_and_parameters():
+    from pipeline.deploy import deployment
+
+    built = deployment(name="nightly", cron="30 2 * * *", repo="/some/repo", force=True)
+    assert built.name == "nightly"
+    assert [schedule.schedule.cron for schedule in built.schedules] == ["30 2 * * *"]
+    assert built.parameters == {"repo": "/some/repo", "force": True}
+
+
+def test_deploy_refuses_to_run_without_a_server(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")  # no profile of the user's that names a server
+    done = subprocess.run([sys.executable, "-m", "pipeline.deploy", "--cron", "* * * * *"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "PREFECT_API_URL is not set" in done.stderr

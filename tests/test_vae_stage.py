@@ -1,0 +1,128 @@
+"""The vae stage's run() on a tiny hand-made scene set, with a tiny VAE and a few steps."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stages import vae
+from stages.common import scenes, video
+
+TINY = vae.Params(
+    source="train", pretrained_path=None, base_dim=4, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1,
+    temporal_downsample=(False, True, True), clip_frames=5, crop=(16, 16), batch_size=1, steps=3, lr=1e-3,
+    betas=(0.5, 0.9), warmup_steps=1, kl_weight=1e-6, grad_clip=1.0, eval_frames=9, seed=0,
+)
+
+
+def moving_pattern(frames: int, height: int, width: int, phase: float) -> np.ndarray:  # [T, H, W, 3] uint8
+    t, y, x = np.meshgrid(np.arange(frames), np.arange(height), np.arange(width), indexing="ij")
+    channels = [np.sin(0.4 * x + 0.3 * t + phase), np.cos(0.5 * y - 0.2 * t + phase), np.sin(0.2 * (x + y) + phase)]
+    return (127.5 * (1 + np.stack(channels, axis=-1))).round().astype(np.uint8)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions run faster on one thread, and do not fight a parallel test worker for the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def scene_set(tmp_path_factory) -> Path:
+    """Two training scenes and one test scene of 11 frames of 16 x 24 pixels, with split.json."""
+    folder = tmp_path_factory.mktemp("scenes")
+    intrinsics = np.array([[20.0, 0, 12], [0, 20.0, 8], [0, 0, 1]])
+    for index, name in enumerate(["a", "b", "c"]):
+        scenes.write_scene(folder / name, moving_pattern(11, 16, 24, phase=index), intrinsics,
+                           np.tile(np.eye(4), (11, 1, 1)))
+    scenes.write_split(folder, ["a", "b"], ["c"])
+    return folder
+
+
+def run_stage(folder: Path, scene_set: Path, params: vae.Params) -> dict:
+    return vae.run(params, scene_set, folder / "vae", folder / "metrics" / "vae.json", folder / "plots")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, scene_set):
+    folder = tmp_path_factory.mktemp("trained")
+    return folder, run_stage(folder, scene_set, TINY)
+
+
+def test_run_saves_a_vae_that_reloads_and_decodes(trained):
+    from diffusers import AutoencoderKLWan
+
+    folder, result = trained
+    assert {p.name for p in (folder / "vae").iterdir()} == {"config.json", "diffusion_pytorch_model.safetensors"}
+    model = AutoencoderKLWan.from_pretrained(folder / "vae", local_files_only=True)
+    assert model.config.base_dim == 4 and model.config.z_dim == 4
+    assert len(model.config.latents_mean) == len(model.config.latents_std) == 4
+    with torch.no_grad():
+        frames = model.decode(torch.zeros(1, 4, 3, 2, 3)).sample  # 3 latent frames -> 1 + 4 * 2
+    assert frames.shape == (1, 3, 9, 16, 24)
+    assert len(result["losses"]) == TINY.steps and all(np.isfinite(result["losses"]))
+
+
+def test_run_writes_metrics_plots_and_a_sample_video(trained):
+    folder, result = trained
+    metrics = json.loads((folder / "metrics" / "vae.json").read_text())
+    assert metrics == result["metrics"]
+    assert metrics["test_scenes"] == 1 and metrics["eval_frames"] == 9  # 11 frames -> 1 + 4 * 2
+    assert 0 < metrics["test_psnr"] < 100
+    for figure in result["figures"]:
+        assert video.read_image(figure).shape[2] == 3
+    sample = video.read_video(result["video"])  # input | reconstruction, side by side
+    assert sample.shape == (9, 16, 48, 3)
+
+
+def test_psnr_is_the_psnr_of_the_saved_model(trained, scene_set):
+    """Recompute the metric independently from the files: the reloaded VAE and the test frames."""
+    from diffusers import AutoencoderKLWan
+
+    folder, result = trained
+    model = AutoencoderKLWan.from_pretrained(folder / "vae", local_files_only=True).eval()
+    frames = scenes.load_scene(scene_set / "c").images[:9]  # [9, 16, 24, 3]
+    x = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # [1, 3, 9, 16, 24]
+    with torch.no_grad():
+        recon = model.decode(model.encode(x).latent_dist.mode()).sample
+    recon = ((recon[0].clamp(-1, 1) + 1) * 127.5).round() / 255  # quantised to uint8 as the stage does
+    mse = ((recon - x[0].add(1).div(2)) ** 2).mean(dim=(0, 2, 3)).double()  # per frame
+    assert result["metrics"]["test_psnr"] == pytest.approx(float((-10 * torch.log10(mse)).mean()), abs=1e-3)
+
+
+def test_same_seed_same_weights(scene_set):
+    videos = list(vae.load_videos(scene_set, "train").values())
+    first, again = vae.build_vae(TINY), vae.build_vae(TINY)
+    assert vae.train(first, videos, TINY) == vae.train(again, videos, TINY)
+    a, b = first.state_dict(), again.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    fresh, reseeded = vae.build_vae(TINY), vae.build_vae(dataclasses.replace(TINY, seed=1))
+    assert not torch.equal(fresh.decoder.conv_out.weight, reseeded.decoder.conv_out.weight)
+
+
+def test_pretrained_source_copies_the_folder_and_measures_it(trained, scene_set, tmp_path):
+    folder, result = trained
+    params = dataclasses.replace(TINY, source="pretrained", pretrained_path=str(folder / "vae"))
+    copied = run_stage(tmp_path, scene_set, params)
+    assert copied["losses"] == []
+    assert copied["metrics"]["test_psnr"] == pytest.approx(result["metrics"]["test_psnr"])
+    assert (tmp_path / "vae" / "config.json").is_file()
+
+
+def test_clear_errors(trained, scene_set, tmp_path):
+    too_long = dataclasses.replace(TINY, clip_frames=13)
+    with pytest.raises(ValueError, match=r"smaller than vae.clip_frames=13 x vae.crop=\[16, 16\]"):
+        run_stage(tmp_path, scene_set, too_long)
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="is not a VAE folder"):
+        vae.save_model(None, tmp_path / "precious")
+    assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"

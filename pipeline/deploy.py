@@ -23,7 +23,8 @@ DEFAULT_NAME = "scheduled-retraining"
 DEFAULT_CRON = "0 3 * * *"  # every day at 03:00 UTC
 
 
-def deployment(name: str = DEFAULT_NAME, cron: str = DEFAULT_CRON, repo: str = str(REPO), force: bool = False):
+def deployment(name: str = DEFAULT_NAME, cron: str = DEFAULT_CRON, repo: str = str(REPO),
+               force: bool = False):
     """The pipeline flow as a deployment on ``cron`` (UTC), not yet registered."""
     return pipeline.to_deployment(
         name=name, cron=cron, parameters={"repo": repo, "force": force},

@@ -26,8 +26,8 @@ from stages.common.tracking import EXECUTION_ID_ENV, disable_telemetry
 
 disable_telemetry()  # before prefect reads its settings
 
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.runtime import flow_run  # noqa: E402
+from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run
 
 __all__ = ["REPO", "pipeline", "reproduce", "stage_order"]
 

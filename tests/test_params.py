@@ -140,7 +140,7 @@ def pretrained(tmp_path: Path, folder: Path | str | None) -> vae.Params:
 def test_pretrained_folder_errors(tmp_path):
     with pytest.raises(ParamsError, match="vae.pretrained_path is null"):
         pretrained(tmp_path, None)
-    with pytest.raises(ParamsError, match=r"vae.pretrained_path: .*nowhere is not a folder \(missing weights"):
+    with pytest.raises(ParamsError, match=r"pretrained_path: .*nowhere is not a folder \(missing weights"):
         pretrained(tmp_path, tmp_path / "nowhere")
 
     root = tmp_path / "Wan2.1"  # the whole model repo instead of its vae/ folder
@@ -162,7 +162,8 @@ def test_pretrained_folder_is_accepted_and_training_knobs_are_not_checked(tmp_pa
     from diffusers import AutoencoderKLWan
 
     folder = tmp_path / "vae"
-    AutoencoderKLWan(base_dim=8, z_dim=4, latents_mean=[0.0] * 4, latents_std=[1.0] * 4).save_pretrained(folder)
+    tiny = AutoencoderKLWan(base_dim=8, z_dim=4, latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    tiny.save_pretrained(folder)
     params = pretrained(tmp_path, folder)
     assert Path(params.pretrained_path) == folder
     assert dataclasses.replace(params, clip_frames=8).clip_frames == 8  # unused when not training

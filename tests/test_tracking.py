@@ -51,7 +51,8 @@ def store(database, tmp_path, monkeypatch, request):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", request.node.name)
     monkeypatch.setenv("CHOPGRAD_EXECUTION_ID", "exec-1")
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True,
+                            check=True).stdout.strip()
     return client, commit
 
 
@@ -83,27 +84,29 @@ def test_stage_run_logs_params_metrics_artifacts_and_tags(store, database, tmp_p
     assert run.data.params == {"steps": "3", "crop": "(8, 16)", "name": "None"}
     assert run.data.metrics == {"psnr": 21.5, "per_scene/a": 1.0, "loss": 0.25}
     history = client.get_metric_history(run.info.run_id, "loss")
-    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(1, 0.9), (2, 0.5), (3, 0.25)]
+    steps = [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)]
+    assert steps == [(1, 0.9), (2, 0.5), (3, 0.25)]
     tags = run.data.tags
     assert tags["chopgrad.stage"] == "demo"
     assert tags["chopgrad.execution_id"] == "exec-1"
     assert tags["mlflow.source.git.commit"] == commit
     assert tags["note"] == "hi"
     assert "dvc.stage" not in tags  # not under DVC
-    artifacts = {a.path for top in ("videos", "plots", "model") for a in client.list_artifacts(run.info.run_id, top)}
+    artifacts = {a.path for top in ("videos", "plots", "model")
+                 for a in client.list_artifacts(run.info.run_id, top)}
     assert artifacts == {"videos/sample.mp4", "plots/curve.png", "model/config.json"}
     # The artifacts live next to the database, not in the working directory.
     assert run.info.artifact_uri.startswith((database[2] / "mlartifacts").as_uri())
-    assert (Path(run.info.artifact_uri.removeprefix("file://")) / "videos" / "sample.mp4").read_bytes() == b"\x00mp4"
+    stored = Path(run.info.artifact_uri.removeprefix("file://")) / "videos" / "sample.mp4"
+    assert stored.read_bytes() == b"\x00mp4"
 
 
 def test_runs_of_one_execution_share_the_id_and_a_failure_is_recorded(store):
     client, _ = store
     with stage_run("first", Knobs(1, (1, 1), "a")):
         pass
-    with pytest.raises(RuntimeError, match="boom"):
-        with stage_run("second", Knobs(1, (1, 1), "b")):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), stage_run("second", Knobs(1, (1, 1), "b")):
+        raise RuntimeError("boom")
     assert the_run(client, "second").info.status == "FAILED"
     experiment = client.get_experiment_by_name(os.environ["MLFLOW_EXPERIMENT_NAME"])
     grouped = client.search_runs([experiment.experiment_id], "tags.`chopgrad.execution_id` = 'exec-1'")
@@ -114,11 +117,11 @@ def test_tracking_failures_never_fail_the_stage(tmp_path, monkeypatch, caplog):
     (tmp_path / "a-file").write_text("")  # a database "inside" a file cannot be created
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'a-file' / 'mlflow.db'}")
     output = tmp_path / "out.json"
-    with caplog.at_level(logging.WARNING, logger="stages.common.tracking"):
-        with stage_run("demo", Knobs(1, (1, 1), None)) as tracker:
-            output.write_text(json.dumps({"ok": 1}))
-            tracker.log_metrics({"x": 1.0})
-            tracker.log_video(tmp_path / "missing.mp4")
+    with (caplog.at_level(logging.WARNING, logger="stages.common.tracking"),
+          stage_run("demo", Knobs(1, (1, 1), None)) as tracker):
+        output.write_text(json.dumps({"ok": 1}))
+        tracker.log_metrics({"x": 1.0})
+        tracker.log_video(tmp_path / "missing.mp4")
     assert not tracker.active
     assert json.loads(output.read_text()) == {"ok": 1}
     assert "MLflow tracking is off for stage demo" in caplog.text
@@ -126,10 +129,10 @@ def test_tracking_failures_never_fail_the_stage(tmp_path, monkeypatch, caplog):
 
 def test_a_failing_log_call_warns_and_the_run_still_finishes(store, tmp_path, caplog):
     client, _ = store
-    with caplog.at_level(logging.WARNING, logger="stages.common.tracking"):
-        with stage_run("demo", Knobs(1, (1, 1), None)) as tracker:
-            tracker.log_video(tmp_path / "missing.mp4")
-            tracker.log_metrics({"after": 2.0})
+    with (caplog.at_level(logging.WARNING, logger="stages.common.tracking"),
+          stage_run("demo", Knobs(1, (1, 1), None)) as tracker):
+        tracker.log_video(tmp_path / "missing.mp4")
+        tracker.log_metrics({"after": 2.0})
     assert "could not log artifact" in caplog.text and "missing.mp4" in caplog.text
     run = the_run(client, "demo")
     assert run.info.status == "FINISHED" and run.data.metrics == {"after": 2.0}
@@ -142,7 +145,7 @@ def test_default_store_is_inside_the_repo(monkeypatch):
     assert uri == f"sqlite:///{REPO / 'mlflow.db'}"
     assert artifacts == (REPO / "mlartifacts").as_uri()
     ignored = subprocess.run(["git", "check-ignore", "mlflow.db", "mlartifacts/x"], cwd=REPO,
-                             capture_output=True, text=True).stdout.split()
+                             capture_output=True, text=True, check=False).stdout.split()
     assert ignored == ["mlflow.db", "mlartifacts/x"]
     assert tracking._store("http://127.0.0.1:5000") == ("http://127.0.0.1:5000", None)
 
@@ -159,5 +162,6 @@ def test_telemetry_is_off_on_import_unless_the_user_says_otherwise():
     env["DO_NOT_TRACK"] = "false"  # the user's own choice is kept
     code = ("import json, os, stages.common.tracking as t; "
             "print(json.dumps({k: os.environ[k] for k in t.TELEMETRY_OFF}))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                         check=True)
     assert json.loads(out.stdout) == {**tracking.TELEMETRY_OFF, "DO_NOT_TRACK": "false"}

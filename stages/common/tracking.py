@@ -117,8 +117,9 @@ class Tracker:
         now = int(time.time() * 1000)
         metrics = [Metric(name, float(v), now, int(s)) for s, v in zip(steps, values, strict=True)]
         for start in range(0, len(metrics), 1000):  # MLflow's log_batch limit
+            chunk = metrics[start:start + 1000]
             self._call(f"log curve {name}",
-                       lambda chunk=metrics[start:start + 1000]: self._client.log_batch(self.run_id, metrics=chunk))
+                       lambda chunk=chunk: self._client.log_batch(self.run_id, metrics=chunk))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for key, value in tags.items():
@@ -241,7 +242,8 @@ def _tags(stage: str) -> dict[str, str]:
 
 def _git(root: Path, *args: str) -> str | None:
     try:
-        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30,
+                             check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None

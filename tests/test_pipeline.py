@@ -105,6 +105,21 @@ TINY = {
     "vae": {"base_dim": 4, "z_dim": 4, "dim_mult": [1, 2, 2, 2], "clip_frames": 5, "crop": [16, 16],
             "batch_size": 1, "steps": 2, "warmup_steps": 1, "eval_frames": 5},
 }
+# Files each stage must leave in the tiny run (stage name: paths relative to the repo).
+PRODUCED = {
+    "scenes": ["data/scenes/split.json", "metrics/scenes.json"],
+    "vae": ["data/vae/config.json", "data/vae/diffusion_pytorch_model.safetensors", "metrics/vae.json",
+            "plots/vae/training_curve.png", "plots/vae/reconstruction.png", "plots/vae/reconstruction.mp4"],
+}
+
+
+def stage_names(repo: Path) -> list[str]:
+    """The stages `dvc repro` runs, matrix and foreach entries expanded (``train@nvs``, ...)."""
+    done = subprocess.run([sys.executable, "-m", "dvc", "stage", "list", "--name-only"], cwd=repo,
+                          capture_output=True, text=True, check=True, env=environment(repo.parent))
+    return done.stdout.split()
+
+
 COPY = ["dvc.yaml", "params.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", ".gitignore", "stages",
         "chopgrad", "pipeline"]
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "-c", "commit.gpgsign=false"]
@@ -157,16 +172,17 @@ def mlflow_runs(tmp: Path) -> list:
 @pytest.mark.slow
 def test_dvc_repro_runs_skips_and_reruns_only_what_changed(project):
     out = dvc(project, "repro")
-    assert "Running stage 'scenes'" in out and "Running stage 'vae'" in out
-    for path in ["data/scenes/split.json", "data/vae/config.json",
-                 "data/vae/diffusion_pytorch_model.safetensors", "metrics/vae.json", "metrics/scenes.json",
-                 "plots/vae/training_curve.png", "plots/vae/reconstruction.png", "plots/vae/reconstruction.mp4", "dvc.lock"]:
-        assert (project / path).is_file(), path
     lock = read_yaml(project / "dvc.lock")["stages"]
+    assert set(lock) == set(stage_names(project)), "every stage (matrix/foreach entries expanded) ran"
+    for stage in lock:
+        assert f"Running stage '{stage}'" in out, stage
+    for path in ["dvc.lock", *(path for paths in PRODUCED.values() for path in paths)]:
+        assert (project / path).is_file(), path
     assert lock["vae"]["params"]["params.yaml"]["vae"]["steps"] == 2
 
     runs = mlflow_runs(project.parent)
-    assert [r.info.run_name for r in runs] == ["scenes", "vae"]
+    assert sorted(r.info.run_name for r in runs) == sorted(lock), "one MLflow run per stage run"
+    assert [r.info.run_name for r in runs][:2] == ["scenes", "vae"]
     assert len({r.data.tags["chopgrad.execution_id"] for r in runs}) == 1  # one `dvc repro`, one id
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True,
                             check=True).stdout
@@ -176,7 +192,7 @@ def test_dvc_repro_runs_skips_and_reruns_only_what_changed(project):
         assert run.data.tags["mlflow.source.git.commit"] == commit.strip()
         key = run.data.tags["dvc.stage_hash"]  # DVC's run-cache key: names its record of this run
         assert (project / ".dvc" / "cache" / "runs" / key[:2] / key).is_dir()
-    vae_run = runs[1]
+    vae_run = next(r for r in runs if r.info.run_name == "vae")
     metrics = json.loads((project / "metrics" / "vae.json").read_text())
     assert vae_run.data.metrics["test_psnr"] == metrics["test_psnr"]
     assert vae_run.data.params["steps"] == "2"

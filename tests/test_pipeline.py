@@ -104,12 +104,18 @@ TINY = {
                "num_objects": 1},
     "vae": {"base_dim": 4, "z_dim": 4, "dim_mult": [1, 2, 2, 2], "clip_frames": 5, "crop": [16, 16],
             "batch_size": 1, "steps": 2, "warmup_steps": 1, "eval_frames": 5},
+    "masks": {"dilation": 1},
+    "degrade": {"scale": 4},  # 16x24 -> 4x6 low-resolution frames
 }
 # Files each stage must leave in the tiny run (stage name: paths relative to the repo).
 PRODUCED = {
     "scenes": ["data/scenes/split.json", "metrics/scenes.json"],
     "vae": ["data/vae/config.json", "data/vae/diffusion_pytorch_model.safetensors", "metrics/vae.json",
             "plots/vae/training_curve.png", "plots/vae/reconstruction.png", "plots/vae/reconstruction.mp4"],
+    "masks": ["data/masks/inpaint_box/pairs.json", "data/masks/inpaint_objects/pairs.json", "metrics/masks.json",
+              "plots/masks/inpaint_box_scene_000.mp4", "plots/masks/inpaint_objects_scene_002.mp4"],
+    "degrade": ["data/degrade/sr/pairs.json", "metrics/degrade.json", "plots/degrade/sr_scene_000.mp4",
+                "plots/degrade/sr_scene_002.mp4"],
 }
 
 

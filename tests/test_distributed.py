@@ -1,0 +1,245 @@
+"""chopgrad.distributed: a 2-process FSDP2 run (torchrun, gloo, CPU) follows the single-process run.
+
+The problem is the train stage's in miniature: a tiny ``WanTransformer3DModel`` predicts the
+velocity ``v`` from a degraded latent ``z_hat``; the loss is latent MSE on ``v`` plus a pixel
+MSE through ``chopgrad.decode_loss`` on a tiny ``AutoencoderKLWan`` decoder. Data parallel: at
+step ``s`` rank ``r`` trains on clip ``2 s + r``; the single-process reference sees both clips and
+averages their losses. Run as a script (under torchrun) this file is the worker.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import chopgrad
+from chopgrad import distributed, lora
+
+STEPS = 3
+WORLD = 2
+
+
+def _transformer():
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=64,
+    )
+    return model.double()
+
+
+def _vae():
+    from conftest import make_wan
+
+    return make_wan()  # float64, frozen, output kept inside Wan's clamp
+
+
+def _clips(vae):
+    """``STEPS * WORLD`` clips: (z_hat, text, velocity target, pixel target)."""
+    generator = torch.Generator().manual_seed(1)
+    clips = []
+    for _ in range(STEPS * WORLD):
+        z = torch.randn(1, 16, 2, 4, 4, generator=generator, dtype=torch.float64)
+        z_hat = z + 0.3 * torch.randn(z.shape, generator=generator, dtype=torch.float64)
+        text = torch.randn(1, 5, 32, generator=generator, dtype=torch.float64)
+        with torch.no_grad():
+            target = chopgrad.decode(vae, z)
+        clips.append((z_hat, text, z_hat - z, target))
+    return clips
+
+
+def _clip_loss(model, decoder, clip):
+    z_hat, text, velocity, target = clip
+    v = model(hidden_states=z_hat, timestep=torch.tensor([200]), encoder_hidden_states=text, return_dict=False)[0]
+    pixel = chopgrad.decode_loss(decoder, z_hat - v, target, lambda a, b: ((a - b) ** 2).mean(), d_trunc=1)
+    return ((v - velocity) ** 2).mean() + 10 * pixel
+
+
+def _setup(mode: str, sharded: bool):
+    """``full``: fine-tune the whole transformer. ``lora``: transformer LoRA (FSDP-sharded, with
+    activation checkpointing) and a decoder LoRA (unsharded, gradients all-reduced), as in
+    Mirage's harmonization stage."""
+    model, vae = _transformer(), _vae()
+    if mode == "lora":
+        lora.add_transformer_lora(model, rank=4, alpha=4)
+        lora.add_decoder_lora(vae, rank=2, alpha=2, adapter_name="harmonization")
+    if sharded:
+        if mode == "lora":  # as on GPU: activation checkpointing of the blocks, then sharding
+            model.enable_gradient_checkpointing()
+        distributed.shard_transformer(model)
+    params = list(lora.trainable_parameters(model).values()) + list(lora.trainable_parameters(vae).values())
+    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.99))
+    return model, vae, optimizer
+
+
+def _step(model, vae, optimizer, clips, rank: int | None) -> float:
+    """One optimizer step; ``rank=None`` is the single process that sees the whole global batch."""
+    if rank is None:
+        loss = sum(_clip_loss(model, vae, clip) for clip in clips) / len(clips)
+        logged = float(loss.detach())
+    else:
+        loss = _clip_loss(model, vae, clips[rank])
+        logged = None
+    loss.backward()
+    if rank is not None:
+        distributed.all_reduce_gradients(lora.trainable_parameters(vae).values())
+        logged = distributed.all_reduce_mean(loss)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return logged
+
+
+def _trainable_state(model, vae) -> dict[str, torch.Tensor]:
+    state = {f"transformer.{k}": v for k, v in distributed.full_model_state_dict(model, trainable_only=True).items()}
+    state.update({f"vae.{k}": v.detach().clone() for k, v in lora.trainable_parameters(vae).items()})
+    return state
+
+
+@functools.cache
+def _reference(mode: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+    model, vae, optimizer = _setup(mode, sharded=False)
+    clips = _clips(vae)
+    losses = [_step(model, vae, optimizer, clips[WORLD * s : WORLD * (s + 1)], None) for s in range(STEPS)]
+    return losses, _trainable_state(model, vae)
+
+
+# ----------------------------------------------------------------------------- the worker
+
+
+def _worker(out_dir: str) -> None:
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module")  # diffusers returns a view; no in-place use here
+    info = distributed.init()
+    assert info.world_size == WORLD and info.backend == "gloo"
+    report: dict = {"rank": info.rank}
+    for mode in ("full", "lora"):
+        model, vae, optimizer = _setup(mode, sharded=True)
+        clips = _clips(vae)
+        calls = []
+        model.blocks[0].register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+        losses = []
+        for step in range(STEPS):
+            if mode == "full" and step == STEPS - 1:
+                # Checkpoint before the last step, resume into a fresh sharded model: same last step.
+                model_state = distributed.full_model_state_dict(model)
+                optim_state = distributed.full_optimizer_state_dict(model, optimizer)
+            losses.append(_step(model, vae, optimizer, clips[WORLD * step : WORLD * (step + 1)], info.rank))
+        report[mode] = losses
+        report[f"{mode}_block_forwards_per_step"] = len(calls) / STEPS
+        sharded = [p for p in model.parameters() if p.requires_grad]
+        moments = [optimizer.state[p]["exp_avg"] for p in sharded]
+        report[f"{mode}_local_state_fraction"] = sum(m.to_local().numel() for m in moments) / sum(m.numel() for m in moments)
+        report[f"{mode}_is_sharded"] = distributed.is_sharded(model) and all(type(p).__name__ == "DTensor" for p in sharded)
+        state = _trainable_state(model, vae)
+        if mode == "lora":  # peft adapter file written from the gathered (unsharded) weights
+            gathered = distributed.full_model_state_dict(model, trainable_only=True)
+            if info.is_main:
+                lora.save_adapter(model, Path(out_dir) / "transformer_lora.safetensors", "transformer", gathered)
+        if mode == "full":
+            resumed, _, resumed_optimizer = _setup(mode, sharded=True)
+            distributed.load_full_model_state_dict(resumed, model_state if info.is_main else {})
+            distributed.load_full_optimizer_state_dict(resumed, resumed_optimizer, optim_state)
+            report["resumed_last_loss"] = _step(resumed, vae, resumed_optimizer, clips[-WORLD:], info.rank)
+            resumed_state = distributed.full_model_state_dict(resumed, trainable_only=True)
+            if info.is_main:
+                torch.save(resumed_state, Path(out_dir) / "resumed.pt")
+        if info.is_main:
+            torch.save(state, Path(out_dir) / f"{mode}.pt")
+    (Path(out_dir) / f"rank{info.rank}.json").write_text(json.dumps(report))
+    distributed.shutdown()
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+               __file__, str(out)]
+    result = subprocess.run(command, env=env, check=False, capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return out, reports
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_sharded_run_follows_the_single_process_trajectory(torchrun_run, mode):
+    out, reports = torchrun_run
+    expected_losses, expected_state = _reference(mode)
+    for report in reports:  # every rank logs the same global loss
+        assert report[mode] == pytest.approx(expected_losses, rel=1e-10)
+        assert report[f"{mode}_is_sharded"]
+        assert report[f"{mode}_block_forwards_per_step"] == (2 if mode == "lora" else 1)  # recomputed in backward
+        # Each rank holds about half of the AdamW moments (dim-0 shards; tiny tensors round unevenly).
+        assert 0.3 < report[f"{mode}_local_state_fraction"] < 0.7
+    assert expected_losses[-1] < expected_losses[0]  # it does train
+    state = torch.load(out / f"{mode}.pt")
+    assert set(state) == set(expected_state)
+    for name, value in expected_state.items():
+        torch.testing.assert_close(state[name], value, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_adapter_saved_from_the_sharded_model_loads_into_an_unsharded_one(torchrun_run):
+    out, _ = torchrun_run
+    _, expected_state = _reference("lora")
+    fresh = _transformer()
+    lora.load_adapter(fresh, out / "transformer_lora.safetensors")
+    loaded = lora.trainable_parameters(fresh)
+    assert loaded and {f"transformer.{n}" for n in loaded} == {k for k in expected_state if k.startswith("transformer.")}
+    for name, param in loaded.items():
+        torch.testing.assert_close(param.detach(), expected_state[f"transformer.{name}"], rtol=1e-9, atol=1e-12)
+
+
+def test_resume_from_a_gathered_checkpoint_repeats_the_last_step(torchrun_run):
+    out, reports = torchrun_run
+    assert reports[0]["resumed_last_loss"] == pytest.approx(reports[0]["full"][-1], rel=1e-12)
+    resumed, final = torch.load(out / "resumed.pt"), torch.load(out / "full.pt")
+    for name, value in resumed.items():
+        torch.testing.assert_close(value, final[f"transformer.{name}"], rtol=0, atol=0, msg=name)
+
+
+def test_init_without_torchrun_is_a_single_process(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    info = distributed.init(device="cpu")
+    assert (info.rank, info.world_size, info.backend, info.is_main, info.distributed) == (0, 1, None, True, False)
+    model = _transformer()
+    assert distributed.shard_transformer(model) is model and not distributed.is_sharded(model)
+    assert distributed.all_reduce_mean(torch.tensor(2.5)) == 2.5
+    assert set(distributed.full_model_state_dict(model)) == set(model.state_dict())
+
+
+def test_bad_environment_and_models_are_rejected(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(ValueError, match="incomplete.*WORLD_SIZE"):
+        distributed.init()
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(ValueError, match="must be integers"):
+        distributed.init()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="nccl backend needs CUDA"):
+        distributed.init("nccl", device="cpu")
+    with pytest.raises(ValueError, match="no module list 'layers'"):
+        distributed.shard_transformer(_transformer(), block_attribute="layers")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    _worker(sys.argv[1])

@@ -1,8 +1,8 @@
 """chopgrad.metrics: known answers, invariants, stand-in weight loading, bad inputs, the CLI.
 
-Stand-in weights: random tensors of the official shapes, saved where each library looks
-(``$TORCH_HOME/hub/...`` and ``$HOME/.cache/clip``) in temporary folders; the real loading code reads
-them. Networks are initialised with Kaiming weights so that their features do not vanish.
+Stand-in weights: random tensors of the official shapes, saved by ``weights.write_stand_ins`` where
+each library looks (``$TORCH_HOME/hub/...`` and ``$HOME/.cache/clip``) in temporary folders; the real
+loading code reads them.
 """
 
 import json
@@ -25,13 +25,6 @@ from chopgrad.metrics._video import as_video, as_video_pair
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _kaiming(model: nn.Module) -> nn.Module:
-    for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.Linear)):
-            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    return model
-
-
 def _save(state: dict, name: str) -> None:
     path = weights.weight_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,6 +38,7 @@ def home_dir(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TORCH_HOME", str(root / "torch"))
         patch.setenv("HOME", str(root / "home"))
+        patch.delenv(weights.CLIP_HOME_ENV, raising=False)
         yield root
 
 
@@ -52,41 +46,23 @@ def home_dir(tmp_path_factory):
 def home(home_dir, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(home_dir / "torch"))
     monkeypatch.setenv("HOME", str(home_dir / "home"))
+    monkeypatch.delenv(weights.CLIP_HOME_ENV, raising=False)
     return home_dir
 
 
 @pytest.fixture(scope="session")
 def vgg_alex(home_dir):
-    import torchvision
-
-    torch.manual_seed(0)
-    _save(torchvision.models.vgg16().state_dict(), "vgg16")
-    _save(torchvision.models.alexnet().state_dict(), "alexnet")
-    _save({"alpha": torch.rand(1, 1475, 1, 1) * 0.1 + 0.05, "beta": torch.rand(1, 1475, 1, 1) * 0.1 + 0.05}, "dists")
+    weights.write_stand_ins(["vgg16", "alexnet", "dists"])
 
 
 @pytest.fixture(scope="session")
 def inception(home_dir):
-    import pyiqa.archs.inception as inc
-
-    torch.manual_seed(0)
-    model = inc._inception_v3(num_classes=1008, aux_logits=False, pretrained=False)
-    # fid_inception_v3's layer swaps, without its download of the official file.
-    for name, block in [("Mixed_5b", inc.FIDInceptionA(192, 32)), ("Mixed_5c", inc.FIDInceptionA(256, 64)),
-                        ("Mixed_5d", inc.FIDInceptionA(288, 64)), ("Mixed_6b", inc.FIDInceptionC(768, 128)),
-                        ("Mixed_6c", inc.FIDInceptionC(768, 160)), ("Mixed_6d", inc.FIDInceptionC(768, 160)),
-                        ("Mixed_6e", inc.FIDInceptionC(768, 192)), ("Mixed_7b", inc.FIDInceptionE_1(1280)),
-                        ("Mixed_7c", inc.FIDInceptionE_2(2048))]:
-        setattr(model, name, block)
-    _save(_kaiming(model).state_dict(), "fid_inception")
+    weights.write_stand_ins(["fid_inception"])
 
 
 @pytest.fixture(scope="session")
 def i3d(home_dir):
-    from cdfvd.third_party.i3d.pytorch_i3d import InceptionI3d
-
-    torch.manual_seed(0)
-    _save(_kaiming(InceptionI3d(400, in_channels=3)).state_dict(), "i3d")
+    weights.write_stand_ins(["i3d"])
 
 
 def _video(b=2, t=4, h=64, w=64, seed=0):
@@ -208,6 +184,16 @@ def test_perceptual_metrics_load_stand_ins_and_behave(home, vgg_alex, build):
     assert 0 < scores[0] < scores[1] < scores[2]
 
 
+def test_frames_too_small_for_a_network_are_refused_clearly(home, vgg_alex):
+    for build, size in ((lambda: metrics.LPIPS("alex"), 31), (lambda: metrics.LPIPS("vgg"), 16), (metrics.SSIM, 11)):
+        metric = build()
+        small = torch.rand(1, 3, 1, size - 1, 48)
+        with pytest.raises(ValueError, match=f"needs frames of at least {size}x{size} pixels, got {size - 1}x48"):
+            metric(small, small)
+        fits = torch.rand(1, 3, 1, size, size)
+        assert metric(fits, fits).shape == (1, 1)
+
+
 def test_lpips_rejects_unknown_backbone():
     with pytest.raises(ValueError, match="'vgg' or 'alex'"):
         metrics.LPIPS("squeeze")
@@ -297,6 +283,7 @@ def test_fvd_refuses_short_videos_and_single_videos(home, i3d):
 def test_missing_weights_raise_at_once_with_the_path(tmp_path, monkeypatch, build, filename):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv(weights.CLIP_HOME_ENV, raising=False)
     start = time.perf_counter()
     with pytest.raises(weights.MissingWeightsError, match="put it at: " + str(tmp_path)) as info:
         build()
@@ -389,11 +376,7 @@ def test_quality_score_needs_every_dimension():
 
 @pytest.mark.slow
 def test_subject_consistency_with_stand_in_dino(home):
-    import timm
-
-    torch.manual_seed(0)
-    model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
-    _save({k: v.half() for k, v in model.state_dict().items()}, "dino_vitb16")
+    weights.write_stand_ins(["dino_vitb16"])
     metric = vbench.SubjectConsistency()
     assert metric.weights == {"dino_vitb16": "unverified"} and metric.stand_in_weights
     static = _video(b=1, t=3, h=32, w=48)[:, :, :1].expand(1, 3, 3, 32, 48)
@@ -403,11 +386,7 @@ def test_subject_consistency_with_stand_in_dino(home):
 
 @pytest.mark.slow
 def test_background_consistency_with_stand_in_clip(home):
-    import open_clip
-
-    torch.manual_seed(0)
-    model = open_clip.create_model("ViT-B-32", pretrained=None)
-    _save({k: v.half() for k, v in model.state_dict().items()}, "clip_vit_b32")
+    weights.write_stand_ins(["clip_vit_b32"])
     metric = vbench.BackgroundConsistency()
     assert metric.weights == {"clip_vit_b32": "stand-in"}
     static = _video(b=1, t=3, h=32, w=32)[:, :, :1].expand(1, 3, 3, 32, 32)
@@ -417,11 +396,7 @@ def test_background_consistency_with_stand_in_clip(home):
 
 @pytest.mark.slow
 def test_aesthetic_quality_with_stand_in_clip_l14(home):
-    import open_clip
-
-    torch.manual_seed(0)
-    model = open_clip.create_model("ViT-L-14", pretrained=None)
-    _save({k: v.half() for k, v in model.state_dict().items()}, "clip_vit_l14")
+    weights.write_stand_ins(["clip_vit_l14"])
     head = nn.Linear(768, 1)
     nn.init.constant_(head.weight, 0.0)
     nn.init.constant_(head.bias, 5.5)  # a constant head: every frame scores 5.5, reported as 0.55
@@ -433,10 +408,7 @@ def test_aesthetic_quality_with_stand_in_clip_l14(home):
 
 @pytest.mark.slow
 def test_imaging_quality_with_stand_in_musiq(home):
-    from pyiqa.archs.musiq_arch import MUSIQ
-
-    torch.manual_seed(0)
-    _save(MUSIQ(pretrained=False).state_dict(), "musiq_spaq")
+    weights.write_stand_ins(["musiq_spaq"])
     metric = vbench.ImagingQuality()
     assert metric.weights == {"musiq_spaq": "stand-in"}
     scores = metric(_video(b=2, t=2, h=32, w=32))
@@ -445,10 +417,7 @@ def test_imaging_quality_with_stand_in_musiq(home):
 
 @pytest.mark.slow
 def test_dynamic_degree_with_stand_in_raft(home):
-    from torchvision.models.optical_flow import raft_large
-
-    torch.manual_seed(0)
-    _save(raft_large().state_dict(), "raft_large")
+    weights.write_stand_ins(["raft_large"])
     metric = vbench.DynamicDegree()
     assert metric.weights == {"raft_large": "stand-in"}
     scores = metric(_video(b=1, t=3, h=128, w=128), fps=8)
@@ -541,6 +510,19 @@ def test_cli_rejects_unknown_metrics_and_mixed_folders(tmp_path, capsys):
         load_videos(tmp_path / "pred")
     with pytest.raises(FileNotFoundError):
         load_videos(tmp_path / "nowhere")
+
+
+def test_cli_reports_missing_weights_and_bad_inputs_without_a_traceback(tmp_path, monkeypatch, capsys):
+    from chopgrad.metrics.__main__ import main
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    _write_frames(tmp_path / "pred", torch.zeros(3, 2, 8, 8, dtype=torch.uint8))
+    _write_frames(tmp_path / "gt", torch.zeros(3, 3, 8, 8, dtype=torch.uint8))
+    assert main([str(tmp_path / "pred"), str(tmp_path / "gt"), "--metrics", "psnr,dists"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: metrics psnr, dists needs pretrained weights") and "vgg16-397923af.pth" in err
+    assert main([str(tmp_path / "pred"), str(tmp_path / "gt"), "--metrics", "psnr"]) == 2
+    assert "error: pred and gt differ: 2 vs 3 frames" in capsys.readouterr().err
 
 
 def test_importing_the_metrics_pulls_in_no_pipeline_tools():

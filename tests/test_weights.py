@@ -20,6 +20,7 @@ def empty_home(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv(weights.CLIP_HOME_ENV, raising=False)
     return tmp_path
 
 
@@ -35,6 +36,11 @@ def test_paths_follow_torch_home_set_after_import(empty_home):
     assert weights.weight_path("vgg16") == empty_home / "torch" / "hub" / "checkpoints" / "vgg16-397923af.pth"
     assert weights.weight_path("dists") == empty_home / "torch" / "hub" / "pyiqa" / "DISTS_weights-f5e65c96.pth"
     assert weights.weight_path("clip_vit_b32") == empty_home / "home" / ".cache" / "clip" / "ViT-B-32.pt"
+
+
+def test_clip_home_variable_moves_the_clip_lookup(empty_home, monkeypatch):
+    monkeypatch.setenv(weights.CLIP_HOME_ENV, str(empty_home / "clip"))
+    assert weights.weight_path("clip_vit_l14") == empty_home / "clip" / "ViT-L-14.pt"
 
 
 def test_missing_file_raises_at_once_naming_file_and_folder(empty_home):
@@ -82,6 +88,9 @@ def test_status_cli_lists_missing_files_with_expected_paths(empty_home, capsys):
     assert "get it from: https://download.pytorch.org/models/vgg16-397923af.pth" in out
     n = len(weights.REGISTRY)
     assert f"2 of {n} weight files present; {n - 2} missing." in out
+    path = weights.weight_path("vgg16")
+    assert f"mkdir -p {path.parent} && curl -L -o {path} {weights.REGISTRY['vgg16'].url}" in out
+    assert "Metrics with official weights: none" in out
 
 
 def test_status_cli_runs_as_a_module(empty_home):
@@ -122,3 +131,56 @@ def test_fetch_passes_the_expected_hash_to_the_download(empty_home, monkeypatch)
                         lambda url, dst, hash_prefix=None, progress=True: calls.append(hash_prefix))
     weights.fetch(["vgg16"])
     assert calls == ["397923af"]
+
+
+# ---------------------------------------------------------------- stand-ins
+
+
+def test_stand_ins_are_written_where_the_loaders_look_and_detected(empty_home):
+    written = weights.write_stand_ins(["dists", "raft_large", "laion_aesthetic"], seed=3)
+    assert written == [weights.weight_path(n) for n in ("dists", "raft_large", "laion_aesthetic")]
+    assert weights.file_status("dists") == "stand-in" and weights.file_status("raft_large") == "stand-in"
+    assert weights.file_status("laion_aesthetic") == "unverified"  # no published hash
+    state = torch.load(weights.weight_path("dists"))
+    assert set(state) == {"alpha", "beta"} and state["alpha"].shape == (1, 1475, 1, 1)
+    # The real loader reads it: torchvision's RAFT from $TORCH_HOME/hub/checkpoints.
+    from torchvision.models.optical_flow import Raft_Large_Weights, raft_large
+
+    model = raft_large(weights=Raft_Large_Weights.C_T_V1, progress=False)
+    assert torch.equal(model.state_dict()["feature_encoder.convnormrelu.0.weight"],
+                       torch.load(weights.weight_path("raft_large"))["feature_encoder.convnormrelu.0.weight"])
+    assert not list(weights.weight_path("dists").parent.glob(".*partial*"))
+
+
+def test_stand_ins_never_overwrite_and_are_seeded(empty_home):
+    weights.write_stand_ins(["dists"], seed=1)
+    first = weights.weight_path("dists").read_bytes()
+    assert weights.write_stand_ins(["dists"], seed=2) == []
+    assert weights.weight_path("dists").read_bytes() == first
+    rng_state = torch.random.get_rng_state()
+    other = empty_home / "other"
+    os.environ["TORCH_HOME"] = str(other)  # restored by monkeypatch
+    weights.write_stand_ins(["dists"], seed=1)
+    assert torch.equal(torch.random.get_rng_state(), rng_state)  # the global RNG is left alone
+    assert torch.equal(torch.load(weights.weight_path("dists"))["alpha"],
+                       torch.load(empty_home / "torch" / "hub" / "pyiqa" / "DISTS_weights-f5e65c96.pth")["alpha"])
+
+
+def test_stand_ins_refuse_unknown_names_before_writing(empty_home):
+    with pytest.raises(KeyError, match="vgg17"):
+        weights.write_stand_ins(["dists", "vgg17"])
+    assert weights.file_status("dists") == "missing"
+
+
+def test_stand_in_cli_refuses_without_yes_and_says_the_files_are_random(empty_home, capsys):
+    assert weights.main(["stand-in", "dists", "lpips_vgg_lin"]) == 1
+    captured = capsys.readouterr()
+    assert "RANDOM" in captured.err and "--yes" in captured.err
+    assert str(weights.weight_path("dists")) in captured.err
+    assert "already present, left alone" in captured.out  # the LPIPS layers ship with lpips
+    assert weights.file_status("dists") == "missing"
+    assert weights.main(["stand-in", "dists", "--yes"]) == 0
+    assert f"wrote stand-in (random) weights: {weights.weight_path('dists')}" in capsys.readouterr().out
+    assert weights.file_status("dists") == "stand-in"
+    weights.main(["status", "dists"])
+    assert "NOT the official file" in capsys.readouterr().out

@@ -5,6 +5,10 @@
 PRED and GT are each a folder of frames (PNG/JPEG, sorted by name: one video), a video file (read
 with PyAV: one video), or a folder of video files (sorted by name: one video each, all of the same
 size and length). GT may be left out when only no-reference (VBench) metrics are asked for.
+
+Every frame is scored (no sampling). Metrics with pretrained weights need their files where
+``python -m chopgrad.weights status`` says; a missing one is reported before any video is read.
+Errors (missing files or weights, mismatched videos) are printed without a traceback, exit code 2.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from chopgrad import weights
 from chopgrad.metrics import METRICS, evaluate
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -90,9 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in names if name not in METRICS]
     if unknown or not names:
         parser.error(f"unknown or no metrics {unknown}; choose from {', '.join(METRICS)}")
-    pred, fps = load_videos(args.pred)
-    gt = load_videos(args.gt)[0] if args.gt else None
-    results = evaluate(pred, gt, names, device=args.device, fps=args.fps or fps)
+    try:
+        files = sorted({f for name in names for f in weights.METRIC_WEIGHTS.get(name, ())})
+        weights.require(files, purpose=f"metrics {', '.join(names)}")  # before reading any video
+        pred, fps = load_videos(args.pred)
+        gt = load_videos(args.gt)[0] if args.gt else None
+        results = evaluate(pred, gt, names, device=args.device, fps=args.fps or fps)
+    except (ValueError, FileNotFoundError) as error:  # MissingWeightsError is a FileNotFoundError
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     for name, result in results.items():
         flag = "  (stand-in weights)" if result["stand_in_weights"] else ""
         print(f"{name:>24}: {result['value']:.6g}{flag}")

@@ -25,7 +25,11 @@ from torch import Tensor
 from chopgrad import weights
 from chopgrad.metrics._video import as_video_pair, frames_of
 
-__all__ = ["DISTS", "LPIPS", "PSNR", "SSIM", "FrameMetric"]
+__all__ = ["DISTS", "LPIPS", "MIN_SIZE", "PSNR", "SSIM", "FrameMetric"]
+
+# Smallest frame side each metric takes (measured): SSIM's 11x11 window; AlexNet's stride-4 conv and
+# three 3x3/2 max-pools leave nothing below 31 pixels; VGG16's four 2x2 pools below 16.
+MIN_SIZE = {"ssim": 11, "lpips_alex": 31, "lpips_vgg": 16}
 
 
 class FrameMetric(ABC):
@@ -59,7 +63,10 @@ class FrameMetric(ABC):
             ``[B, T]`` float64 per-frame scores.
         """
         pred, gt = as_video_pair(pred, gt)
-        b, _, t, _, _ = pred.shape
+        b, _, t, h, w = pred.shape
+        if min(h, w) < MIN_SIZE.get(self.name, 1):
+            raise ValueError(f"{self.name} needs frames of at least {MIN_SIZE[self.name]}x{MIN_SIZE[self.name]} "
+                             f"pixels, got {h}x{w}")
         pred_frames, gt_frames = frames_of(pred), frames_of(gt)  # [B * T, 3, H, W]
         scores = [
             self._score(pred_frames[i : i + self.frames_per_batch].to(self.device),

@@ -1,0 +1,242 @@
+"""The model the ``train`` stage trains and the ``infer`` stage runs: build it, save it, load it.
+
+A model is a :class:`chopgrad.restoration.Restorer` (Wan transformer + fixed text condition,
+paper supplement C.2) and the project's causal VAE (``data/vae``), frozen except where the spec
+says otherwise (a decoder LoRA, trained through ChopGrad). A JSON *spec* says how to rebuild it:
+
+* ``transformer``: ``{"source": "small", "config": {...}, "seed": s, "dtype"}`` (a
+  ``WanTransformer3DModel`` built from scratch: every weight is saved) or ``{"source": "pretrained",
+  "path": ..., "dtype"}`` (real Wan 2.1 weights, reloaded from that folder: only the trained weights
+  are saved); ``dtype`` is the weights' storage dtype (``float32`` or ``bfloat16``);
+* ``transformer_lora`` / ``decoder_lora``: ``null`` or ``{"rank", "alpha"}`` (peft, :mod:`chopgrad.lora`);
+* ``decoder_skip``: Mirage's skip connections from a per-frame encode of the degraded input into the
+  decoder, fused by a trained 3x3 conv (:class:`chopgrad.skip.SkipDecoder`, supplement B.4);
+* ``timestep``, ``text`` (how the fixed condition was made), ``latents_mean`` / ``latents_std``.
+
+A trained model folder holds ``config.json`` (the spec) and ``model.safetensors`` (keys
+``transformer.<name>`` and ``decoder.<name>``, plus ``text_embedding``). ``decoder.<name>`` are the
+trained weights of :attr:`Model.decoder_module` (the VAE, or the skip decoder holding it and its
+fusion conv).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import chopgrad
+from chopgrad import restoration
+
+__all__ = ["MODEL_FILE", "SPEC_FILE", "Model", "build_model", "check_vae_folder", "load_model", "save_model"]
+
+SPEC_FILE = "config.json"
+MODEL_FILE = "model.safetensors"
+DECODER_ADAPTER = "decoder"  # peft adapter name of the decoder LoRA
+
+
+def check_vae_folder(path: str | os.PathLike) -> Path:
+    """The ``vae`` stage's output folder (a diffusers ``AutoencoderKLWan``), checked before any work."""
+    folder = Path(path)
+    fix = "run the vae stage first (`dvc repro vae`) or pass --vae the folder it wrote (data/vae)"
+    config = folder / "config.json"
+    if not config.is_file():
+        raise ValueError(f"VAE folder {folder} has no config.json (missing weights folder): {fix}")
+    if json.loads(config.read_text()).get("_class_name") != "AutoencoderKLWan":
+        raise ValueError(f"{folder} does not hold an AutoencoderKLWan: {fix}")
+    if not any(folder.glob("diffusion_pytorch_model*")):
+        raise ValueError(f"VAE folder {folder} has a config.json but no weights: {fix}")
+    return folder
+
+
+@dataclass
+class Model:
+    """A restorer and its VAE, on one device."""
+
+    spec: dict
+    restorer: restoration.Restorer
+    vae: nn.Module  # diffusers AutoencoderKLWan
+    skip: nn.Module | None = None  # chopgrad.skip.SkipDecoder around vae, when the spec asks for it
+
+    @property
+    def transformer(self) -> nn.Module:
+        return self.restorer.transformer
+
+    def transformer_trainable(self) -> dict[str, nn.Parameter]:
+        return _trainable(self.transformer)
+
+    @property
+    def decoder_module(self) -> nn.Module:
+        """The module holding the decoder's trainable weights: the skip decoder, or the VAE."""
+        return self.skip if self.skip is not None else self.vae
+
+    def decoder_trainable(self) -> dict[str, nn.Parameter]:
+        return _trainable(self.decoder_module)
+
+    @property
+    def spatial_factor(self) -> int:
+        """Pixels per latent pixel: the VAE's spatial compression."""
+        return int(chopgrad.wrap_decoder(self.vae).spatial_scale)
+
+    @property
+    def size_multiple(self) -> int:
+        """Frame sides must be multiples of this: the VAE's factor times the transformer's patch."""
+        return self.spatial_factor * int(self.transformer.config.patch_size[1])
+
+    def decoder(self, video: Tensor | None = None, tiles: tuple[int, int] = (1, 1), halo: int = 2):
+        """The decoder ChopGrad drives (:class:`chopgrad.CausalDecoder`), LoRA included.
+
+        Args:
+            video: the degraded input ``[B, 3, T, H, W]`` whose latents are decoded next; the skip
+                decoder takes its skip features from it (ignored without skip connections).
+            tiles, halo: what the coming ``decode_loss`` / ``decode`` call gets (the skip decoder
+                must know them).
+        """
+        if self.skip is None:
+            return chopgrad.wrap_decoder(self.vae)
+        if video is None:
+            raise ValueError("this model's decoder has skip connections: pass the degraded input video")
+        return self.skip.bind(video, tiles=tuple(tiles), halo=halo)
+
+    @torch.no_grad()
+    def encode(self, video: Tensor) -> Tensor:  # [B, 3, T, H, W] in [-1, 1] -> normalised [B, C, t, h, w]
+        """Posterior mean of the frozen encoder, normalised with the VAE's latents_mean/std."""
+        latents = self.vae.encode(video).latent_dist.mode()
+        return restoration.normalize_latents(latents, self.spec["latents_mean"], self.spec["latents_std"])
+
+    def to_decoder(self, latents: Tensor) -> Tensor:  # normalised [B, C, t, h, w] -> what vae.decode takes
+        return restoration.denormalize_latents(latents, self.spec["latents_mean"], self.spec["latents_std"])
+
+
+def _trainable(module: nn.Module) -> dict[str, nn.Parameter]:
+    # chopgrad.lora.trainable_parameters without importing peft (seconds) when no LoRA is used
+    return {name: param for name, param in module.named_parameters() if param.requires_grad}
+
+
+_VAES: dict[tuple, nn.Module] = {}
+
+
+def _load_vae(vae_dir: str | os.PathLike, device: torch.device) -> nn.Module:
+    """A fresh copy of the VAE in ``vae_dir`` (read from disk once per process: models mutate theirs with LoRA)."""
+    from diffusers import AutoencoderKLWan
+
+    folder = check_vae_folder(vae_dir).resolve()
+    stamp = tuple((p.name, p.stat().st_mtime_ns) for p in sorted(folder.iterdir()))
+    key = (str(folder), stamp)
+    if key not in _VAES:
+        _VAES.clear()
+        _VAES[key] = AutoencoderKLWan.from_pretrained(folder, local_files_only=True).eval().requires_grad_(False)
+    return copy.deepcopy(_VAES[key]).to(device)
+
+
+def _transformer(spec: dict) -> nn.Module:
+    source = spec["transformer"]
+    dtype = getattr(torch, source.get("dtype", "float32"))
+    if source["source"] == "small":
+        model = restoration.small_transformer(**source["config"], seed=source["seed"])
+        return model if dtype == torch.float32 else model.to(dtype)
+    return restoration.load_transformer(source["path"], torch_dtype=dtype)
+
+
+def build_model(spec: dict, vae_dir: str | os.PathLike, text_embedding: Tensor | None = None,
+                device: str | torch.device = "cpu") -> Model:
+    """Build the model a spec describes, with fresh trainable weights.
+
+    Args:
+        spec: see the module docstring.
+        vae_dir: the ``vae`` stage's folder.
+        text_embedding: the fixed condition ``[1, L, text_dim]``; zeros of ``spec["text"]["shape"]``
+            when None (a saved model loads its own over them).
+    """
+    device = torch.device(device)
+    vae = _load_vae(vae_dir, device)
+    transformer = _transformer(spec)
+    channels = int(vae.config.z_dim)
+    if int(transformer.config.in_channels) != channels:
+        raise ValueError(f"the transformer takes {transformer.config.in_channels} latent channels but the VAE in "
+                         f"{vae_dir} makes {channels}: use a transformer made for this VAE (Wan 2.1: 16)")
+    if spec.get("transformer_lora") or spec.get("decoder_lora"):
+        from chopgrad import lora
+    if spec.get("transformer_lora"):
+        lora.add_transformer_lora(transformer, spec["transformer_lora"]["rank"], spec["transformer_lora"]["alpha"])
+    if spec.get("decoder_lora"):
+        lora.add_decoder_lora(vae, spec["decoder_lora"]["rank"], spec["decoder_lora"]["alpha"], DECODER_ADAPTER)
+        vae.train(False)
+    skip = None
+    if spec.get("decoder_skip"):
+        from chopgrad.skip import SkipDecoder
+
+        skip = SkipDecoder(vae).to(device)  # a zero-initialised fusion conv: starts as the plain decoder
+        skip.fusion.requires_grad_(True)
+    if text_embedding is None:
+        text_embedding = torch.zeros(spec["text"]["shape"])
+    restorer = restoration.Restorer(transformer, text_embedding, timestep=spec["timestep"]).to(device)
+    return Model(spec, restorer, vae, skip)
+
+
+def model_state(model: Model, transformer_state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """What :func:`save_model` writes: ``transformer.*`` (all of a small model's weights, the trained
+    ones of a pretrained model), ``decoder.*`` (the trained decoder weights) and ``text_embedding``.
+
+    Args:
+        transformer_state: the transformer's state when it was gathered elsewhere (FSDP: from
+            :func:`chopgrad.distributed.full_model_state_dict`); read from the model when None.
+    """
+    small = model.spec["transformer"]["source"] == "small"
+    if transformer_state is None:
+        trainable = model.transformer_trainable()
+        transformer_state = {k: v for k, v in model.transformer.state_dict().items() if small or k in trainable}
+    state = {f"transformer.{k}": v for k, v in transformer_state.items()}
+    state.update({f"decoder.{k}": v for k, v in model.decoder_trainable().items()})
+    state["text_embedding"] = model.restorer.text_embedding
+    return state
+
+
+def save_model(folder: str | os.PathLike, spec: dict, state: dict[str, Tensor]) -> None:
+    """Write ``config.json`` and ``model.safetensors`` into ``folder`` (created)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / MODEL_FILE))
+    (folder / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+
+
+def load_model(folder: str | os.PathLike, vae_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Model:
+    """Rebuild a model saved by :func:`save_model` (pretrained bases reloaded from their folders).
+
+    Raises:
+        ValueError: the folder lacks its files, or the saved weights do not fit the rebuilt model.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / SPEC_FILE).is_file() or not (folder / MODEL_FILE).is_file():
+        raise ValueError(f"{folder} is not a trained model folder ({SPEC_FILE} and {MODEL_FILE}): run the train stage")
+    spec = json.loads((folder / SPEC_FILE).read_text())
+    state = load_file(str(folder / MODEL_FILE))
+    model = build_model(spec, vae_dir, state.pop("text_embedding"), device)
+    for prefix, module in (("transformer.", model.transformer), ("decoder.", model.decoder_module)):
+        part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not part:
+            continue
+        result = module.load_state_dict(part, strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"{folder / MODEL_FILE}: {len(result.unexpected_keys)} saved {prefix[:-1]} weights fit "
+                             f"no parameter of the rebuilt model (e.g. {result.unexpected_keys[:2]}): the spec and "
+                             "weights disagree")
+    return model
+
+
+def describe(model: Model) -> dict[str, Any]:
+    """Parameter counts for the records."""
+    count = lambda params: int(sum(p.numel() for p in params))
+    return {"transformer_parameters": count(model.transformer.parameters()),
+            "trainable_parameters": count(model.transformer_trainable().values())
+            + count(model.decoder_trainable().values())}

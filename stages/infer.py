@@ -1,0 +1,239 @@
+"""Stage ``infer``: run every trained (method, task) model on its task's test videos and time it.
+
+For each model folder the ``train`` stage wrote (``data/train/<method>/<task>/``), every TEST pair
+of the task's pairs folder is restored in one pass over the whole video, as in the paper's
+supplement C.2: encode the degraded video with the VAE, one transformer step (``z = z_hat - v``),
+decode with :func:`chopgrad.decode` (spatial ``tiles``). Videos are padded to ``1 + 4k`` frames
+and to sides the model takes, and cut back. Seconds per frame include encode, transformer and
+decode (C.2: "pre-processing as well as the full network pass"), measured after a short warm-up,
+without file I/O.
+
+Outputs (``notes/interfaces.md``): ``<out>/<method>/<task>/<scene>/00000.png ...`` (uint8, the
+target's H and W; the first ``infer.max_frames`` frames, all when null) and
+``<out>/<method>/<task>/timing.json`` = ``{"method", "task", "seconds_per_frame", "frames",
+"encode_seconds", "transformer_seconds", "decode_seconds", "device", ...}``; a sample
+``input | output | target`` mp4 per model (``sample.mp4``, also in MLflow); ``--metrics`` the
+seconds per frame of every model.
+
+    python -m stages.infer --params params.yaml --train data/train/chopgrad_d1 ... --vae data/vae \
+        --pairs data/splat/nvs ... --out data/infer --metrics metrics/infer.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from stages.common import pairs as pairs_io
+from stages.common import restorer
+from stages.common.params import load_params
+from stages.common.video import list_frames, read_image, temp_folder, write_frames, write_json, write_video
+
+log = logging.getLogger("stages.infer")
+
+STAGE = "infer"
+
+
+@dataclass(frozen=True)
+class Params:
+    max_frames: int | None  # first frames of each test video restored (null: all); CPU budgets need few
+    tiles: tuple[int, int]  # spatial tiles of the decode [rows, cols] (C.2: 2 x 2); must divide the latent
+    halo: int  # latent pixels of context around each tile
+    warmup_frames: int  # frames of an untimed first run per model (lazy initialisation out of the timing)
+    sample_frames: int  # frames of the sample video per model
+    device: Literal["auto", "cpu", "cuda"]  # auto: CUDA when available
+    threads: int  # torch CPU threads (0: torch's default)
+
+    def __post_init__(self):
+        if self.max_frames is not None and self.max_frames < 1:
+            raise ValueError(f"infer.max_frames must be >= 1 or null (every frame), got {self.max_frames}")
+        if min(self.tiles) < 1 or self.halo < 0:
+            raise ValueError(f"infer.tiles must be positive and infer.halo >= 0, got {list(self.tiles)}, {self.halo}")
+        if self.warmup_frames < 0 or self.sample_frames < 1:
+            raise ValueError("infer.warmup_frames must be >= 0 and infer.sample_frames >= 1")
+        if self.threads < 0:
+            raise ValueError(f"infer.threads must be >= 0 (0: torch's default), got {self.threads}")
+
+
+@dataclass(frozen=True)
+class Job:
+    method: str
+    task: str
+    model_dir: Path
+    pairs: list[dict]  # the task's test pairs
+    fps: float
+
+
+def plan(params: Params, train_dirs: list[str | Path], vae_dir: str | Path, pairs_dirs: list[str | Path]) -> list[Job]:
+    """Every (method, task) to run, checked before any work.
+
+    Raises:
+        ValueError: a missing train folder or one without models, a task without a pairs folder or
+            without test pairs, tiles that do not divide a test video's latent.
+    """
+    from stages.train import METHODS
+
+    vae_folder = restorer.check_vae_folder(vae_dir)
+    vae_config = json.loads((vae_folder / "config.json").read_text())
+    spatial = 2 ** (len(vae_config["dim_mult"]) - 1) * (vae_config.get("patch_size") or 1)
+    manifests = {}
+    for folder in map(Path, pairs_dirs):
+        manifest = pairs_io.load_manifest(folder, check_frames=False)
+        manifests[manifest["task"]] = manifest
+    jobs = []
+    for train_dir in map(Path, train_dirs):
+        if train_dir.name not in METHODS:
+            raise ValueError(f"{train_dir}: not a train stage output (its name must be a method: {', '.join(METHODS)})")
+        models = sorted(p.parent for p in train_dir.glob(f"*/{restorer.SPEC_FILE}"))
+        if not models:
+            raise ValueError(f"{train_dir} holds no trained model (<task>/{restorer.SPEC_FILE}): run the train stage")
+        for model_dir in models:
+            task = model_dir.name
+            if task not in manifests:
+                raise ValueError(f"{model_dir} was trained on {task!r} but no --pairs folder holds that task "
+                                 f"(given: {sorted(manifests) or 'none'})")
+            test = [p for p in manifests[task]["pairs"] if p["split"] == "test"]
+            if not test:
+                raise ValueError(f"the {task} pairs folder has no test pairs to run {model_dir} on")
+            multiple = spatial * 2  # the Wan transformer's 2x2 patches
+            for pair in test:
+                latent = [-(-size // multiple) * 2 for size in (pair["height"], pair["width"])]
+                if latent[0] % params.tiles[0] or latent[1] % params.tiles[1]:
+                    raise ValueError(f"infer.tiles {list(params.tiles)} do not divide the latent "
+                                     f"{latent[0]}x{latent[1]} of {task} test pair {pair['scene']!r} "
+                                     f"({pair['height']}x{pair['width']} pixels): choose tile counts that divide it")
+            jobs.append(Job(train_dir.name, task, model_dir, test, float(manifests[task]["fps"])))
+    return jobs
+
+
+def _read(folder: Path, count: int | None) -> np.ndarray:  # -> [T, H, W, 3] uint8
+    paths = list_frames(folder)
+    return np.stack([read_image(path) for path in paths[:count]])
+
+
+def _text(model: restorer.Model, prompt: str | None, cache: dict) -> torch.Tensor | None:
+    """The pair's prompt embedding when the model was trained with a text encoder; else the fixed one."""
+    encoder = model.spec["text"].get("encoder")
+    if not prompt or not encoder:
+        return None
+    if prompt not in cache:
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        from chopgrad.restoration import encode_prompts
+
+        if "encoder" not in cache:
+            cache["encoder"] = (AutoTokenizer.from_pretrained(encoder, subfolder="tokenizer", local_files_only=True),
+                                UMT5EncoderModel.from_pretrained(encoder, subfolder="text_encoder",
+                                                                 local_files_only=True).eval())
+        cache[prompt] = encode_prompts([prompt], *cache["encoder"])
+    return cache[prompt]
+
+
+def infer_job(params: Params, job: Job, vae_dir: Path, out_dir: Path, device: torch.device) -> dict:
+    """Restore every test video of one (method, task); write frames, ``timing.json`` and ``sample.mp4``."""
+    from stages.train import restore_video
+
+    model = restorer.load_model(job.model_dir, vae_dir, device)
+    model.restorer.eval()
+    if params.warmup_frames:
+        first = _read(job.pairs[0]["input"], params.warmup_frames)
+        restore_video(model, first, tiles=params.tiles, halo=params.halo)
+    totals = {"encode_seconds": 0.0, "transformer_seconds": 0.0, "decode_seconds": 0.0}
+    frames, text_cache, sample = 0, {}, None
+    for pair in job.pairs:
+        degraded = _read(pair["input"], params.max_frames)
+        output, timings = restore_video(model, degraded, _text(model, pair["prompt"], text_cache),
+                                        tiles=params.tiles, halo=params.halo)
+        for key in totals:
+            totals[key] += timings[key]
+        frames += len(output)
+        write_frames(out_dir / pair["scene"], output, prefix="", start=0)
+        if sample is None:
+            count = min(params.sample_frames, len(output))
+            target = _read(pair["target"], count)
+            sample = np.concatenate([degraded[:count], output[:count], target], axis=2)  # input | output | target
+    seconds = sum(totals.values())
+    timing = {"method": job.method, "task": job.task, "seconds_per_frame": seconds / frames, "frames": frames,
+              **{k: round(v, 4) for k, v in totals.items()}, "device": _device_name(device),
+              "scenes": [pair["scene"] for pair in job.pairs], "max_frames": params.max_frames,
+              "tiles": list(params.tiles)}
+    write_json(out_dir / "timing.json", timing)
+    write_video(out_dir / "sample.mp4", sample, fps=job.fps)
+    log.info("%s/%s: %d frames, %.3f s/frame", job.method, job.task, frames, timing["seconds_per_frame"])
+    return timing
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def run(params: Params, train_dirs: list[str | Path], vae_dir: str | Path, pairs_dirs: list[str | Path],
+        out_dir: str | Path, metrics_path: str | Path) -> dict:
+    """Run every trained model on its test pairs; write ``out_dir`` (atomically) and ``metrics_path``.
+
+    Returns:
+        ``{"metrics": {method: {task: seconds_per_frame}}, "timings": [...], "samples": [paths]}``.
+    """
+    vae_dir, out_dir, metrics_path = map(Path, (vae_dir, out_dir, metrics_path))
+    jobs = plan(params, train_dirs, vae_dir, pairs_dirs)
+    if params.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("infer.device is 'cuda' but CUDA is not available: use 'auto' or 'cpu'")
+    device = torch.device("cuda" if params.device == "cuda" or (params.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    build = temp_folder(out_dir)
+    try:
+        timings = [infer_job(params, job, vae_dir, build / job.method / job.task, device) for job in jobs]
+        pairs_io.swap_in(build, out_dir)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    metrics: dict[str, dict] = {}
+    for timing in timings:
+        metrics.setdefault(timing["method"], {})[timing["task"]] = {
+            "seconds_per_frame": timing["seconds_per_frame"], "frames": timing["frames"]}
+    write_json(metrics_path, metrics)
+    return {"metrics": metrics, "timings": timings,
+            "samples": [out_dir / t["method"] / t["task"] / "sample.mp4" for t in timings]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", help="params file with an 'infer:' section")
+    parser.add_argument("--train", nargs="+", required=True, help="train stage outputs (data/train/<method>)")
+    parser.add_argument("--vae", required=True, help="the vae stage's folder (data/vae)")
+    parser.add_argument("--pairs", nargs="+", required=True, help="pairs folders (data/splat/nvs, ...)")
+    parser.add_argument("--out", required=True, help="output folder (data/infer)")
+    parser.add_argument("--metrics", required=True, help="metrics JSON (metrics/infer.json)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    params = load_params(STAGE, Params, args.params)
+    if params.threads:
+        torch.set_num_threads(params.threads)
+    from stages.common.tracking import stage_run
+
+    with stage_run(STAGE, params) as tracker:
+        started = time.perf_counter()
+        result = run(params, args.train, args.vae, args.pairs, args.out, args.metrics)
+        tracker.log_metrics({f"{method}/{task}/{key}": value for method, tasks in result["metrics"].items()
+                             for task, values in tasks.items() for key, value in values.items()})
+        tracker.log_metrics({"seconds": time.perf_counter() - started})
+        for sample in result["samples"]:
+            tracker.log_artifact(sample, f"videos/{sample.parent.parent.name}_{sample.parent.name}")
+        tracker.log_artifact(args.metrics)
+
+
+if __name__ == "__main__":
+    main()

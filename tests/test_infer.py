@@ -1,0 +1,123 @@
+"""The infer stage: every trained (method, task) model restores its task's test videos, timed.
+
+Models come from the train stage's ``run`` on the tiny inputs of ``test_train.py`` (latent-only
+methods, one step: no loss weights needed), one of them with Mirage's skip decoder and a decoder
+LoRA so that inference goes through both.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_train import params as train_params
+from test_train import write_inputs
+
+from stages import infer, train
+from stages.common import pairs as pairs_io
+from stages.common import restorer, video
+from stages.common.params import ParamsError, params_from_mapping
+
+BASE = {"max_frames": None, "tiles": [1, 1], "halo": 2, "warmup_frames": 1, "sample_frames": 5, "device": "cpu",
+        "threads": 1}
+
+
+def params(**changes) -> infer.Params:
+    return params_from_mapping("infer", infer.Params, {**BASE, **changes})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("infer")
+    inputs = write_inputs(root, frames=9, height=16, width=24)  # 24 is no multiple of 16: padded inside
+    runs = {"latent_mse": {}, "latent_mse_2x": {"decoder_skip": True, "decoder_lora_rank": 2}}
+    for method, changes in runs.items():
+        train.run(train_params(tasks=["nvs", "sr"], steps=1, **changes), method, inputs["vae"], inputs["pairs"],
+                  root / "train" / method, root / "metrics" / f"{method}.json", root / "ckpt" / method)
+    return {**inputs, "root": root, "train": [root / "train" / method for method in runs]}
+
+
+def run_stage(trained: dict, out: Path, **changes) -> dict:
+    return infer.run(params(**changes), trained["train"], trained["vae"], trained["pairs"], out / "infer",
+                     out / "infer.json")
+
+
+def test_every_model_restores_every_test_video_at_the_targets_size(trained, tmp_path):
+    result = run_stage(trained, tmp_path)
+    out = tmp_path / "infer"
+    assert sorted(p.name for p in out.iterdir()) == ["latent_mse", "latent_mse_2x"]
+    for method in ("latent_mse", "latent_mse_2x"):
+        for task, folder in zip(("nvs", "sr"), trained["pairs"]):
+            (pair,) = pairs_io.load_pairs(folder, split="test")
+            frames = video.read_frames(out / method / task / pair["scene"])
+            assert frames.shape == (pair["frames"], pair["height"], pair["width"], 3) == (9, 16, 24, 3)
+            assert [p.name for p in video.list_frames(out / method / task / pair["scene"])][:2] == \
+                   ["00000.png", "00001.png"]  # named like the pairs folders' frames
+            timing = json.loads((out / method / task / "timing.json").read_text())
+            assert {"method", "task", "seconds_per_frame", "frames", "encode_seconds", "transformer_seconds",
+                    "decode_seconds", "device"} <= set(timing)
+            assert (timing["method"], timing["task"], timing["frames"]) == (method, task, 9)
+            parts = timing["encode_seconds"] + timing["transformer_seconds"] + timing["decode_seconds"]
+            assert timing["seconds_per_frame"] == pytest.approx(parts / 9, rel=1e-2) and parts > 0
+            assert video.probe_video(out / method / task / "sample.mp4").width == 3 * 24  # input | output | target
+    metrics = json.loads((tmp_path / "infer.json").read_text())
+    assert metrics["latent_mse"]["sr"]["frames"] == 9
+    assert len(result["samples"]) == 4
+
+
+def test_outputs_are_the_loaded_models_restoration(trained, tmp_path):
+    run_stage(trained, tmp_path, max_frames=5)
+    for train_dir in trained["train"]:
+        model = restorer.load_model(train_dir / "nvs", trained["vae"])
+        assert (model.skip is not None) == (train_dir.name == "latent_mse_2x")
+        (pair,) = pairs_io.load_pairs(trained["pairs"][0], split="test")
+        degraded = video.read_frames(pair["input"])[:5]
+        expected, _ = train.restore_video(model, degraded)
+        written = video.read_frames(tmp_path / "infer" / train_dir.name / "nvs" / pair["scene"])
+        assert written.shape == (5, 16, 24, 3)  # max_frames: the first frames only
+        np.testing.assert_array_equal(written, expected)
+
+
+@pytest.mark.parametrize("changes, pattern", [
+    ({"tiles": [3, 1]}, r"infer.tiles \[3, 1\] do not divide the latent 2x4"),
+])
+def test_bad_tiles_are_rejected_before_any_work(trained, tmp_path, changes, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        run_stage(trained, tmp_path, **changes)
+    assert not any(tmp_path.iterdir())
+
+
+def test_missing_models_and_pairs_are_rejected_before_any_work(trained, tmp_path):
+    empty = tmp_path / "train" / "chopgrad_d1"
+    empty.mkdir(parents=True)
+    with pytest.raises(ValueError, match="holds no trained model"):
+        infer.run(params(), [empty], trained["vae"], trained["pairs"], tmp_path / "o", tmp_path / "m.json")
+    with pytest.raises(ValueError, match="not a train stage output"):
+        infer.run(params(), [trained["root"] / "metrics"], trained["vae"], trained["pairs"], tmp_path / "o",
+                  tmp_path / "m.json")
+    with pytest.raises(ValueError, match="was trained on 'sr' but no --pairs folder holds that task"):
+        infer.run(params(), trained["train"], trained["vae"], trained["pairs"][:1], tmp_path / "o", tmp_path / "m.json")
+    with pytest.raises(ValueError, match="has no config.json"):
+        infer.run(params(), trained["train"], tmp_path / "no_vae", trained["pairs"], tmp_path / "o",
+                  tmp_path / "m.json")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "m.json").exists()
+    with pytest.raises(ParamsError, match="infer.max_frames must be >= 1 or null"):
+        params(max_frames=0)
+
+
+def test_params_section_in_params_yaml_is_valid():
+    from stages.common.params import load_params
+
+    section = load_params("infer", infer.Params, Path(__file__).resolve().parents[1] / "params.yaml")
+    assert section.max_frames is None or section.max_frames >= 1

@@ -1,0 +1,476 @@
+"""The train stage and its components: the restorer, the pixel losses, per-frame decoding, checkpoints.
+
+Everything runs on a tiny random-weight Wan VAE (``base_dim`` 4, 4 latent channels) and a tiny Wan
+transformer, on hand-made pairs folders of 9 frames; the pixel losses' backbones are random
+stand-ins written into a temporary weight home (``weights: stand_in``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import chopgrad
+from chopgrad import losses, restoration
+from chopgrad.weights import MissingWeightsError
+from stages import train
+from stages.common import pairs as pairs_io
+from stages.common import restorer
+from stages.common.params import ParamsError, params_from_mapping
+
+BASE = {
+    "tasks": ["nvs"], "transformer_path": None, "transformer_dtype": "float32", "num_layers": 1, "num_heads": 2,
+    "head_dim": 8, "ffn_dim": 32, "text_dim": 16, "freq_dim": 16, "text_encoder_path": None,
+    "caption": "a clean video", "timestep": 200, "steps": 3, "clip_frames": 5, "crop": [16, 16], "lr": 1e-3,
+    "weight_decay": 0.1, "betas": [0.9, 0.99],
+    "loss_nvs": [["latent_mse", 1.0], ["lpips_vgg", 10.0]],
+    "loss_inpainting": [["latent_mse", 1.0], ["lpips_vgg", 10.0]],
+    "loss_sr": [["mse", 1.0], ["dists", 0.1]], "loss_driving": [["lpips_vgg", 1.0], ["gram", 0.1]],
+    "tiles": [1, 1], "halo": 2, "transformer_lora_rank": 0, "transformer_lora_alpha": 4.0, "decoder_lora_rank": 0,
+    "decoder_lora_alpha": 2.0, "decoder_skip": False, "checkpoint_every": 2, "sample_frames": 5,
+    "weights": "stand_in", "device": "cpu", "mixed_precision": True, "activation_checkpointing": True, "seed": 0,
+    "threads": 1,
+}
+
+
+def params(**changes) -> train.Params:
+    return params_from_mapping("train", train.Params, {**BASE, **changes})
+
+
+def moving_pattern(frames: int, height: int, width: int, phase: float) -> np.ndarray:  # [T, H, W, 3] uint8
+    t, y, x = np.meshgrid(np.arange(frames), np.arange(height), np.arange(width), indexing="ij")
+    channels = [np.sin(0.4 * x + 0.3 * t + phase), np.cos(0.5 * y - 0.2 * t + phase), np.sin(0.2 * (x + y) + phase)]
+    return (127.5 * (1 + np.stack(channels, axis=-1))).round().astype(np.uint8)
+
+
+def write_inputs(root: Path, tasks=("nvs", "sr"), frames: int = 9, height: int = 16, width: int = 32) -> dict:
+    """A tiny VAE folder and one pairs folder per task (2 train + 1 test pairs: noisy input, clean target)."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=4, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.1] * 4, latents_std=[0.5] * 4)
+    vae.save_pretrained(root / "vae", safe_serialization=True)
+    rng = np.random.default_rng(0)
+    folders = []
+    for task in tasks:
+        folder = root / "pairs" / task
+        with pairs_io.PairsWriter(folder, task, fps=8) as writer:
+            for index, split in enumerate(["train", "train", "test"]):
+                target = moving_pattern(frames, height, width, phase=index)
+                noisy = np.clip(target.astype(int) + rng.integers(-50, 50, target.shape), 0, 255).astype(np.uint8)
+                inpainting = pairs_io.APPLICATIONS[task] == "inpainting"
+                mask = np.zeros(target.shape[:3], np.uint8)
+                mask[:, : height // 2] = 255
+                writer.add(f"scene_{index}", split, noisy, target, mask=mask if inpainting else None,
+                           lowres=target[:, ::4, ::4].copy() if task == "sr" else None)
+            writer.commit()
+        folders.append(folder)
+    return {"vae": root / "vae", "pairs": folders}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def weight_home(tmp_path_factory):
+    """An empty TORCH_HOME (no real weights seen) and a stand-in home the stage fills once."""
+    root = tmp_path_factory.mktemp("weights")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCH_HOME", str(root / "empty"))
+        patch.setenv("CHOPGRAD_CLIP_HOME", str(root / "empty_clip"))
+        yield root / "stand_in"
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict:
+    return write_inputs(tmp_path_factory.mktemp("inputs"))
+
+
+def run_stage(folder: Path, inputs: dict, weight_home: Path, method="chopgrad_d1", on_step=None, **changes) -> dict:
+    return train.run(params(**changes), method, inputs["vae"], inputs["pairs"], folder / "out" / method,
+                     folder / "metrics.json", folder / "ckpt" / method, weight_home, on_step=on_step)
+
+
+def tiny_model(inputs: dict, **changes) -> restorer.Model:
+    p = params(**changes)
+    spec = train.model_spec(p, json.loads((inputs["vae"] / "config.json").read_text()))
+    spec["text"]["shape"] = [1, 8, p.text_dim]
+    return restorer.build_model(spec, inputs["vae"], restoration.fixed_text_embedding(p.text_dim, 8, 4))
+
+
+def first_clip(inputs: dict, task: str = "nvs"):
+    plan = train.plan(params(tasks=[task]), "chopgrad_d1", inputs["pairs"], inputs["vae"])
+    clips = train.Clips(plan["tasks"][0], 5, (16, 16))
+    degraded, target, _ = clips.sample(train.step_generator(0, 0, 0))
+    return plan["tasks"][0], (degraded, target)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The restorer
+
+
+def test_restorer_output_is_z_hat_minus_the_predicted_velocity():
+    transformer = restoration.small_transformer(latent_channels=4, num_layers=1, head_dim=8, text_dim=16,
+                                                freq_dim=16, ffn_dim=32, zero_output=False).double()
+    model = restoration.Restorer(transformer, restoration.fixed_text_embedding(16, 8, 4).double())
+    z_hat = torch.randn(2, 4, 3, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    velocity = model.velocity(z_hat)
+    assert velocity.abs().max() > 0
+    torch.testing.assert_close(model(z_hat), z_hat - velocity, rtol=0, atol=0)
+    # It is the transformer at the fixed timestep 200 on the fixed text condition.
+    direct = transformer(z_hat, torch.tensor([200.0, 200.0]), model.text_embedding.double().expand(2, -1, -1),
+                         return_dict=False)[0]
+    torch.testing.assert_close(velocity, direct, rtol=0, atol=0)
+    # A zeroed output projection (the default) makes the untrained restorer the identity.
+    identity = restoration.Restorer(restoration.small_transformer(latent_channels=4, text_dim=16),
+                                    restoration.fixed_text_embedding(16))
+    torch.testing.assert_close(identity(z_hat.float()), z_hat.float(), rtol=0, atol=0)
+
+
+def test_latent_normalisation_round_trips_and_checks_the_channel_count():
+    latents = torch.randn(1, 4, 2, 3, 3, dtype=torch.float64)
+    mean, std = [0.1, -0.2, 0.3, 0.0], [0.5, 2.0, 1.0, 0.25]
+    normalised = restoration.normalize_latents(latents, mean, std)
+    torch.testing.assert_close(normalised[:, 1], (latents[:, 1] + 0.2) / 2.0)
+    torch.testing.assert_close(restoration.denormalize_latents(normalised, mean, std), latents)
+    with pytest.raises(ValueError, match="3 entries but the latents .* have 4 channels"):
+        restoration.normalize_latents(latents, mean[:3], std[:3])
+
+
+def test_restorer_rejects_latents_it_cannot_take():
+    model = restoration.Restorer(restoration.small_transformer(latent_channels=4, text_dim=16),
+                                 restoration.fixed_text_embedding(16))
+    with pytest.raises(ValueError, match=r"\[B, 4, t, h, w\]"):
+        model(torch.zeros(1, 16, 2, 4, 4))
+    with pytest.raises(ValueError, match="not a multiple of the transformer's patch size"):
+        model(torch.zeros(1, 4, 2, 3, 4))
+    with pytest.raises(ValueError, match="text_embedding must be"):
+        restoration.Restorer(restoration.small_transformer(latent_channels=4, text_dim=16),
+                             restoration.fixed_text_embedding(32))
+
+
+def test_transformer_folder_is_checked_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="is not a folder"):
+        restoration.load_transformer(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="holds no WanTransformer3DModel"):
+        restoration.load_transformer(tmp_path)
+    restoration.small_transformer(latent_channels=4, text_dim=16).save_pretrained(tmp_path / "wan" / "transformer")
+    loaded = restoration.load_transformer(tmp_path / "wan")  # the Wan 2.1 folder: subfolder="transformer"
+    assert loaded.config.in_channels == 4 and loaded.config.text_dim == 16
+    for weights in (tmp_path / "wan" / "transformer").glob("diffusion_pytorch_model*"):
+        weights.unlink()
+    with pytest.raises(ValueError, match="no weights"):
+        restoration.load_transformer(tmp_path / "wan")
+
+
+def test_prompts_are_encoded_as_wan_encodes_them(tmp_path):
+    """A tiny UMT5 encoder and a word-level tokenizer in a Wan-like folder (tokenizer/, text_encoder/)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    words = ["<pad>", "</s>", "<unk>", "a", "room", "clean", "video"]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(tmp_path / "tokenizer")
+    torch.manual_seed(0)
+    encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(words), d_model=16, d_kv=4, d_ff=32, num_layers=1,
+                                          num_heads=2)).eval()
+    encoder.save_pretrained(tmp_path / "text_encoder")
+    caption, prompts = train.text_embeddings(params(text_encoder_path=str(tmp_path), caption="a clean video"), 16,
+                                             ["a room", None, "a room"])
+    assert caption.shape == (1, restoration.TEXT_LENGTH, 16) and list(prompts) == ["a room"]
+    with torch.no_grad():  # Wan: the encoder's states of the prompt's own tokens, zeros after them
+        direct = encoder(torch.tensor([[3, 4]]), torch.ones(1, 2, dtype=torch.long)).last_hidden_state
+    torch.testing.assert_close(prompts["a room"][0, :2], direct[0], rtol=1e-5, atol=1e-6)
+    assert prompts["a room"][0, 2:].abs().max() == 0 and caption[0, 3:].abs().max() == 0
+    assert caption[0, :3].abs().min() > 0
+    with pytest.raises(ValueError, match="encodes to 16 channels but the transformer takes 32"):
+        train.text_embeddings(params(text_encoder_path=str(tmp_path)), 32, [])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Losses and per-frame decoding
+
+
+def test_unknown_loss_names_are_rejected_with_the_known_ones():
+    with pytest.raises(ValueError, match="unknown loss 'ssim'; known losses: mse, lpips_vgg, dists, gram"):
+        losses.PixelLoss({"ssim": 1.0})
+    with pytest.raises(ParamsError, match="train.loss_sr: unknown loss 'l1'; known losses: latent_mse, mse"):
+        params(loss_sr=[["l1", 1.0]])
+    with pytest.raises(ParamsError, match="train.loss_nvs has no pixel loss"):
+        params(loss_nvs=[["latent_mse", 1.0]])
+    with pytest.raises(ValueError, match="must be a finite number >= 0"):
+        losses.check_loss_weights({"mse": -1.0})
+
+
+def test_weighted_pixel_loss_is_the_weighted_sum(weight_home):
+    from stages.common.weights import metric_home
+
+    generator = torch.Generator().manual_seed(0)
+    pred, target = (torch.rand(1, 3, 2, 16, 16, generator=generator) * 2 - 1 for _ in range(2))
+    with metric_home("stand_in", weight_home, ["lpips_vgg", "dists"]):
+        combined = losses.PixelLoss({"mse": 2.0, "lpips_vgg": 3.0, "gram": 0.5, "dists": 0.1})
+    assert set(combined.weights) == {"vgg16", "lpips_vgg_lin", "dists"}
+    assert combined.weights["vgg16"] == "stand-in"
+    value = combined(pred, target)
+    parts = {name: float(loss(pred, target)) for name, loss in combined.losses.items()}
+    assert parts["mse"] == pytest.approx(float(((pred - target) ** 2).mean()))
+    assert float(value) == pytest.approx(2 * parts["mse"] + 3 * parts["lpips_vgg"] + 0.5 * parts["gram"]
+                                         + 0.1 * parts["dists"], rel=1e-5)
+    assert all(v > 0 for v in parts.values()) and float(combined(target, target)) == pytest.approx(0, abs=1e-5)
+    with pytest.raises(ValueError, match="too small for the losses"):
+        combined(pred[..., :8, :8], target[..., :8, :8])
+
+
+def test_per_frame_decoding_drops_the_cache_and_differs_from_chopgrad(inputs):
+    model = tiny_model(inputs)
+    decoder = model.decoder()
+    latents = torch.randn(1, 4, 3, 2, 4, generator=torch.Generator().manual_seed(0))
+    full = chopgrad.decode(decoder, latents)
+    per_frame = chopgrad.decode(losses.PerFrameDecoder(decoder), latents)
+    assert per_frame.shape == full.shape == (1, 3, 9, 16, 32)
+    torch.testing.assert_close(per_frame[:, :, :1], full[:, :, :1], rtol=0, atol=0)  # first step: no history anyway
+    assert (per_frame[:, :, 1:] - full[:, :, 1:]).abs().max() > 1e-3
+    # Each later latent frame decodes as it would alone after a blank history: independent of the others.
+    changed = latents.clone()
+    changed[:, :, 1] += 1.0
+    again = chopgrad.decode(losses.PerFrameDecoder(decoder), changed)
+    torch.testing.assert_close(again[:, :, 5:], per_frame[:, :, 5:], rtol=0, atol=0)
+    assert (chopgrad.decode(decoder, changed)[:, :, 5:] - full[:, :, 5:]).abs().max() > 1e-3
+    # Its pixel-loss gradient is not ChopGrad's either.
+    target = torch.zeros_like(full)
+    grads = []
+    for wrapped in (decoder, losses.PerFrameDecoder(decoder)):
+        leaf = latents.clone().requires_grad_(True)
+        chopgrad.decode_loss(wrapped, leaf, target, lambda a, b: ((a - b) ** 2).mean(), d_trunc=0).backward()
+        grads.append(leaf.grad)
+    assert (grads[0] - grads[1]).abs().max() > 1e-6
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+
+
+def test_a_few_steps_lower_the_loss_on_one_clip(inputs):
+    # A problem the tiny random VAE can represent: the target is the decoder's own output for the
+    # degraded clip's latents shifted by a constant per channel (one proj_out bias away). The pixel
+    # loss alone trains (latent weight 0: with a random VAE, encode(decode(z)) is far from z), and
+    # reaches the transformer only through ChopGrad's decode_loss.
+    _, (degraded, _) = first_clip(inputs)
+    model = tiny_model(inputs)
+    with torch.no_grad():
+        shift = torch.tensor([3.0, -3.0, 2.0, 0.0]).view(1, 4, 1, 1, 1)
+        target = chopgrad.decode(model.decoder(), model.to_decoder(model.encode(degraded) + shift))
+    pixel = losses.PixelLoss({"mse": 100.0})
+    optimizer = torch.optim.AdamW(model.transformer_trainable().values(), lr=3e-3, betas=(0.9, 0.99))
+    history = []
+    for _ in range(8):
+        _, result = train.train_step(model, train.METHODS["chopgrad_d1"], 0.0, pixel, params(), (degraded, target),
+                                     None, torch.device("cpu"), autocast=False)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        history.append(result.loss)
+    assert history[-1] < 0.7 * history[0]
+    assert all(later < earlier for earlier, later in itertools.pairwise(history))
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradients_reach_exactly_the_trainable_parameters(inputs, weight_home, lora):
+    from stages.common.weights import metric_home
+
+    _, clip = first_clip(inputs)
+    changes = {"transformer_lora_rank": 2, "decoder_lora_rank": 2, "decoder_skip": True} if lora else {}
+    model = tiny_model(inputs, **changes)
+    with metric_home("stand_in", weight_home, ["lpips_vgg"]):
+        pixel = losses.PixelLoss({"lpips_vgg": 10.0})
+    if lora:  # LoRA B starts at zero: give it values so that every LoRA factor gets a gradient
+        with torch.no_grad():
+            for name, param in [*model.transformer.named_parameters(), *model.decoder_module.named_parameters()]:
+                if "lora_B" in name:
+                    param.normal_(0, 0.1)
+    else:  # the zeroed output projection blocks every other gradient on the first step
+        torch.nn.init.normal_(model.transformer.proj_out.weight, std=0.1)
+    train.train_step(model, train.METHODS["chopgrad_d1"], 1.0, pixel, params(**changes), clip, None,
+                     torch.device("cpu"), autocast=False)
+    trainable = {**{f"t.{k}": v for k, v in model.transformer_trainable().items()},
+                 **{f"v.{k}": v for k, v in model.decoder_trainable().items()}}
+    modules = (model.transformer, model.decoder_module, pixel)
+    frozen = [p for m in modules for p in m.parameters() if not p.requires_grad]
+    assert trainable and frozen
+    if lora:  # transformer LoRA, decoder LoRA and Mirage's fusion conv, the decoder's through ChopGrad
+        assert all("lora_" in name for name in trainable if name != "v.fusion.weight" and name != "v.fusion.bias")
+        assert {"v.fusion.weight", "v.fusion.bias"} <= set(trainable)
+        assert any(name.startswith("v.vae.decoder.") and "lora_" in name for name in trainable)
+    else:
+        assert len(trainable) == len(list(model.transformer.parameters())) and not model.decoder_trainable()
+    missing = [name for name, p in trainable.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"trainable parameters without a gradient: {missing[:5]}"
+    assert all(p.grad is None for p in frozen)
+
+
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {task.name: load_file(str(task / restorer.MODEL_FILE)) for task in sorted(folder.iterdir())}
+
+
+def test_an_interrupted_run_resumes_and_ends_with_the_same_weights(tmp_path, inputs, weight_home):
+    changes = {"tasks": ["nvs", "sr"], "steps": 4, "checkpoint_every": 2}
+    straight = run_stage(tmp_path / "straight", inputs, weight_home, **changes)
+
+    class Killed(Exception):
+        pass
+
+    def stop(task, step):  # dies after step 3 of the second task: the step after its checkpoint is lost
+        if task == "sr" and step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_stage(tmp_path / "resumed", inputs, weight_home, on_step=stop, **changes)
+    ckpt_dir = tmp_path / "resumed" / "ckpt" / "chopgrad_d1"
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["nvs.safetensors", "sr.safetensors"]
+    assert not (tmp_path / "resumed" / "out" / "chopgrad_d1").exists()  # nothing half-written
+    resumed = run_stage(tmp_path / "resumed", inputs, weight_home, **changes)
+    assert resumed["tasks"]["nvs"]["resumed_from_step"] == 4  # finished before: not trained again
+    assert resumed["tasks"]["sr"]["resumed_from_step"] == 2
+    assert not ckpt_dir.exists()  # removed once the outputs are in place
+    for task in ("nvs", "sr"):
+        assert [h["loss"] for h in resumed["tasks"][task]["history"]] == \
+               [h["loss"] for h in straight["tasks"][task]["history"]]
+    expected = _weights(tmp_path / "straight" / "out" / "chopgrad_d1")
+    got = _weights(tmp_path / "resumed" / "out" / "chopgrad_d1")
+    assert expected.keys() == got.keys()
+    for task in expected:
+        assert expected[task].keys() == got[task].keys()
+        for name in expected[task]:
+            assert torch.equal(expected[task][name], got[task][name]), (task, name)
+    record = json.loads((tmp_path / "resumed" / "out" / "chopgrad_d1" / "sr" / "train.json").read_text())
+    assert record["steps"] == 4 and record["peak_memory_bytes"] is None and record["peak_rss_bytes"] > 0
+    assert (tmp_path / "resumed" / "out" / "chopgrad_d1" / "sr" / "sample.mp4").is_file()
+    metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert set(metrics["tasks"]) == {"nvs", "sr"}
+
+
+def test_a_checkpoint_of_other_params_is_not_resumed(tmp_path, inputs, weight_home):
+    def stop(task, step):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(tmp_path, inputs, weight_home, method="latent_mse", on_step=stop, steps=4)
+    result = run_stage(tmp_path, inputs, weight_home, method="latent_mse", steps=4, lr=2e-3)
+    assert result["tasks"]["nvs"]["resumed_from_step"] == 0
+
+
+def test_methods_train_what_they_say(tmp_path, inputs, weight_home):
+    twice = run_stage(tmp_path, inputs, weight_home, method="latent_mse_2x", steps=2)["tasks"]["nvs"]
+    assert twice["steps"] == 4 and twice["final_pixel_loss"] is None and twice["pixel_losses"] == {}
+    per_frame = run_stage(tmp_path, inputs, weight_home, method="per_frame", steps=1)["tasks"]["nvs"]
+    assert per_frame["decoding"] == "per_frame" and per_frame["final_pixel_loss"] > 0
+    assert per_frame["stand_in_weights"] is True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rejected before training starts
+
+
+@pytest.mark.parametrize("method, changes, pattern", [
+    ("chopgrad_d3", {}, "unknown method 'chopgrad_d3'; the train stage knows chopgrad_d0"),
+    ("chopgrad_d1", {"tiles": [3, 1]}, r"train.tiles \[3, 1\] do not divide the latent crop 2x2"),
+    ("chopgrad_d1", {"crop": [24, 24]}, r"train.crop \[24, 24\] must be multiples of 16"),
+    ("chopgrad_d1", {"crop": [16, 32], "tiles": [2, 4]}, "tiles of 8 pixels .* too small for the nvs losses"),
+    ("chopgrad_d1", {"tasks": ["nvs", "driving"]}, "lists 'driving' but no pairs folder"),
+    ("chopgrad_d1", {"clip_frames": 13}, "is smaller than train.clip_frames=13"),
+    ("chopgrad_d1", {"transformer_path": "/nowhere/Wan2.1"}, "is not a folder"),
+    ("chopgrad_d1", {"text_encoder_path": "/nowhere"}, "has no tokenizer/ folder"),
+])
+def test_bad_configurations_are_rejected_before_training(tmp_path, inputs, method, changes, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        train.run(params(**changes), method, inputs["vae"], inputs["pairs"], tmp_path / "out", tmp_path / "m.json",
+                  tmp_path / "ckpt")
+    assert not any(tmp_path.iterdir())
+
+
+def test_tiles_that_fit_are_accepted(inputs):
+    planned = train.plan(params(crop=[16, 32], tiles=[1, 2]), "chopgrad_d1", inputs["pairs"], inputs["vae"])
+    assert [task.name for task in planned["tasks"]] == ["nvs"] and planned["size_multiple"] == 16
+
+
+def test_missing_folders_and_weights_are_rejected_before_training(tmp_path, inputs, monkeypatch):
+    with pytest.raises(ValueError, match="has no config.json"):
+        train.run(params(), "chopgrad_d1", tmp_path / "no_vae", inputs["pairs"], tmp_path / "o", tmp_path / "m",
+                  tmp_path / "c")
+    with pytest.raises(pairs_io.PairsError, match="pairs.json not found"):
+        train.run(params(), "chopgrad_d1", inputs["vae"], [tmp_path / "no_pairs"], tmp_path / "o", tmp_path / "m",
+                  tmp_path / "c")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(MissingWeightsError, match="vgg16-397923af.pth"):
+        train.run(params(weights="official"), "chopgrad_d1", inputs["vae"], inputs["pairs"], tmp_path / "o",
+                  tmp_path / "m", tmp_path / "c")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists()
+    with pytest.raises(ParamsError, match="train.clip_frames must be 1 \\+ 4k"):
+        params(clip_frames=8)
+    with pytest.raises(ParamsError, match="train.tasks must list distinct tasks"):
+        params(tasks=["nvs", "nvs"])
+
+
+def test_saved_model_rebuilds_to_the_same_outputs(tmp_path, inputs, weight_home):
+    from safetensors.torch import load_file
+
+    run_stage(tmp_path, inputs, weight_home, steps=1, transformer_lora_rank=2, decoder_lora_rank=2, decoder_skip=True)
+    folder = tmp_path / "out" / "chopgrad_d1" / "nvs"
+    spec = json.loads((folder / restorer.SPEC_FILE).read_text())
+    assert spec["transformer_lora"] == {"rank": 2, "alpha": 4.0} and spec["decoder_lora"] == {"rank": 2, "alpha": 2.0}
+    assert spec["decoder_skip"] is True
+    saved = load_file(str(folder / restorer.MODEL_FILE))
+    assert saved["decoder.fusion.weight"].abs().max() > 0  # trained away from its zero start
+    assert any(".lora_" in k for k in saved if k.startswith("decoder.vae.decoder."))
+    first, second = restorer.load_model(folder, inputs["vae"]), restorer.load_model(folder, inputs["vae"])
+    for name, param in first.decoder_trainable().items():
+        assert torch.equal(param, saved[f"decoder.{name}"]), name
+    frames = moving_pattern(5, 16, 32, 0.5)
+    out_a, timings = train.restore_video(first, frames)
+    out_b, _ = train.restore_video(second, frames)
+    np.testing.assert_array_equal(out_a, out_b)
+    assert out_a.shape == frames.shape and set(timings) == {"encode_seconds", "transformer_seconds", "decode_seconds"}
+    odd = moving_pattern(7, 12, 20, 0.5)  # padded to 9 frames of 16 x 32 inside, cut back
+    assert train.restore_video(first, odd)[0].shape == odd.shape
+
+
+def test_a_pretrained_transformer_folder_trains_and_saves_only_its_trained_weights(tmp_path, inputs, weight_home):
+    # A stand-in for a Wan 2.1 diffusers folder: a small transformer saved under transformer/.
+    restoration.small_transformer(latent_channels=4, num_layers=1, head_dim=8, ffn_dim=32, text_dim=16,
+                                  freq_dim=16, zero_output=False).save_pretrained(tmp_path / "wan" / "transformer")
+    run_stage(tmp_path, inputs, weight_home, method="latent_mse", steps=1, transformer_path=str(tmp_path / "wan"),
+              transformer_lora_rank=2)
+    folder = tmp_path / "out" / "latent_mse" / "nvs"
+    spec = json.loads((folder / restorer.SPEC_FILE).read_text())
+    assert spec["transformer"] == {"source": "pretrained", "path": str((tmp_path / "wan").resolve()),
+                                   "dtype": "float32"}
+    saved = _weights(tmp_path / "out" / "latent_mse")["nvs"]
+    assert saved and all(".lora_" in k for k in saved if k != "text_embedding")  # the base is reloaded, not copied
+    model = restorer.load_model(folder, inputs["vae"])
+    for name, param in model.transformer_trainable().items():
+        assert torch.equal(param, saved[f"transformer.{name}"]), name
+
+
+def test_params_section_in_params_yaml_is_valid():
+    from stages.common.params import load_params
+
+    repo = Path(__file__).resolve().parents[1]
+    section = load_params("train", train.Params, repo / "params.yaml")
+    assert section.tasks and set(section.tasks) <= set(pairs_io.APPLICATIONS)
+    assert dataclasses.asdict(section)["loss_nvs"][-1] == ("lpips_vgg", 100.0)  # supplement C.2

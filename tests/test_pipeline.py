@@ -70,7 +70,9 @@ def test_stages_sections_files_and_flow_agree():
     stages = read_yaml(REPO / "dvc.yaml")["stages"]
     params = read_yaml(REPO / "params.yaml")
     assert set(params) == set(stages), "one params.yaml section per dvc.yaml stage, and no other"
-    assert stage_order(REPO) == list(stages), "the flow runs every stage, in dvc.yaml's order"
+    expanded = stage_names(REPO)  # matrix/foreach entries expanded: train@chopgrad_d0, ...
+    assert list(dict.fromkeys(name.split("@")[0] for name in expanded)) == list(stages)
+    assert stage_order(REPO) == expanded, "the flow runs every stage (matrix entries expanded), in dvc.yaml's order"
     for name, stage in stages.items():
         assert stage["cmd"].startswith(f"python -m stages.{name} --params params.yaml "), name
         assert stage["params"] == [name], f"{name}: declare the whole '{name}' section"
@@ -106,6 +108,15 @@ TINY = {
             "batch_size": 1, "steps": 2, "warmup_steps": 1, "eval_frames": 5},
     "masks": {"dilation": 1},
     "degrade": {"scale": 4},  # 16x24 -> 4x6 low-resolution frames
+    "splat": {"every": 4, "steps": 10, "sh_degree_interval": 5, "init_num_points": 200, "refine_start_iter": 3,
+              "refine_stop_iter": 8, "refine_every": 3, "reset_every": 100},
+    "reinsert": {"asset_views": 2, "asset_steps": 5, "asset_points": 40, "min_visible_pixels": 4},
+    "train": {"num_layers": 1, "head_dim": 8, "ffn_dim": 32, "text_dim": 16, "freq_dim": 16, "steps": 1,
+              "clip_frames": 5, "crop": [16, 16], "checkpoint_every": 1, "sample_frames": 5},
+    "infer": {"max_frames": 5, "warmup_frames": 0, "sample_frames": 5},
+    "evaluate": {"metrics": ["psnr", "ssim", "lpips_vgg", "temporal_flickering"], "frames": 0, "model_frames": 2},
+    "analysis": {"clips": 1, "locality_frames": 9, "frames": 9, "max_distance": 2, "probes": 1, "d_trunc": [0, 1],
+                 "lpips_frames": 5, "backbone_layers": 1, "resource_frames": [5, 9]},
 }
 # Files each stage must leave in the tiny run (stage name: paths relative to the repo).
 PRODUCED = {
@@ -116,6 +127,24 @@ PRODUCED = {
               "plots/masks/inpaint_box_scene_000.mp4", "plots/masks/inpaint_objects_scene_002.mp4"],
     "degrade": ["data/degrade/sr/pairs.json", "metrics/degrade.json", "plots/degrade/sr_scene_000.mp4",
                 "plots/degrade/sr_scene_002.mp4"],
+    "splat": ["data/splat/nvs/pairs.json", "data/splat/nvs/test/scene_002/input/00008.png",
+              "data/splat/gaussians/scene_000.safetensors", "data/splat/gaussians/scene_002.safetensors",
+              "metrics/splat.json", "plots/splat/training.png", "plots/splat/frames.png",
+              "plots/splat/videos/scene_000.mp4", "plots/splat/videos/scene_002.mp4"],
+    "reinsert": ["data/reinsert/driving/pairs.json", "data/reinsert/driving/train/scene_001/target/00008.png",
+                 "data/reinsert/gaussians/scene_002.safetensors", "metrics/reinsert.json",
+                 "plots/reinsert/frames.png", "plots/reinsert/videos/scene_000.mp4"],
+    **{f"train@{method}": [f"data/train/{method}/{task}/{name}" for task in ("nvs", "inpaint_box", "sr")
+                           for name in ("config.json", "model.safetensors", "train.json", "sample.mp4")]
+       + [f"metrics/train/{method}.json"]
+       for method in ("chopgrad_d0", "chopgrad_d1", "chopgrad_d2", "latent_mse", "latent_mse_2x", "per_frame")},
+    "infer": ["metrics/infer.json", "data/infer/chopgrad_d1/nvs/timing.json", "data/infer/chopgrad_d1/nvs/sample.mp4",
+              "data/infer/per_frame/sr/timing.json", "data/infer/latent_mse/inpaint_box/scene_002/00000.png"],
+    "evaluate": ["metrics/evaluate.json", "results/tables/evaluation.json",
+                 *(f"results/tables/table{n}.{ext}" for n in range(1, 7) for ext in ("md", "csv"))],
+    "analysis": ["metrics/analysis.json", "data/analysis/locality.json", "data/analysis/grad_error_lpips.json",
+                 *(f"plots/analysis/{name}.png" for name in ("locality", "grad_error", "backbone", "resources",
+                                                              "spatial"))],
 }
 
 
@@ -186,7 +215,7 @@ def test_dvc_repro_runs_skips_and_reruns_only_what_changed(project):
         assert (project / path).is_file(), path
     assert lock["vae"]["params"]["params.yaml"]["vae"]["steps"] == 2
 
-    runs = mlflow_runs(project.parent)
+    runs = [r for r in mlflow_runs(project.parent) if "mlflow.parentRunId" not in r.data.tags]  # stage runs
     assert sorted(r.info.run_name for r in runs) == sorted(lock), "one MLflow run per stage run"
     assert [r.info.run_name for r in runs][:2] == ["scenes", "vae"]
     assert len({r.data.tags["chopgrad.execution_id"] for r in runs}) == 1  # one `dvc repro`, one id

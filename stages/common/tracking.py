@@ -223,7 +223,7 @@ def _tags(stage: str) -> dict[str, str]:
     tags = {
         "chopgrad.stage": stage,
         "chopgrad.execution_id": execution_id(),
-        "mlflow.source.name": f"stages/{stage}.py",
+        "mlflow.source.name": f"stages/{stage.split('@')[0]}.py",  # train@chopgrad_d1 -> stages/train.py
         "mlflow.source.type": "LOCAL",
     }
     root = repo_root()

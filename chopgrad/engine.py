@@ -19,8 +19,9 @@ alive at once and peak memory does not depend on the number of frames.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -130,8 +131,14 @@ def _check_target(decoder: CausalDecoder, latents: Tensor, target: Any) -> None:
 # ----------------------------------------------------------------------------- cache plumbing
 
 
-def _detach_cache(cache: Any, requires_grad: bool) -> tuple[Any, list[int], list[Tensor]]:
-    """Detach every tensor in ``cache``; return it with the positions and leaves that take grad."""
+def detach_cache(cache: Any, requires_grad: bool) -> tuple[Any, list[int], list[Tensor]]:
+    """Detach every tensor in ``cache``; return it with the positions and leaves that take grad.
+
+    The truncation point of ChopGrad: with ``requires_grad`` the floating-point tensors become
+    fresh leaves, so a vector-Jacobian product of a later step's output reaches them (their
+    ``positions`` in the flattened cache say which cache entry each is) and goes no further back.
+    Used by the engine and by :mod:`chopgrad.analysis.locality`.
+    """
     leaves, spec = tree_flatten(cache)
     positions, grad_leaves = [], []
     for index, leaf in enumerate(leaves):
@@ -197,7 +204,7 @@ def _truncated(decoder, latents, target, loss_fn, plan, tile, d_trunc, params, a
     cache, total = decoder.init_cache(), latents.new_zeros(())
     for latent_slice, frame_slice in plan:
         step_latents = latents[:, :, latent_slice].detach().requires_grad_(want_latents)
-        cache_in, positions, leaves = _detach_cache(cache, requires_grad=d_trunc > 0)
+        cache_in, positions, leaves = detach_cache(cache, requires_grad=d_trunc > 0)
         frames, cache = decoder.step(step_latents, cache_in)
         share = (frame_slice.stop - frame_slice.start) / total_frames
         loss = _step_loss(loss_fn, frames, target[:, :, frame_slice], tile, share)
@@ -256,7 +263,7 @@ def _recompute(decoder, latents, target, loss_fn, plan, tile, params, acc) -> Te
         (latent_slice, frame_slice), cache_entering = plan[index], caches[index]
         caches[index] = None  # recomputed below; not needed again
         step_latents = latents[:, :, latent_slice].detach().requires_grad_(want_latents)
-        cache_in, positions, leaves = _detach_cache(cache_entering, requires_grad=True)
+        cache_in, positions, leaves = detach_cache(cache_entering, requires_grad=True)
         frames, cache_out = decoder.step(step_latents, cache_in)
         share = (frame_slice.stop - frame_slice.start) / total_frames
         loss = _step_loss(loss_fn, frames, target[:, :, frame_slice], tile, share)

@@ -23,7 +23,6 @@ when the real VGG16 file is absent and ``allow_stand_in_weights`` is true; the J
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
@@ -36,8 +35,7 @@ import numpy as np
 import torch
 
 import chopgrad  # before diffusers: the torchvision fix for CPU-only torch
-from stages.common import video
-from stages.common.params import load_params
+from stages.common import cli, video
 
 log = logging.getLogger("stages.analysis")
 
@@ -317,19 +315,14 @@ def _swap_in(built: Path, target: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="params file with an 'analysis:' section")
+    parser = cli.stage_parser(__doc__, STAGE)
     parser.add_argument("--vae", required=True, help="the diffusers VAE folder (the vae stage's output)")
     parser.add_argument("--scenes", required=True, help="scene set folder (with split.json)")
     parser.add_argument("--out", required=True, help="folder for the raw per-analysis JSON files")
     parser.add_argument("--metrics", required=True, help="metrics JSON file")
     parser.add_argument("--plots", required=True, help="folder for the five PNG figures")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-
-    params = load_params(STAGE, Params, args.params)
-    if params.threads:
-        torch.set_num_threads(params.threads)
+    params = cli.start(STAGE, Params, args.params)
     from stages.common.tracking import stage_run
 
     with stage_run(STAGE, params) as tracker:

@@ -25,7 +25,6 @@ layout (UDM10, SPMCS, YouHQ40 as DOVE ships them: ``<root>/GT/<video>/*.png`` an
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import shutil
@@ -42,7 +41,7 @@ import imageio_ffmpeg
 import numpy as np
 from tqdm import tqdm
 
-from stages.common import pairs, scenes, video
+from stages.common import cli, pairs, scenes, video
 
 log = logging.getLogger("stages.degrade")
 
@@ -426,19 +425,15 @@ def _add(writer: pairs.PairsWriter, name: str, split: str, lowres: np.ndarray, t
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="params file with a 'degrade:' section")
+    parser = cli.stage_parser(__doc__, STAGE)
     parser.add_argument("--scenes", required=True, help="scene set folder, e.g. data/scenes")
     parser.add_argument("--out", required=True, help="pairs folder to (re)create, e.g. data/degrade/sr")
     parser.add_argument("--metrics", required=True, help="metrics JSON file, e.g. metrics/degrade.json")
     parser.add_argument("--plots", required=True, help="folder for the sample videos, e.g. plots/degrade")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-
-    from stages.common.params import load_params
+    params = cli.start(STAGE, Params, args.params)
     from stages.common.tracking import stage_run
 
-    params = load_params(STAGE, Params, args.params)
     with stage_run(STAGE, params) as tracker:
         started = time.perf_counter()
         result = run(params, args.scenes, args.out, args.metrics, args.plots)

@@ -40,7 +40,6 @@ models restored (supplement C.2: the first 294; C.3: the first N of training len
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -61,9 +60,8 @@ from chopgrad import weights as cw
 from chopgrad.metrics import vbench
 from chopgrad.metrics.distribution import FVD_MIN_FRAMES
 from chopgrad.metrics.frames import MIN_SIZE
-from stages.common import paper_tables, video
+from stages.common import cli, paper_tables, video
 from stages.common.pairs import load_manifest
-from stages.common.params import load_params
 from stages.common.weights import POLICIES, metric_home
 
 log = logging.getLogger("stages.evaluate")
@@ -473,41 +471,23 @@ def run(params: Params, infer_dir: str | os.PathLike, train_dir: str | os.PathLi
 
 def _log_method_runs(parent, results: dict) -> None:
     """One MLflow run per (method, task), nested under the stage's run, tagged with both."""
-    if not parent.active:
-        return
-    from stages.common.tracking import Tracker
-
-    try:
-        client = parent._client  # the stage run's client: same store, same experiment
-        info = client.get_run(parent.run_id)
-        inherited = {k: v for k, v in info.data.tags.items()
-                     if k.startswith(("chopgrad.", "dvc.", "mlflow.source"))}
-        for task, rows in results.items():
-            for method, cells in rows.items():
-                stand_in = sorted(c for c, cell in cells.items() if cell.get("stand_in"))
-                run = client.create_run(info.info.experiment_id, run_name=f"{method}/{task}", tags={
-                    **inherited, "mlflow.parentRunId": parent.run_id, "chopgrad.method": method,
-                    "chopgrad.task": task, "chopgrad.stand_in_metrics": ",".join(stand_in) or "none"})
-                child = Tracker(client, run.info.run_id)
+    for task, rows in results.items():
+        for method, cells in rows.items():
+            stand_in = sorted(c for c, cell in cells.items() if cell.get("stand_in"))
+            with parent.child_run(f"{method}/{task}", tags={
+                    "chopgrad.method": method, "chopgrad.task": task,
+                    "chopgrad.stand_in_metrics": ",".join(stand_in) or "none"}) as child:
                 child.log_metrics({c: cell["value"] for c, cell in cells.items() if cell["value"] is not None})
-                client.set_terminated(run.info.run_id, "FINISHED")
-    except Exception as error:  # noqa: BLE001 -- tracking never fails a stage (stages/common/tracking.py)
-        log.warning("MLflow tracking: could not log the per-method runs: %s", error)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="params file with an 'evaluate:' section")
+    parser = cli.stage_parser(__doc__, STAGE)
     parser.add_argument("--infer", required=True, help="inference outputs: <infer>/<method>/<task>/<scene>/")
     parser.add_argument("--train", required=True, help="training outputs: <train>/<method>/<task>/train.json")
     parser.add_argument("--metrics", required=True, help="metrics JSON file (DVC metrics)")
     parser.add_argument("--tables", required=True, help="folder for table{1..6}.{md,csv} and evaluation.json")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-
-    params = load_params(STAGE, Params, args.params)
-    if params.threads:
-        torch.set_num_threads(params.threads)
+    params = cli.start(STAGE, Params, args.params)
     from stages.common.tracking import stage_run
 
     with stage_run(STAGE, params) as tracker:

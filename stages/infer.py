@@ -21,7 +21,6 @@ seconds per frame of every model.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -33,9 +32,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from stages.common import cli, restorer
 from stages.common import pairs as pairs_io
-from stages.common import restorer
-from stages.common.params import load_params
 from stages.common.video import list_frames, read_image, temp_folder, write_frames, write_json, write_video
 
 log = logging.getLogger("stages.infer")
@@ -209,19 +207,14 @@ def run(params: Params, train_dirs: list[str | Path], vae_dir: str | Path, pairs
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="params file with an 'infer:' section")
+    parser = cli.stage_parser(__doc__, STAGE)
     parser.add_argument("--train", nargs="+", required=True, help="train stage outputs (data/train/<method>)")
     parser.add_argument("--vae", required=True, help="the vae stage's folder (data/vae)")
     parser.add_argument("--pairs", nargs="+", required=True, help="pairs folders (data/splat/nvs, ...)")
     parser.add_argument("--out", required=True, help="output folder (data/infer)")
     parser.add_argument("--metrics", required=True, help="metrics JSON (metrics/infer.json)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-
-    params = load_params(STAGE, Params, args.params)
-    if params.threads:
-        torch.set_num_threads(params.threads)
+    params = cli.start(STAGE, Params, args.params)
     from stages.common.tracking import stage_run
 
     with stage_run(STAGE, params) as tracker:

@@ -24,7 +24,6 @@ swapped in at the end: a failed run leaves the previous output, or nothing.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
@@ -40,7 +39,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from stages.common import pairs, scenes, video
+from stages.common import cli, pairs, scenes, video
 
 log = logging.getLogger("stages.masks")
 
@@ -430,19 +429,15 @@ def run(params: Params, scenes_dir: str | Path, out_dir: str | Path, metrics_pat
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="params file with a 'masks:' section")
+    parser = cli.stage_parser(__doc__, STAGE)
     parser.add_argument("--scenes", required=True, help="scene set folder, e.g. data/scenes")
     parser.add_argument("--out", required=True, help="folder of pairs folders to (re)create, e.g. data/masks")
     parser.add_argument("--metrics", required=True, help="metrics JSON file, e.g. metrics/masks.json")
     parser.add_argument("--plots", required=True, help="folder for the sample videos, e.g. plots/masks")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-
-    from stages.common.params import load_params
+    params = cli.start(STAGE, Params, args.params)
     from stages.common.tracking import stage_run
 
-    params = load_params(STAGE, Params, args.params)
     with stage_run(STAGE, params) as tracker:
         started = time.perf_counter()
         result = run(params, args.scenes, args.out, args.metrics, args.plots)

@@ -38,7 +38,6 @@ truth), ``<out>/gaussians/<scene>.safetensors`` (the edited scenes), ``--metrics
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import shutil
@@ -51,7 +50,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from stages.common import pairs, scenes, video
+from stages.common import cli, pairs, scenes, video
 from stages.common import splat as gs
 
 log = logging.getLogger("stages.reinsert")
@@ -388,22 +387,16 @@ def run(params: Params, scenes_dir: str | Path, splat_dir: str | Path, out_dir: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="params file with a 'reinsert:' section")
+    parser = cli.stage_parser(__doc__, STAGE)
     parser.add_argument("--scenes", required=True, help="scene set folder (with split.json)")
     parser.add_argument("--splat", required=True, help="the splat stage's Gaussians folder")
     parser.add_argument("--out", required=True, help="output folder: driving/ pairs and gaussians/")
     parser.add_argument("--metrics", required=True, help="metrics JSON file")
     parser.add_argument("--plots", required=True, help="folder for sample videos and figures")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-
-    from stages.common.params import load_params
+    params = cli.start(STAGE, Params, args.params)
     from stages.common.tracking import stage_run
 
-    params = load_params(STAGE, Params, args.params)
-    if params.threads:
-        torch.set_num_threads(params.threads)
     with stage_run(STAGE, params) as tracker:
         result = run(params, args.scenes, args.splat, args.out, args.metrics, args.plots)
         tracker.log_metrics(gs.numeric_metrics(result["metrics"]))

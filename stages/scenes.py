@@ -14,7 +14,6 @@ run leaves the previous output (or nothing) in place, never a half-written set.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
@@ -25,7 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from stages.common import scenes, video
+from stages.common import cli, scenes, video
 
 log = logging.getLogger("stages.scenes")
 
@@ -173,18 +172,14 @@ def _inside(path: Path, folder: Path, build: Path) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="params file with a 'scenes:' section")
+    parser = cli.stage_parser(__doc__, STAGE)
     parser.add_argument("--out", required=True, help="scene set folder to (re)create, e.g. data/scenes")
     parser.add_argument("--metrics", default=None, help="metrics JSON file (default: <out>/metrics.json)")
     parser.add_argument("--plots", default=None, help="folder for the sample videos (default: <out>/videos)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-
-    from stages.common.params import load_params
+    params = cli.start(STAGE, Params, args.params)
     from stages.common.tracking import stage_run
 
-    params = load_params(STAGE, Params, args.params)
     with stage_run(STAGE, params) as tracker:
         started = time.perf_counter()
         result = run(params, args.out, args.metrics, args.plots)

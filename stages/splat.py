@@ -27,7 +27,6 @@ x10); gsplat's and the paper's full schedule is given next to each value there.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 import time
@@ -38,7 +37,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from stages.common import pairs, scenes, video
+from stages.common import cli, pairs, scenes, video
 from stages.common import splat as gs
 
 log = logging.getLogger("stages.splat")
@@ -328,21 +327,15 @@ def summarise(measures: dict[str, dict], seconds: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="params file with a 'splat:' section")
+    parser = cli.stage_parser(__doc__, STAGE)
     parser.add_argument("--scenes", required=True, help="scene set folder (with split.json)")
     parser.add_argument("--out", required=True, help="output folder: nvs/ pairs and gaussians/")
     parser.add_argument("--metrics", required=True, help="metrics JSON file")
     parser.add_argument("--plots", required=True, help="folder for sample videos and figures")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-
-    from stages.common.params import load_params
+    params = cli.start(STAGE, Params, args.params)
     from stages.common.tracking import stage_run
 
-    params = load_params(STAGE, Params, args.params)
-    if params.threads:
-        torch.set_num_threads(params.threads)
     with stage_run(STAGE, params) as tracker:
         result = run(params, args.scenes, args.out, args.metrics, args.plots)
         tracker.log_metrics(gs.numeric_metrics(result["metrics"]))

@@ -13,7 +13,7 @@ per_frame       latent MSE + pixel loss with every latent frame decoded on its o
 The model (``stages/common/restorer.py``): Wan 2.1's ``WanTransformer3DModel`` as a one-step
 restorer on the VAE latents (``z = z_hat - v``, timestep 200, a fixed caption's embedding), the
 VAE from ``data/vae`` frozen except for an optional decoder LoRA. The losses per application are
-the paper's (``train.loss_<application>``, ``[name, weight]`` pairs; ``latent_mse`` is the MSE on
+the paper's (``train.loss_<application>``, ``{name: weight}`` mappings; ``latent_mse`` is the MSE on
 the velocity): NVS and inpainting latent MSE + 100 LPIPS-VGG (C.2, C.3), super-resolution MSE 1 +
 DISTS 0.1 (DOVE's stage 2, 4.1), driving LPIPS + 0.1 Gram (Mirage's harmonisation, B.4).
 AdamW (paper: lr 1e-5, weight decay 0.1, betas 0.9/0.99), batch 1, one random clip and crop per
@@ -37,7 +37,6 @@ Outputs, per task: ``<out>/<task>/`` with ``config.json`` + ``model.safetensors`
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -60,9 +59,8 @@ import chopgrad
 from chopgrad import distributed, restoration
 from chopgrad import losses as pixel_losses
 from stages.common import checkpoint as ckpt
+from stages.common import cli, restorer
 from stages.common import pairs as pairs_io
-from stages.common import restorer
-from stages.common.params import load_params
 from stages.common.video import (
     from_tensor,
     list_frames,
@@ -97,7 +95,7 @@ APPLICATIONS = ("nvs", "inpainting", "sr", "driving")
 # The metric whose weight files each pixel loss loads (gram needs VGG16 only, a file lpips_vgg loads too).
 LOSS_METRIC = {"lpips_vgg": "lpips_vgg", "dists": "dists", "gram": "lpips_vgg"}
 
-LossTable = tuple[tuple[str, float], ...]
+LossTable = dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -120,7 +118,7 @@ class Params:
     lr: float  # AdamW learning rate (paper: 1e-5 for the pretrained 14B)
     weight_decay: float  # AdamW weight decay (paper: 0.1)
     betas: tuple[float, float]  # AdamW betas (paper: 0.9, 0.99)
-    loss_nvs: LossTable  # [name, weight] pairs; names: latent_mse + chopgrad.losses.KNOWN_LOSSES
+    loss_nvs: LossTable  # {name: weight}; names: latent_mse + chopgrad.losses.KNOWN_LOSSES
     loss_inpainting: LossTable  # C.3: as NVS
     loss_sr: LossTable  # 4.1: DOVE's stage 2
     loss_driving: LossTable  # B.4: Mirage's harmonisation
@@ -170,14 +168,11 @@ def loss_table(params: Params, application: str) -> tuple[float, dict[str, float
     key = f"train.loss_{application}"
     known = (LATENT, *pixel_losses.KNOWN_LOSSES)
     table = getattr(params, f"loss_{application}")
-    names = [name for name, _ in table]
-    if LATENT in names and names.count(LATENT) > 1:
-        raise ValueError(f"{key}: {LATENT!r} is given twice")
-    for name, _ in table:
+    for name in table:
         if name not in known:
             raise ValueError(f"{key}: unknown loss {name!r}; known losses: {', '.join(known)}")
-    pixel = pixel_losses.check_loss_weights([(n, w) for n, w in table if n != LATENT], what=key)
-    latent = dict(table).get(LATENT, 0.0)
+    pixel = pixel_losses.check_loss_weights({n: w for n, w in table.items() if n != LATENT}, what=key)
+    latent = table.get(LATENT, 0.0)
     if not latent >= 0:
         raise ValueError(f"{key}: the weight of {LATENT!r} must be >= 0, got {latent}")
     if not any(w > 0 for w in pixel.values()):
@@ -702,8 +697,7 @@ def run(params: Params, method: str, vae_dir: str | Path, pairs_dirs: list[str |
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="params file with a 'train:' section")
+    parser = cli.stage_parser(__doc__, STAGE)
     parser.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
     parser.add_argument("--vae", required=True, help="the vae stage's folder (data/vae)")
     parser.add_argument("--pairs", nargs="+", required=True, help="pairs folders (data/splat/nvs, ...)")
@@ -712,11 +706,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoints", required=True, help="checkpoint folder, kept until the stage ends")
     parser.add_argument("--weights-home", default=".weights/stand_in", help="where stand-in loss weights go")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-
-    params = load_params(STAGE, Params, args.params)
-    if params.threads:
-        torch.set_num_threads(params.threads)
+    params = cli.start(STAGE, Params, args.params)
     try:
         if int(os.environ.get("RANK", "0")) != 0:  # torchrun workers: rank 0 alone logs to MLflow
             run(params, args.method, args.vae, args.pairs, args.out, args.metrics, args.checkpoints, args.weights_home)

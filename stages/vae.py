@@ -32,7 +32,6 @@ the mean PSNR goes to the metrics file, a side-by-side mp4 and a frame grid to t
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -45,7 +44,7 @@ import numpy as np
 import torch
 
 import chopgrad  # noqa: F401  (before diffusers: the torchvision fix for CPU-only torch)
-from stages.common.params import load_params
+from stages.common import cli
 
 log = logging.getLogger("stages.vae")
 
@@ -391,18 +390,13 @@ def run(params: Params, scenes_dir: str | Path, out_dir: str | Path, metrics_pat
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="params file with a 'vae:' section")
+    parser = cli.stage_parser(__doc__, STAGE)
     parser.add_argument("--scenes", required=True, help="scene set folder (with split.json)")
     parser.add_argument("--out", required=True, help="folder for the diffusers VAE")
     parser.add_argument("--metrics", required=True, help="metrics JSON file")
     parser.add_argument("--plots", required=True, help="folder for the training curve, frames and video")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-
-    params = load_params(STAGE, Params, args.params)
-    if params.threads:
-        torch.set_num_threads(params.threads)
+    params = cli.start(STAGE, Params, args.params)
     from stages.common.tracking import stage_run
 
     with stage_run(STAGE, params) as tracker:

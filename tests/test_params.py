@@ -27,6 +27,7 @@ class Knobs:
     sizes: tuple[int, ...]
     crop: tuple[int, int]
     folder: str | None
+    weights: dict[str, float]
 
     def __post_init__(self):
         if self.steps < 1:
@@ -34,7 +35,7 @@ class Knobs:
 
 
 GOOD = {"mode": "a", "steps": 3, "lr": 0.5, "name": "x", "flag": True, "sizes": [1, 2, 3], "crop": [4, 5],
-        "folder": None}
+        "folder": None, "weights": {"mse": 1, "lpips": 0.5}}
 
 
 def write_yaml(path: Path, data: dict) -> Path:
@@ -49,15 +50,15 @@ def repo_section(name: str) -> dict:
 
 def test_good_section_converts_lists_and_ints(tmp_path):
     knobs = load_params("knobs", Knobs, write_yaml(tmp_path / "p.yaml", {"knobs": {**GOOD, "lr": 2}}))
-    assert knobs == Knobs("a", 3, 2.0, "x", True, (1, 2, 3), (4, 5), None)
-    assert isinstance(knobs.lr, float)
+    assert knobs == Knobs("a", 3, 2.0, "x", True, (1, 2, 3), (4, 5), None, {"mse": 1.0, "lpips": 0.5})
+    assert isinstance(knobs.lr, float) and isinstance(knobs.weights["mse"], float)
 
 
 def test_yaml_1_2_numbers_as_dvc_reads_them(tmp_path):
     # PyYAML (YAML 1.1) would read 1e-3 as a string; DVC and this loader read YAML 1.2.
     path = tmp_path / "p.yaml"
     path.write_text("knobs:\n  mode: a\n  steps: 3\n  lr: 1e-3\n  name: x\n  flag: false\n"
-                    "  sizes: []\n  crop: [1, 2]\n  folder: some/where\n")
+                    "  sizes: []\n  crop: [1, 2]\n  folder: some/where\n  weights: {}\n")
     knobs = load_params("knobs", Knobs, path)
     assert knobs.lr == 1e-3 and knobs.folder == "some/where" and knobs.sizes == ()
 
@@ -76,6 +77,8 @@ def test_yaml_1_2_numbers_as_dvc_reads_them(tmp_path):
         ({"crop": [4]}, "knobs.crop must be a list of 2 items"),
         ({"folder": 3}, "knobs.folder must be a string or null"),
         ({"steps": 0}, "knobs.steps must be >= 1, got 0"),
+        ({"weights": [["mse", 1.0]]}, "knobs.weights must be a mapping from strings to numbers"),
+        ({"weights": {"mse": "1"}}, "knobs.weights must be a mapping from strings to numbers"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, change, message):

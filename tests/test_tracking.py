@@ -113,6 +113,28 @@ def test_runs_of_one_execution_share_the_id_and_a_failure_is_recorded(store):
     assert sorted(r.info.run_name for r in grouped) == ["first", "second"]
 
 
+def test_child_runs_nest_inherit_the_tags_and_record_failure(store):
+    client, commit = store
+    with stage_run("parent", Knobs(1, (1, 1), None)) as tracker:
+        with tracker.child_run("a/nvs", tags={"chopgrad.method": "a"}) as child:
+            assert child.active and child.run_id != tracker.run_id
+            child.log_metrics({"psnr": 20.0})
+        with pytest.raises(RuntimeError, match="boom"), tracker.child_run("b/nvs"):
+            raise RuntimeError("boom")
+    parent, first, second = (the_run(client, name) for name in ("parent", "a/nvs", "b/nvs"))
+    assert first.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert first.data.tags["chopgrad.execution_id"] == "exec-1" and first.data.tags["chopgrad.method"] == "a"
+    assert first.data.tags["mlflow.source.git.commit"] == commit
+    assert (first.info.status, second.info.status) == ("FINISHED", "FAILED")
+    assert first.data.metrics == {"psnr": 20.0}
+
+
+def test_a_child_of_an_inactive_run_is_inactive():
+    with tracking.Tracker(None, None).child_run("x") as child:
+        child.log_metrics({"x": 1.0})  # a no-op, not an error
+    assert not child.active
+
+
 def test_tracking_failures_never_fail_the_stage(tmp_path, monkeypatch, caplog):
     (tmp_path / "a-file").write_text("")  # a database "inside" a file cannot be created
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'a-file' / 'mlflow.db'}")

@@ -29,9 +29,9 @@ BASE = {
     "head_dim": 8, "ffn_dim": 32, "text_dim": 16, "freq_dim": 16, "text_encoder_path": None,
     "caption": "a clean video", "timestep": 200, "steps": 3, "clip_frames": 5, "crop": [16, 16], "lr": 1e-3,
     "weight_decay": 0.1, "betas": [0.9, 0.99],
-    "loss_nvs": [["latent_mse", 1.0], ["lpips_vgg", 10.0]],
-    "loss_inpainting": [["latent_mse", 1.0], ["lpips_vgg", 10.0]],
-    "loss_sr": [["mse", 1.0], ["dists", 0.1]], "loss_driving": [["lpips_vgg", 1.0], ["gram", 0.1]],
+    "loss_nvs": {"latent_mse": 1.0, "lpips_vgg": 10.0},
+    "loss_inpainting": {"latent_mse": 1.0, "lpips_vgg": 10.0},
+    "loss_sr": {"mse": 1.0, "dists": 0.1}, "loss_driving": {"lpips_vgg": 1.0, "gram": 0.1},
     "tiles": [1, 1], "halo": 2, "transformer_lora_rank": 0, "transformer_lora_alpha": 4.0, "decoder_lora_rank": 0,
     "decoder_lora_alpha": 2.0, "decoder_skip": False, "checkpoint_every": 2, "sample_frames": 5,
     "weights": "stand_in", "device": "cpu", "mixed_precision": True, "activation_checkpointing": True, "seed": 0,
@@ -209,9 +209,9 @@ def test_unknown_loss_names_are_rejected_with_the_known_ones():
     with pytest.raises(ValueError, match="unknown loss 'ssim'; known losses: mse, lpips_vgg, dists, gram"):
         losses.PixelLoss({"ssim": 1.0})
     with pytest.raises(ParamsError, match="train.loss_sr: unknown loss 'l1'; known losses: latent_mse, mse"):
-        params(loss_sr=[["l1", 1.0]])
+        params(loss_sr={"l1": 1.0})
     with pytest.raises(ParamsError, match="train.loss_nvs has no pixel loss"):
-        params(loss_nvs=[["latent_mse", 1.0]])
+        params(loss_nvs={"latent_mse": 1.0})
     with pytest.raises(ValueError, match="must be a finite number >= 0"):
         losses.check_loss_weights({"mse": -1.0})
 
@@ -473,4 +473,4 @@ def test_params_section_in_params_yaml_is_valid():
     repo = Path(__file__).resolve().parents[1]
     section = load_params("train", train.Params, repo / "params.yaml")
     assert section.tasks and set(section.tasks) <= set(pairs_io.APPLICATIONS)
-    assert dataclasses.asdict(section)["loss_nvs"][-1] == ("lpips_vgg", 100.0)  # supplement C.2
+    assert dataclasses.asdict(section)["loss_nvs"]["lpips_vgg"] == 100.0  # supplement C.2

@@ -36,9 +36,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten
 
 from chopgrad.adapters import wrap_decoder
+from chopgrad.engine import detach_cache
 from chopgrad.protocol import step_frames
 
 __all__ = ["Locality", "exact_locality", "temporal_locality"]
@@ -87,20 +88,6 @@ class _Step:
     cache_positions: list[int]  # positions, in the flattened cache, of ...
     cache_leaves: list[Tensor]  # ... the detached cache tensors entering this step
     cache_out: list[Any]  # flattened cache leaving this step (tensors carry this step's graph)
-
-
-def _detach_cache(cache: Any, requires_grad: bool) -> tuple[Any, list[int], list[Tensor]]:
-    leaves, spec = tree_flatten(cache)
-    positions, grad_leaves = [], []
-    for index, leaf in enumerate(leaves):
-        if isinstance(leaf, Tensor):
-            leaf = leaf.detach()
-            if requires_grad and leaf.is_floating_point():
-                leaf.requires_grad_(True)
-                positions.append(index)
-                grad_leaves.append(leaf)
-            leaves[index] = leaf
-    return tree_unflatten(leaves, spec), positions, grad_leaves
 
 
 def _check(decoder: Any, latents: Any, max_distance: Any, probes: Any) -> Any:
@@ -171,7 +158,7 @@ def temporal_locality(
     with torch.enable_grad():
         for step, (latent_slice, _) in enumerate(tqdm(plan, desc="locality", unit="step", disable=not progress)):
             step_latents = latents[:, :, latent_slice].detach().requires_grad_(True)
-            cache_in, positions, leaves = _detach_cache(cache, requires_grad=max_distance > 0)
+            cache_in, positions, leaves = detach_cache(cache, requires_grad=max_distance > 0)
             frames, cache = decoder.step(step_latents, cache_in)
             window.append(_Step(step_latents, positions, leaves, tree_flatten(cache)[0]))
             if len(window) > max_distance + 1:

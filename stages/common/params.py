@@ -141,6 +141,18 @@ def _match(value: Any, annotation: Any) -> tuple[bool, Any]:
         return False, value
     if origin is typing.Literal:
         return any(value == arg and type(value) is type(arg) for arg in args), value
+    if origin is dict:
+        if not isinstance(value, dict):
+            return False, value
+        key_type, value_type = args or (Any, Any)
+        items = {}
+        for key, item in value.items():
+            ok_key, key = (True, key) if key_type is Any else _match(key, key_type)
+            ok_item, item = (True, item) if value_type is Any else _match(item, value_type)
+            if not (ok_key and ok_item):
+                return False, value
+            items[key] = item
+        return True, items
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             return False, value
@@ -172,9 +184,13 @@ def _describe(annotation: Any) -> str:
         return " or ".join(_describe(arg) for arg in args)
     if origin is typing.Literal:
         return "one of " + ", ".join(repr(arg) for arg in args)
+    plural = {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}
+    if origin is dict:
+        if not args:
+            return "a mapping"
+        return f"a mapping from {plural.get(args[0], _describe(args[0]))} to {plural.get(args[1], _describe(args[1]))}"
     if origin in (tuple, list):
         if origin is tuple and args and args[-1] is not Ellipsis:
             return f"a list of {len(args)} items ({', '.join(_describe(a) for a in args)})"
-        plural = {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}
         return f"a list of {plural.get(args[0], _describe(args[0])) if args else 'values'}"
     return repr(annotation)

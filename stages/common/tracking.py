@@ -143,6 +143,28 @@ class Tracker:
         """An image file under the run's ``plots/`` artifacts."""
         self.log_artifact(path, "plots")
 
+    @contextlib.contextmanager
+    def child_run(self, name: str, tags: Mapping[str, Any] | None = None) -> Iterator[Tracker]:
+        """A run nested under this one (same store and experiment), closed FINISHED or FAILED.
+
+        It inherits this run's ``chopgrad.*``, ``dvc.*`` and ``mlflow.source*`` tags, so filters on
+        the execution id or the git commit find it too. Inactive when this run is, or when it cannot
+        be created (a warning, as everywhere here).
+        """
+        child = Tracker(None, None)
+        if self.active:
+            try:
+                parent = self._client.get_run(self.run_id)
+                inherited = {k: v for k, v in parent.data.tags.items()
+                             if k.startswith(("chopgrad.", "dvc.", "mlflow.source"))}
+                run = self._client.create_run(parent.info.experiment_id, run_name=name, tags={
+                    **inherited, **{k: str(v) for k, v in (tags or {}).items()}, "mlflow.parentRunId": self.run_id})
+                child = Tracker(self._client, run.info.run_id)
+            except Exception as err:  # noqa: BLE001 -- see the module warning
+                log.warning("MLflow tracking: could not open the nested run %s: %s", name, err)
+        with _closing(child):
+            yield child
+
     def _call(self, what: str, fn) -> None:
         if not self.active:
             return
@@ -167,8 +189,15 @@ def stage_run(stage: str, params: Any, *, tracking_uri: str | None = None,
         A :class:`Tracker`; inactive (every call a no-op) if the run could not be started.
     """
     tracker = _start(stage, params, tracking_uri, experiment)
-    try:
+    with _closing(tracker):
         yield tracker
+
+
+@contextlib.contextmanager
+def _closing(tracker: Tracker) -> Iterator[None]:
+    """End ``tracker``'s run FINISHED, or FAILED when the block raises (the exception goes on)."""
+    try:
+        yield
     except BaseException:
         tracker._call("mark the run FAILED", lambda: tracker._client.set_terminated(tracker.run_id, "FAILED"))
         raise

@@ -209,8 +209,9 @@ def plan(params: Params, infer_dir: str | os.PathLike, train_dir: str | os.PathL
             task.outputs[method] = task_dir
             task.timing[method] = _read_json(task_dir / "timing.json", ("seconds_per_frame",),
                                              "the infer stage writes it (re-run `infer`)")
-            task.training[method] = _read_json(train_dir / method / task.task / "train.json", ("train_seconds",),
-                                               "the train stage writes it (re-run `train`)")
+            if task.timing[method].get("reference") is not True:  # a reference (vae_roundtrip) trains nothing
+                task.training[method] = _read_json(train_dir / method / task.task / "train.json", ("train_seconds",),
+                                                   "the train stage writes it (re-run `train`)")
     for task in tasks.values():  # only the input to score: every frame
         for pair in task.pairs:
             task.lengths.setdefault(pair["scene"], pair["frames"])
@@ -369,7 +370,9 @@ def evaluate_task(task: TaskPlan, scorer: Scorer, names: list[str], reasons: dic
         if method != INPUT:
             cells["inference_seconds_per_frame"] = {"value": float(task.timing[method]["seconds_per_frame"]),
                                                     "stand_in": False}
-            cells["train_hours"] = {"value": float(task.training[method]["train_seconds"]) / 3600, "stand_in": False}
+            if method in task.training:
+                cells["train_hours"] = {"value": float(task.training[method]["train_seconds"]) / 3600,
+                                        "stand_in": False}
         rows[method] = cells
         log.info("evaluated %s on %s in %.1f s", method, task.task, time.perf_counter() - start)
     return rows
@@ -390,7 +393,10 @@ def _notes(spec: paper_tables.TableSpec, tasks: dict[str, TaskPlan], results: di
             first = "" if scored == total else f" (the first {'/'.join(map(str, scored))}, the frames the models restored)"
             notes.append(f"{name} (this run): {len(task.pairs)} test video(s) of {'/'.join(map(str, total))} frames"
                          f"{first}, {pair['height']}x{pair['width']}, from {task.folder}; `input` is the degraded "
-                         "input itself (no model), the reference every method should beat.")
+                         "input itself (no model), the reference every method should beat."
+                         + (" `vae_roundtrip` is that input encoded and decoded by the frozen VAE, no transformer: "
+                            "where every restorer starts, and the VAE's own reconstruction error."
+                            if any(t.get("reference") for t in task.timing.values()) else ""))
     if not any(name in tasks for name in spec.tasks):
         notes.append(f"This run has no {' / '.join(spec.tasks)} pairs: only the paper's figures are shown.")
     notes.append(f"paper Table {spec.number}: the published figures, as printed. Their data sets and models are "

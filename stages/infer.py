@@ -8,6 +8,11 @@ and to sides the model takes, and cut back. Seconds per frame include encode, tr
 decode (C.2: "pre-processing as well as the full network pass"), measured after a short warm-up,
 without file I/O.
 
+With ``infer.vae_roundtrip`` it also writes the reference ``vae_roundtrip`` for every task: each
+test input encoded and decoded by the frozen VAE, no transformer (``z = z_hat``). That is where every
+restorer starts and what a frozen decoder can reach from the encoder's latents, so it separates a
+method's gain from the VAE's own reconstruction error. Its ``timing.json`` says ``"reference": true``.
+
 Outputs (``notes/interfaces.md``): ``<out>/<method>/<task>/<scene>/00000.png ...`` (uint8, the
 target's H and W; the first ``infer.max_frames`` frames, all when null) and
 ``<out>/<method>/<task>/timing.json`` = ``{"method", "task", "seconds_per_frame", "frames",
@@ -39,11 +44,13 @@ from stages.common.video import list_frames, read_image, temp_folder, write_fram
 log = logging.getLogger("stages.infer")
 
 STAGE = "infer"
+ROUNDTRIP = "vae_roundtrip"  # the reference method: the VAE's own reconstruction of the degraded input
 
 
 @dataclass(frozen=True)
 class Params:
     max_frames: int | None  # first frames of each test video restored (null: all); CPU budgets need few
+    vae_roundtrip: bool  # also write the reference `vae_roundtrip`: each test input encoded and decoded, no transformer
     tiles: tuple[int, int]  # spatial tiles of the decode [rows, cols] (C.2: 2 x 2); must divide the latent
     halo: int  # latent pixels of context around each tile
     warmup_frames: int  # frames of an untimed first run per model (lazy initialisation out of the timing)
@@ -66,7 +73,7 @@ class Params:
 class Job:
     method: str
     task: str
-    model_dir: Path
+    model_dir: Path | None  # None: the VAE round trip (ROUNDTRIP)
     pairs: list[dict]  # the task's test pairs
     fps: float
 
@@ -110,6 +117,10 @@ def plan(params: Params, train_dirs: list[str | Path], vae_dir: str | Path, pair
                                      f"{latent[0]}x{latent[1]} of {task} test pair {pair['scene']!r} "
                                      f"({pair['height']}x{pair['width']} pixels): choose tile counts that divide it")
             jobs.append(Job(train_dir.name, task, model_dir, test, float(manifests[task]["fps"])))
+    if params.vae_roundtrip:
+        for task in sorted({job.task for job in jobs}):
+            first = next(job for job in jobs if job.task == task)
+            jobs.append(Job(ROUNDTRIP, task, None, first.pairs, first.fps))
     return jobs
 
 
@@ -140,8 +151,11 @@ def infer_job(params: Params, job: Job, vae_dir: Path, out_dir: Path, device: to
     """Restore every test video of one (method, task); write frames, ``timing.json`` and ``sample.mp4``."""
     from stages.train import restore_video
 
-    model = restorer.load_model(job.model_dir, vae_dir, device)
-    model.restorer.eval()
+    if job.model_dir is None:
+        model = restorer.roundtrip_model(vae_dir, device)
+    else:
+        model = restorer.load_model(job.model_dir, vae_dir, device)
+        model.restorer.eval()
     if params.warmup_frames:
         first = _read(job.pairs[0]["input"], params.warmup_frames)
         restore_video(model, first, tiles=params.tiles, halo=params.halo)
@@ -163,7 +177,7 @@ def infer_job(params: Params, job: Job, vae_dir: Path, out_dir: Path, device: to
     timing = {"method": job.method, "task": job.task, "seconds_per_frame": seconds / frames, "frames": frames,
               **{k: round(v, 4) for k, v in totals.items()}, "device": _device_name(device),
               "scenes": [pair["scene"] for pair in job.pairs], "max_frames": params.max_frames,
-              "tiles": list(params.tiles)}
+              "tiles": list(params.tiles), "reference": job.model_dir is None}
     write_json(out_dir / "timing.json", timing)
     write_video(out_dir / "sample.mp4", sample, fps=job.fps)
     log.info("%s/%s: %d frames, %.3f s/frame", job.method, job.task, frames, timing["seconds_per_frame"])

@@ -591,7 +591,7 @@ def restore_video(model: restorer.Model, frames: np.ndarray, text: torch.Tensor 
     The video is padded (last frame repeated; edges replicated) to 1 + 4k frames and to sides that
     are multiples of the model's size multiple, and the output cut back to the input's size.
     """
-    device = next(model.transformer.parameters()).device
+    device = next(model.vae.parameters()).device
     count, height, width = frames.shape[:3]
     multiple = model.size_multiple
     padded_count = 1 + 4 * math.ceil((count - 1) / 4)
@@ -608,7 +608,7 @@ def restore_video(model: restorer.Model, frames: np.ndarray, text: torch.Tensor 
     sync()
     timings["encode_seconds"] = time.perf_counter() - start
     start = time.perf_counter()
-    z = model.restorer(z_hat, text)
+    z = model.restore(z_hat, text)
     sync()
     timings["transformer_seconds"] = time.perf_counter() - start
     start = time.perf_counter()

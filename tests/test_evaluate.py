@@ -170,6 +170,23 @@ def test_temporal_flickering_uses_every_frame(evaluated, project):
     assert data["nvs"]["latent_mse"]["temporal_flickering"] == pytest.approx(expected, abs=1e-6)
 
 
+def test_a_reference_method_needs_no_training_and_follows_the_input(tmp_path, homes):
+    folders = make_project(tmp_path, tasks=("nvs",), methods=("latent_mse", "vae_roundtrip"))
+    shutil.rmtree(tmp_path / "train" / "vae_roundtrip")  # infer's reference: nothing trained
+    timing = tmp_path / "infer" / "vae_roundtrip" / "nvs" / "timing.json"
+    timing.write_text(json.dumps({**json.loads(timing.read_text()), "reference": True}))
+    result = run_stage(tmp_path, tmp_path / "out", make_params(folders, metrics=["psnr"]))
+    rows = result["results"]["nvs"]
+    assert "train_hours" not in rows["vae_roundtrip"] and rows["vae_roundtrip"]["inference_seconds_per_frame"]
+    assert rows["latent_mse"]["train_hours"]["value"] == pytest.approx(0.1)
+    table = tmp_path / "out" / "tables" / "table2.md"
+    assert [r[1] for r in _md_rows(table)[1:] if r[2] == "ours"] == ["input", "vae_roundtrip", "latent_mse"]
+    assert "`vae_roundtrip` is that input encoded and decoded by the frozen VAE" in table.read_text()
+    timing.write_text(json.dumps({**json.loads(timing.read_text()), "reference": False}))  # then it needs train.json
+    with pytest.raises(evaluate.EvaluateError, match="vae_roundtrip/nvs/train.json is missing"):
+        run_stage(tmp_path, tmp_path / "out2", make_params(folders, metrics=["psnr"]))
+
+
 def test_table_2_puts_the_papers_row_beside_ours(evaluated):
     rows = _md_rows(evaluated["out"] / "tables" / "table2.md")
     header = rows[0]

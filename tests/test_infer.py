@@ -21,7 +21,7 @@ from stages.common import pairs as pairs_io
 from stages.common import restorer, video
 from stages.common.params import ParamsError, params_from_mapping
 
-BASE = {"max_frames": None, "tiles": [1, 1], "halo": 2, "warmup_frames": 1, "sample_frames": 5, "device": "cpu",
+BASE = {"max_frames": None, "vae_roundtrip": False, "tiles": [1, 1], "halo": 2, "warmup_frames": 1, "sample_frames": 5, "device": "cpu",
         "threads": 1}
 
 
@@ -87,6 +87,30 @@ def test_outputs_are_the_loaded_models_restoration(trained, tmp_path):
         written = video.read_frames(tmp_path / "infer" / train_dir.name / "nvs" / pair["scene"])
         assert written.shape == (5, 16, 24, 3)  # max_frames: the first frames only
         np.testing.assert_array_equal(written, expected)
+
+
+def test_the_vae_roundtrip_reference_is_the_input_through_the_vae_alone(trained, tmp_path):
+    result = run_stage(trained, tmp_path, max_frames=5, vae_roundtrip=True)
+    out = tmp_path / "infer" / infer.ROUNDTRIP
+    assert sorted(p.name for p in out.iterdir()) == ["nvs", "sr"]  # one per task the models were trained on
+    model = restorer.roundtrip_model(trained["vae"])
+    assert 16 % model.size_multiple == 0 and 24 % model.size_multiple == 0  # no transformer patch: no padding
+    vae = model.vae
+    for task, folder in (("nvs", trained["pairs"][0]), ("sr", trained["pairs"][1])):
+        (pair,) = pairs_io.load_pairs(folder, split="test")
+        degraded = video.read_frames(pair["input"])[:5]
+        x = torch.from_numpy(np.concatenate([degraded, degraded[-1:].repeat(4, 0)])).permute(3, 0, 1, 2)[None]
+        x = x.float() / 127.5 - 1  # padded to 9 frames (1 + 4k), the last repeated
+        with torch.no_grad():
+            expected = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+        expected = ((expected[0, :, :5, :, :24].permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).numpy()
+        written = video.read_frames(out / task / pair["scene"]).astype(float)
+        assert np.abs(written - expected).max() <= 1  # uint8 rounding
+        timing = json.loads((out / task / "timing.json").read_text())
+        assert timing["reference"] is True and timing["transformer_seconds"] < 1e-3
+    assert set(result["metrics"]) == {"latent_mse", "latent_mse_2x", infer.ROUNDTRIP}
+    trained_timing = json.loads((tmp_path / "infer" / "latent_mse" / "nvs" / "timing.json").read_text())
+    assert trained_timing["reference"] is False
 
 
 @pytest.mark.parametrize("changes, pattern", [

@@ -139,6 +139,7 @@ PRODUCED = {
        + [f"metrics/train/{method}.json"]
        for method in ("chopgrad_d0", "chopgrad_d1", "chopgrad_d2", "latent_mse", "latent_mse_2x", "per_frame")},
     "infer": ["metrics/infer.json", "data/infer/chopgrad_d1/nvs/timing.json", "data/infer/chopgrad_d1/nvs/sample.mp4",
+              "data/infer/vae_roundtrip/sr/timing.json",
               "data/infer/per_frame/sr/timing.json", "data/infer/latent_mse/inpaint_box/scene_002/00000.png"],
     "evaluate": ["metrics/evaluate.json", "results/tables/evaluation.json",
                  *(f"results/tables/table{n}.{ext}" for n in range(1, 7) for ext in ("md", "csv"))],

@@ -40,7 +40,7 @@ __all__ = ["LABELS", "METHOD_ORDER", "STAND_IN_MARK", "TABLES", "PaperValue", "T
            "paper_values", "render"]
 
 STAND_IN_MARK = "‡"  # the paper uses * and † for its own ablation names
-METHOD_ORDER = ("input", "per_frame", "latent_mse", "latent_mse_2x", "chopgrad_d0", "chopgrad_d1", "chopgrad_d2")
+METHOD_ORDER = ("input", "vae_roundtrip", "per_frame", "latent_mse", "latent_mse_2x", "chopgrad_d0", "chopgrad_d1", "chopgrad_d2")
 
 # Column keys -> headers. Our metric names (chopgrad.metrics) plus the derived columns.
 LABELS = {

@@ -34,7 +34,8 @@ from torch import Tensor, nn
 import chopgrad
 from chopgrad import restoration
 
-__all__ = ["MODEL_FILE", "SPEC_FILE", "Model", "build_model", "check_vae_folder", "load_model", "save_model"]
+__all__ = ["MODEL_FILE", "SPEC_FILE", "Model", "build_model", "check_vae_folder", "load_model", "roundtrip_model",
+           "save_model"]
 
 SPEC_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
@@ -60,7 +61,7 @@ class Model:
     """A restorer and its VAE, on one device."""
 
     spec: dict
-    restorer: restoration.Restorer
+    restorer: restoration.Restorer | None  # None: the VAE round trip (z = z_hat), see roundtrip_model
     vae: nn.Module  # diffusers AutoencoderKLWan
     skip: nn.Module | None = None  # chopgrad.skip.SkipDecoder around vae, when the spec asks for it
 
@@ -87,7 +88,12 @@ class Model:
     @property
     def size_multiple(self) -> int:
         """Frame sides must be multiples of this: the VAE's factor times the transformer's patch."""
-        return self.spatial_factor * int(self.transformer.config.patch_size[1])
+        patch = 1 if self.restorer is None else int(self.transformer.config.patch_size[1])
+        return self.spatial_factor * patch
+
+    def restore(self, z_hat: Tensor, text: Tensor | None = None) -> Tensor:
+        """The restored latents ``z = z_hat - v`` (``z_hat`` itself for the VAE round trip)."""
+        return z_hat if self.restorer is None else self.restorer(z_hat, text)
 
     def decoder(self, video: Tensor | None = None, tiles: tuple[int, int] = (1, 1), halo: int = 2):
         """The decoder ChopGrad drives (:class:`chopgrad.CausalDecoder`), LoRA included.
@@ -178,6 +184,20 @@ def build_model(spec: dict, vae_dir: str | os.PathLike, text_embedding: Tensor |
         text_embedding = torch.zeros(spec["text"]["shape"])
     restorer = restoration.Restorer(transformer, text_embedding, timestep=spec["timestep"]).to(device)
     return Model(spec, restorer, vae, skip)
+
+
+def roundtrip_model(vae_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Model:
+    """The VAE round trip as a model: encode, no transformer (``z = z_hat``), decode.
+
+    Where every restorer starts (a small transformer's output projection is zero-initialised, so
+    ``v = 0``) and the best a frozen decoder can do from the encoder's latents: the reference that
+    tells a method's gain apart from the VAE's own reconstruction error.
+    """
+    device = torch.device(device)
+    vae = _load_vae(vae_dir, device)
+    config = vae.config
+    return Model({"reference": "vae_roundtrip", "latents_mean": list(config.latents_mean),
+                  "latents_std": list(config.latents_std), "text": {}}, None, vae, None)
 
 
 def model_state(model: Model, transformer_state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:

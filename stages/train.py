@@ -21,6 +21,12 @@ step. On GPU: bf16 autocast and activation checkpointing of the transformer. Und
 the transformer and its optimizer state are sharded with FSDP (``chopgrad/distributed.py``), each
 rank trains on its own clip and rank 0 writes.
 
+``train.schedule: mirage`` (with ``decoder_skip``, a decoder LoRA and a transformer LoRA) trains
+each task in Mirage's two stages (B.4): ``reconstruction_steps`` steps of reconstruction (fusion conv
+and the decoder LoRA ``reconstruction``, on the target's own latents, ``loss_reconstruction``), then
+``steps`` of harmonisation (transformer LoRA and the decoder LoRA ``harmonization``), fresh AdamW
+state at the switch (:func:`chopgrad.skip.mirage_stage`; docs/training.md).
+
 Checkpoints (safetensors, atomic) every ``checkpoint_every`` steps in ``--checkpoints``: a run
 that is interrupted resumes from the last one when started again with the same inputs and params
 (a fingerprint of them is stored) and ends with the weights of an uninterrupted run. The folder is
@@ -122,6 +128,9 @@ class Params:
     loss_inpainting: LossTable  # C.3: as NVS
     loss_sr: LossTable  # 4.1: DOVE's stage 2
     loss_driving: LossTable  # B.4: Mirage's harmonisation
+    schedule: Literal["joint", "mirage"]  # joint: all trainable weights at once; mirage: B.4's two stages (below)
+    reconstruction_steps: int  # mirage: reconstruction steps (fusion conv + decoder LoRA 1) before the harmonisation
+    loss_reconstruction: LossTable  # mirage reconstruction: pixel losses on the VAE round trip of the target (B.4)
     tiles: tuple[int, int]  # ChopGrad spatial tiles [rows, cols] (C.2: 2 x 2); each must divide the latent crop
     halo: int  # latent pixels of context around each tile
     transformer_lora_rank: int  # 0: train every transformer weight; paper LoRA: 128
@@ -161,6 +170,18 @@ class Params:
             raise ValueError(f"train.threads must be >= 0 (0: torch's default), got {self.threads}")
         for application in APPLICATIONS:
             loss_table(self, application)  # unknown names, repeats, bad weights
+        if self.schedule == "mirage":
+            needed = [setting for setting, ok in (("train.decoder_skip: true", self.decoder_skip),
+                                                  ("train.decoder_lora_rank > 0", self.decoder_lora_rank > 0),
+                                                  ("train.transformer_lora_rank > 0", self.transformer_lora_rank > 0))
+                      if not ok]
+            if needed:
+                raise ValueError("train.schedule 'mirage' trains the fusion conv and a decoder LoRA, then a transformer "
+                                 f"LoRA and a second decoder LoRA (B.4): set {', '.join(needed)}")
+            if self.reconstruction_steps < 1:
+                raise ValueError(f"train.reconstruction_steps must be >= 1 with train.schedule 'mirage', "
+                                 f"got {self.reconstruction_steps}")
+        reconstruction_losses(self)
 
 
 def loss_table(params: Params, application: str) -> tuple[float, dict[str, float]]:
@@ -179,6 +200,36 @@ def loss_table(params: Params, application: str) -> tuple[float, dict[str, float
         raise ValueError(f"{key} has no pixel loss with a weight > 0: the chopgrad and per_frame methods would be "
                          f"{LATENT}; add one of {', '.join(pixel_losses.KNOWN_LOSSES)}")
     return float(latent), {n: w for n, w in pixel.items() if w > 0}
+
+
+def reconstruction_losses(params: Params) -> dict[str, float]:
+    """``{pixel loss: weight}`` of Mirage's reconstruction stage; ValueError naming the key."""
+    key = "train.loss_reconstruction"
+    if LATENT in params.loss_reconstruction:
+        raise ValueError(f"{key}: the reconstruction stage has no transformer, so no {LATENT!r}; "
+                         f"use pixel losses ({', '.join(pixel_losses.KNOWN_LOSSES)})")
+    pixel = pixel_losses.check_loss_weights(params.loss_reconstruction, what=key)
+    if not any(w > 0 for w in pixel.values()):
+        raise ValueError(f"{key} needs a pixel loss with a weight > 0")
+    return {n: w for n, w in pixel.items() if w > 0}
+
+
+def phases(params: Params, method: str) -> list[tuple[str, int]]:
+    """``[(phase, steps), ...]`` a task trains through: ``joint``, or Mirage's ``reconstruction`` and
+    ``harmonization`` (:func:`chopgrad.skip.mirage_stage`)."""
+    steps = params.steps * METHODS[method].steps_factor
+    if params.schedule == "mirage":
+        return [("reconstruction", params.reconstruction_steps), ("harmonization", steps)]
+    return [("joint", steps)]
+
+
+def phase_at(params: Params, method: str, step: int) -> str:
+    """The phase that step ``step`` (0-based) trains in."""
+    for phase, count in phases(params, method):
+        if step < count:
+            return phase
+        step -= count
+    return phases(params, method)[-1][0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -252,8 +303,10 @@ def plan(params: Params, method: str, pairs_dirs: list[str | Path], vae_dir: str
                                  f"{pair['width']}) is smaller than train.clip_frames={params.clip_frames} x "
                                  f"train.crop={list(params.crop)}")
         application = manifest["application"]
-        if METHODS[method].decode:
-            _, pixel = loss_table(params, application)
+        pixel = loss_table(params, application)[1] if METHODS[method].decode else {}
+        if params.schedule == "mirage":
+            pixel = {**pixel, **reconstruction_losses(params)}
+        if pixel:
             smallest = max(pixel_losses.MIN_SIZE[n] for n in pixel)
             tile = min(params.crop[0] // params.tiles[0], params.crop[1] // params.tiles[1])
             if tile < smallest:
@@ -275,9 +328,9 @@ def transformer_config(params: Params, vae_config: dict) -> dict:
 
 
 def _pixel_metrics(params: Params, method: str, tasks: list[Task]) -> list[str]:
-    if not METHODS[method].decode:
-        return []
-    names = {n for task in tasks for n in loss_table(params, task.application)[1]}
+    names = set(reconstruction_losses(params)) if params.schedule == "mirage" else set()
+    if METHODS[method].decode:
+        names |= {n for task in tasks for n in loss_table(params, task.application)[1]}
     return sorted({LOSS_METRIC[n] for n in names if n in LOSS_METRIC})
 
 
@@ -332,10 +385,14 @@ def model_spec(params: Params, vae_config: dict) -> dict:
         transformer = {"source": "pretrained", "path": str(Path(params.transformer_path).resolve())}
     transformer["dtype"] = params.transformer_dtype
     lora_spec = lambda rank, alpha: {"rank": rank, "alpha": alpha} if rank else None
+    decoder_lora = lora_spec(params.decoder_lora_rank, params.decoder_lora_alpha)
+    if decoder_lora:  # Mirage: one adapter per stage (B.4)
+        mirage = params.schedule == "mirage"
+        decoder_lora["adapters"] = list(restorer.MIRAGE_ADAPTERS) if mirage else [restorer.DECODER_ADAPTER]
     return {
         "transformer": transformer,
         "transformer_lora": lora_spec(params.transformer_lora_rank, params.transformer_lora_alpha),
-        "decoder_lora": lora_spec(params.decoder_lora_rank, params.decoder_lora_alpha),
+        "decoder_lora": decoder_lora,
         "decoder_skip": params.decoder_skip,
         "timestep": params.timestep,
         "latents_mean": list(vae_config["latents_mean"]), "latents_std": list(vae_config["latents_std"]),
@@ -367,7 +424,7 @@ def text_embeddings(params: Params, text_dim: int, prompts: list[str | None]) ->
 @dataclass
 class StepResult:
     loss: float
-    latent: float
+    latent: float | None  # None in Mirage's reconstruction stage (no transformer)
     pixel: float | None
 
 
@@ -396,8 +453,43 @@ def train_step(model: restorer.Model, method: Method, latent_weight: float, pixe
                             None if pixel is None else float(pixel.detach()))
 
 
+def reconstruction_step(model: restorer.Model, method: Method, loss_fn, params: Params, target: torch.Tensor,
+                        device: torch.device) -> StepResult:
+    """Mirage's reconstruction stage (B.4): the target's own latents decoded with skip features of the
+    target, the pixel loss backpropagated into the fusion conv and the first decoder LoRA. Decoding as
+    the method decodes (ChopGrad's ``d_trunc``, per-frame); latent-only methods backpropagate fully."""
+    target = target.to(device)
+    z = model.encode(target)
+    decoder = model.decoder(target, params.tiles, params.halo)
+    if method.decode == "per_frame":
+        decoder = pixel_losses.PerFrameDecoder(decoder)
+    d_trunc = method.d_trunc if method.decode else None
+    pixel = chopgrad.decode_loss(decoder, model.to_decoder(z), target, loss_fn, d_trunc=d_trunc,
+                                 tiles=params.tiles, halo=params.halo)
+    pixel.backward()
+    return StepResult(float(pixel.detach()), None, float(pixel.detach()))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Training one task
+
+
+def _set_phase(model: restorer.Model, phase: str) -> None:
+    """Set what trains in ``phase`` (``joint``: whatever the model was built trainable)."""
+    if phase != "joint":
+        from chopgrad.skip import mirage_stage
+
+        mirage_stage(phase, model.skip, model.transformer, decoder_adapters=restorer.MIRAGE_ADAPTERS)
+
+
+def _optimizers(model: restorer.Model, params: Params) -> dict:
+    """Fresh AdamW optimizers (``transformer``, ``decoder``) over what trains now."""
+    optimizers = {}
+    for name, group in (("transformer", model.transformer_trainable()), ("decoder", model.decoder_trainable())):
+        if group:
+            optimizers[name] = torch.optim.AdamW(list(group.values()), lr=params.lr, betas=params.betas,
+                                                 weight_decay=params.weight_decay)
+    return optimizers
 
 
 def _peak_memory(device: torch.device) -> dict:
@@ -430,7 +522,7 @@ def _checkpoint_tensors(model: restorer.Model, optimizers: dict) -> tuple[dict, 
     """Trainable weights and optimizer states as flat tensors (collectives under FSDP: every rank calls it)."""
     tensors = {f"model/transformer/{k}": v for k, v in
                distributed.full_model_state_dict(model.transformer, trainable_only=True).items()}
-    tensors.update({f"model/decoder/{k}": v.detach() for k, v in model.decoder_trainable().items()})
+    tensors.update({f"model/decoder/{k}": v.detach() for k, v in model.decoder_weights().items()})
     groups = {}
     if "transformer" in optimizers:
         state = distributed.full_optimizer_state_dict(model.transformer, optimizers["transformer"])
@@ -444,13 +536,18 @@ def _checkpoint_tensors(model: restorer.Model, optimizers: dict) -> tuple[dict, 
     return tensors, groups
 
 
-def _restore(model: restorer.Model, optimizers: dict, tensors: dict, groups: dict) -> None:
+def _restore(model: restorer.Model, optimizers: dict, tensors: dict, groups: dict | None) -> None:
+    """Weights and RNG from a checkpoint; optimizer states too unless ``groups`` is None (a checkpoint
+    written in the previous Mirage stage: the next stage starts with fresh optimizers, as it does
+    without an interruption)."""
     prefix = "model/transformer/"
     transformer_state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     distributed.load_full_model_state_dict(model.transformer, transformer_state, strict=False)
     with torch.no_grad():
-        for name, param in model.decoder_trainable().items():
+        for name, param in model.decoder_weights().items():
             param.copy_(tensors[f"model/decoder/{name}"])
+    if groups is None:
+        optimizers = {}
     if "transformer" in optimizers:
         state = ckpt.unflatten_optimizer("optim/transformer/", tensors, groups["transformer"])
         distributed.load_full_optimizer_state_dict(model.transformer, optimizers["transformer"], state)
@@ -461,18 +558,21 @@ def _restore(model: restorer.Model, optimizers: dict, tensors: dict, groups: dic
 
 
 def train_task(params: Params, method: str, task: Task, vae_dir: Path, checkpoint_path: Path, out_dir: Path,
-               info: distributed.DistInfo, pixel_loss=None, on_step: Callable[[int], None] | None = None) -> dict:
+               info: distributed.DistInfo, pixel_loss=None, on_step: Callable[[int], None] | None = None,
+               reconstruction_loss=None) -> dict:
     """Train ``method`` on ``task`` (resuming from ``checkpoint_path`` when it matches) and write ``out_dir``.
 
     Args:
         pixel_loss: the application's :class:`chopgrad.losses.PixelLoss` (None for latent-only methods).
         on_step: called with the step count after every step and its checkpoint (tests stop runs here).
+        reconstruction_loss: the :class:`~chopgrad.losses.PixelLoss` of Mirage's reconstruction stage
+            (``train.schedule: mirage`` only).
 
     Returns:
         The task's record (also written to ``out_dir / "train.json"``) with its loss ``history``.
     """
     spec_method = METHODS[method]
-    total_steps = params.steps * spec_method.steps_factor
+    total_steps = sum(count for _, count in phases(params, method))
     latent_weight, _ = loss_table(params, task.application)
     device = info.device
     on_gpu = device.type == "cuda"
@@ -487,19 +587,18 @@ def train_task(params: Params, method: str, task: Task, vae_dir: Path, checkpoin
     model.restorer.train()
     if on_gpu and params.activation_checkpointing:
         model.transformer.enable_gradient_checkpointing()
-    distributed.shard_transformer(model.transformer)  # a no-op without torchrun
-    optimizers = {}
-    for name, group in (("transformer", model.transformer_trainable()), ("decoder", model.decoder_trainable())):
-        if group:
-            optimizers[name] = torch.optim.AdamW(list(group.values()), lr=params.lr, betas=params.betas,
-                                                 weight_decay=params.weight_decay)
-
     fingerprint = _fingerprint(params, method, task, vae_dir, info.world_size)
     record = {"step": 0, "fingerprint": fingerprint, "history": [], "seconds": 0.0}
     loaded = ckpt.load_checkpoint(checkpoint_path)
-    if loaded is not None and loaded[1].get("fingerprint") == fingerprint:
+    resume = loaded is not None and loaded[1].get("fingerprint") == fingerprint
+    phase = phase_at(params, method, loaded[1]["step"] if resume else 0)
+    _set_phase(model, phase)  # requires_grad before sharding
+    distributed.shard_transformer(model.transformer)  # a no-op without torchrun
+    optimizers = _optimizers(model, params)
+    if resume:
         tensors, record = loaded
-        _restore(model, optimizers, tensors, record.pop("groups"))
+        groups = record.pop("groups")
+        _restore(model, optimizers, tensors, groups if record.get("phase", phase) == phase else None)
         log.info("%s/%s: resuming from step %d (%s)", method, task.name, record["step"], checkpoint_path)
     elif loaded is not None:
         log.warning("%s/%s: %s was written with other inputs or params; starting over", method, task.name,
@@ -515,24 +614,35 @@ def train_task(params: Params, method: str, task: Task, vae_dir: Path, checkpoin
                disable=not info.is_main, file=sys.stderr, mininterval=1.0)
     while record["step"] < total_steps:
         step = record["step"]
+        if phase_at(params, method, step) != phase:  # Mirage: reconstruction -> harmonization, fresh optimizers
+            phase = phase_at(params, method, step)
+            _set_phase(model, phase)
+            optimizers = _optimizers(model, params)
+            log.info("%s/%s: %s stage from step %d", method, task.name, phase, step)
         started = time.perf_counter()
         degraded, target, index = clips.sample(step_generator(params.seed, step, info.rank))
-        prompt = task.train[index]["prompt"]
-        text = prompt_embeddings.get(prompt) if prompt else None
-        _, result = train_step(model, spec_method, latent_weight, pixel_loss, params, (degraded, target),
-                               text, device, on_gpu and params.mixed_precision)
+        if phase == "reconstruction":
+            result = reconstruction_step(model, spec_method, reconstruction_loss, params, target, device)
+        else:
+            prompt = task.train[index]["prompt"]
+            text = prompt_embeddings.get(prompt) if prompt else None
+            _, result = train_step(model, spec_method, latent_weight, pixel_loss, params, (degraded, target),
+                                   text, device, on_gpu and params.mixed_precision)
         distributed.all_reduce_gradients(model.decoder_trainable().values())
         for optimizer in optimizers.values():
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - started
         record["seconds"] += seconds
-        entry = {"step": step + 1, "loss": distributed.all_reduce_mean(result.loss),
-                 "latent": distributed.all_reduce_mean(result.latent), "lr": params.lr, "seconds": seconds}
+        entry = {"step": step + 1, "phase": phase, "loss": distributed.all_reduce_mean(result.loss),
+                 "lr": params.lr, "seconds": seconds}
+        if result.latent is not None:
+            entry["latent"] = distributed.all_reduce_mean(result.latent)
         if result.pixel is not None:
             entry["pixel"] = distributed.all_reduce_mean(result.pixel)
         record["history"].append(entry)
         record["step"] = step + 1
+        record["phase"] = phase
         bar.update(1)
         bar.set_postfix(loss=f"{entry['loss']:.4g}")
         if record["step"] % params.checkpoint_every == 0 or record["step"] == total_steps:
@@ -563,11 +673,16 @@ def _summary(params: Params, method: str, task: Task, record: dict, resumed_from
              pixel_loss, info: distributed.DistInfo) -> dict:
     """The task's ``train.json`` record (interfaces.md), from the run's record of steps."""
     spec_method, history = METHODS[method], record["history"]
-    tail = history[-max(1, len(history) // 10):]  # "final": the mean of the last tenth of the steps
+    last = [h for h in history if h.get("phase", "joint") == phases(params, method)[-1][0]]
+    tail = last[-max(1, len(last) // 10):]  # "final": the mean of the last tenth of the (last stage's) steps
+    first = [h for h in history if h.get("phase") == "reconstruction"]
     seconds = max(record["seconds"], 1e-9)
     return {
         "method": method, "task": task.name, "application": task.application,
         "steps": params.steps * spec_method.steps_factor, "resumed_from_step": resumed_from,
+        "schedule": params.schedule, "reconstruction_steps": params.reconstruction_steps if params.schedule == "mirage" else 0,
+        "final_reconstruction_loss": float(np.mean([h["loss"] for h in first[-max(1, len(first) // 10):]]))
+        if first else None,
         "train_seconds": round(record["seconds"], 3), "seconds_per_step": round(seconds / max(1, len(history)), 4),
         "clip_frames_per_second": round(params.clip_frames * info.world_size * len(history) / seconds, 3),
         "final_loss": float(np.mean([h["loss"] for h in tail])),
@@ -682,9 +797,13 @@ def run(params: Params, method: str, vae_dir: str | Path, pairs_dirs: list[str |
                     table = loss_table(params, task.application)[1]
                     losses_by_application[task.application] = pixel_losses.PixelLoss(table).to(info.device)
                 pixel_loss = losses_by_application[task.application]
+            if params.schedule == "mirage" and "reconstruction" not in losses_by_application:
+                losses_by_application["reconstruction"] = pixel_losses.PixelLoss(
+                    reconstruction_losses(params)).to(info.device)
             step_hook = (lambda step, name=task.name: on_step(name, step)) if on_step else None
             records[task.name] = train_task(params, method, task, vae_dir, checkpoint_dir / f"{task.name}.safetensors",
-                                            build / task.name, info, pixel_loss, step_hook)
+                                            build / task.name, info, pixel_loss, step_hook,
+                                            losses_by_application.get("reconstruction"))
     metrics = {"method": method, "world_size": info.world_size, "seconds": round(time.perf_counter() - started, 2),
                "tasks": {name: {k: v for k, v in record.items() if k != "history"} for name, record in records.items()}}
     if info.is_main:
@@ -729,8 +848,9 @@ def log_result(tracker, result: dict) -> None:
         history = record["history"]
         steps = [h["step"] for h in history]
         for key in ("loss", "latent", "pixel", "lr"):
-            if history and key in history[0]:
-                tracker.log_curve(f"{task}/{key}", steps, [h[key] for h in history])
+            points = [(h["step"], h[key]) for h in history if h.get(key) is not None]
+            if points:
+                tracker.log_curve(f"{task}/{key}", *zip(*points))
         tracker.log_curve(f"{task}/steps_per_second", steps, [1.0 / max(h["seconds"], 1e-9) for h in history])
         tracker.log_metrics({f"{task}/{k}": v for k, v in record.items()
                              if isinstance(v, (int, float)) and not isinstance(v, bool)})

@@ -32,6 +32,7 @@ BASE = {
     "loss_nvs": {"latent_mse": 1.0, "lpips_vgg": 10.0},
     "loss_inpainting": {"latent_mse": 1.0, "lpips_vgg": 10.0},
     "loss_sr": {"mse": 1.0, "dists": 0.1}, "loss_driving": {"lpips_vgg": 1.0, "gram": 0.1},
+    "schedule": "joint", "reconstruction_steps": 1, "loss_reconstruction": {"mse": 1.0, "lpips_vgg": 0.1},
     "tiles": [1, 1], "halo": 2, "transformer_lora_rank": 0, "transformer_lora_alpha": 4.0, "decoder_lora_rank": 0,
     "decoder_lora_alpha": 2.0, "decoder_skip": False, "checkpoint_every": 2, "sample_frames": 5,
     "weights": "stand_in", "device": "cpu", "mixed_precision": True, "activation_checkpointing": True, "seed": 0,
@@ -383,6 +384,81 @@ def test_methods_train_what_they_say(tmp_path, inputs, weight_home):
     assert per_frame["stand_in_weights"] is True
 
 
+MIRAGE = {"schedule": "mirage", "reconstruction_steps": 2, "steps": 2, "checkpoint_every": 1, "decoder_skip": True,
+          "decoder_lora_rank": 2, "transformer_lora_rank": 2}
+
+
+def _snapshot(model: restorer.Model) -> dict[str, torch.Tensor]:
+    weights = {f"decoder.{k}": v for k, v in model.decoder_weights().items()}
+    weights.update({f"transformer.{k}": v for k, v in model.transformer.named_parameters() if "lora_" in k})
+    return {k: v.detach().clone() for k, v in weights.items()}
+
+
+def _changed(before: dict, after: dict) -> set[str]:
+    kinds = set()
+    for name, value in before.items():
+        if not torch.equal(value, after[name]):
+            kinds.add("fusion" if name.startswith("decoder.fusion.") else
+                      next(part for part in ("reconstruction", "harmonization", "transformer") if f".{part}" in name
+                           or name.startswith(part)))
+    return kinds
+
+
+def test_the_mirage_schedule_trains_each_stage_s_weights_in_turn(tmp_path, inputs, weight_home, monkeypatch):
+    snapshots = []
+    original = train._set_phase
+
+    def spy(model, phase):  # a snapshot of the weights as each stage begins
+        snapshots.append((phase, _snapshot(model), model))
+        original(model, phase)
+
+    monkeypatch.setattr(train, "_set_phase", spy)
+    result = run_stage(tmp_path, inputs, weight_home, **MIRAGE)["tasks"]["nvs"]
+    (first, start, model), (second, middle, _) = snapshots
+    assert (first, second) == ("reconstruction", "harmonization")
+    end = _snapshot(model)
+    assert _changed(start, middle) == {"fusion", "reconstruction"}  # B.4: fusion blocks + reconstruction LoRA
+    assert _changed(middle, end) == {"harmonization", "transformer"}  # then the transformer LoRA + second LoRA
+    assert [h["phase"] for h in result["history"]] == ["reconstruction"] * 2 + ["harmonization"] * 2
+    assert "latent" not in result["history"][0] and result["history"][-1]["latent"] > 0
+    assert result["schedule"] == "mirage" and result["reconstruction_steps"] == 2
+    assert result["final_reconstruction_loss"] > 0
+    saved = restorer.load_model(tmp_path / "out" / "chopgrad_d1" / "nvs", inputs["vae"])  # both LoRAs, the fusion
+    for name, value in _snapshot(saved).items():
+        assert torch.equal(value, end[name]), name
+
+
+def test_a_mirage_run_killed_at_the_stage_switch_resumes_to_the_same_weights(tmp_path, inputs, weight_home):
+    straight = run_stage(tmp_path / "straight", inputs, weight_home, **MIRAGE)
+
+    def stop(task, step):  # the checkpoint of the last reconstruction step is written, then it dies
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(tmp_path / "resumed", inputs, weight_home, on_step=stop, **MIRAGE)
+    resumed = run_stage(tmp_path / "resumed", inputs, weight_home, **MIRAGE)
+    assert resumed["tasks"]["nvs"]["resumed_from_step"] == 2
+    assert [h["loss"] for h in resumed["tasks"]["nvs"]["history"]] == \
+           [h["loss"] for h in straight["tasks"]["nvs"]["history"]]
+    expected, got = (_weights(tmp_path / run / "out" / "chopgrad_d1")["nvs"] for run in ("straight", "resumed"))
+    assert expected.keys() == got.keys() and any("harmonization" in k for k in got)
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
+@pytest.mark.parametrize("changes, pattern", [
+    ({"decoder_skip": False}, r"schedule 'mirage' .* set train.decoder_skip: true"),
+    ({"decoder_lora_rank": 0, "transformer_lora_rank": 0}, "set train.decoder_lora_rank > 0, train.transformer_lora_rank > 0"),
+    ({"reconstruction_steps": 0}, "train.reconstruction_steps must be >= 1"),
+    ({"loss_reconstruction": {"latent_mse": 1.0}}, "the reconstruction stage has no transformer"),
+    ({"loss_reconstruction": {"mse": 0.0}}, "train.loss_reconstruction needs a pixel loss with a weight > 0"),
+])
+def test_mirage_settings_that_cannot_work_are_rejected(changes, pattern):
+    with pytest.raises(ParamsError, match=pattern):
+        params(**{**MIRAGE, **changes})
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Rejected before training starts
 
@@ -433,7 +509,8 @@ def test_saved_model_rebuilds_to_the_same_outputs(tmp_path, inputs, weight_home)
     run_stage(tmp_path, inputs, weight_home, steps=1, transformer_lora_rank=2, decoder_lora_rank=2, decoder_skip=True)
     folder = tmp_path / "out" / "chopgrad_d1" / "nvs"
     spec = json.loads((folder / restorer.SPEC_FILE).read_text())
-    assert spec["transformer_lora"] == {"rank": 2, "alpha": 4.0} and spec["decoder_lora"] == {"rank": 2, "alpha": 2.0}
+    assert spec["transformer_lora"] == {"rank": 2, "alpha": 4.0}
+    assert spec["decoder_lora"] == {"rank": 2, "alpha": 2.0, "adapters": [restorer.DECODER_ADAPTER]}
     assert spec["decoder_skip"] is True
     saved = load_file(str(folder / restorer.MODEL_FILE))
     assert saved["decoder.fusion.weight"].abs().max() > 0  # trained away from its zero start

@@ -9,6 +9,8 @@ says otherwise (a decoder LoRA, trained through ChopGrad). A JSON *spec* says ho
   "path": ..., "dtype"}`` (real Wan 2.1 weights, reloaded from that folder: only the trained weights
   are saved); ``dtype`` is the weights' storage dtype (``float32`` or ``bfloat16``);
 * ``transformer_lora`` / ``decoder_lora``: ``null`` or ``{"rank", "alpha"}`` (peft, :mod:`chopgrad.lora`);
+  ``decoder_lora["adapters"]`` names the decoder adapters (default ``["decoder"]``; Mirage's schedule
+  has two, :data:`MIRAGE_ADAPTERS`), all active in a built model;
 * ``decoder_skip``: Mirage's skip connections from a per-frame encode of the degraded input into the
   decoder, fused by a trained 3x3 conv (:class:`chopgrad.skip.SkipDecoder`, supplement B.4);
 * ``timestep``, ``text`` (how the fixed condition was made), ``latents_mean`` / ``latents_std``.
@@ -40,6 +42,7 @@ __all__ = ["MODEL_FILE", "SPEC_FILE", "Model", "build_model", "check_vae_folder"
 SPEC_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
 DECODER_ADAPTER = "decoder"  # peft adapter name of the decoder LoRA
+MIRAGE_ADAPTERS = ("reconstruction", "harmonization")  # Mirage's two decoder LoRAs, one per stage (B.4)
 
 
 def check_vae_folder(path: str | os.PathLike) -> Path:
@@ -79,6 +82,12 @@ class Model:
 
     def decoder_trainable(self) -> dict[str, nn.Parameter]:
         return _trainable(self.decoder_module)
+
+    def decoder_weights(self) -> dict[str, nn.Parameter]:
+        """Every decoder weight that training may change (LoRA adapters, the fusion conv), trainable
+        right now or not: what is saved. Under Mirage's schedule a stage freezes the other's weights."""
+        return {name: param for name, param in self.decoder_module.named_parameters()
+                if param.requires_grad or "lora_" in name or name.startswith("fusion.")}
 
     @property
     def spatial_factor(self) -> int:
@@ -172,7 +181,11 @@ def build_model(spec: dict, vae_dir: str | os.PathLike, text_embedding: Tensor |
     if spec.get("transformer_lora"):
         lora.add_transformer_lora(transformer, spec["transformer_lora"]["rank"], spec["transformer_lora"]["alpha"])
     if spec.get("decoder_lora"):
-        lora.add_decoder_lora(vae, spec["decoder_lora"]["rank"], spec["decoder_lora"]["alpha"], DECODER_ADAPTER)
+        adapters = spec["decoder_lora"].get("adapters", [DECODER_ADAPTER])
+        for name in adapters:
+            lora.add_decoder_lora(vae, spec["decoder_lora"]["rank"], spec["decoder_lora"]["alpha"], name)
+        if len(adapters) > 1:
+            lora.set_adapters(vae, active=adapters, trainable=adapters)
         vae.train(False)
     skip = None
     if spec.get("decoder_skip"):
@@ -213,7 +226,7 @@ def model_state(model: Model, transformer_state: dict[str, Tensor] | None = None
         trainable = model.transformer_trainable()
         transformer_state = {k: v for k, v in model.transformer.state_dict().items() if small or k in trainable}
     state = {f"transformer.{k}": v for k, v in transformer_state.items()}
-    state.update({f"decoder.{k}": v for k, v in model.decoder_trainable().items()})
+    state.update({f"decoder.{k}": v for k, v in model.decoder_weights().items()})
     state["text_embedding"] = model.restorer.text_embedding
     return state
 

@@ -68,18 +68,36 @@ def _clip_loss(model, decoder, clip):
 def _setup(mode: str, sharded: bool):
     """``full``: fine-tune the whole transformer. ``lora``: transformer LoRA (FSDP-sharded, with
     activation checkpointing) and a decoder LoRA (unsharded, gradients all-reduced), as in
-    Mirage's harmonization stage."""
+    Mirage's harmonization stage. ``switch``: as ``lora``, but the transformer LoRA is frozen when
+    the model is sharded and starts training at step ``SWITCH`` with a fresh optimizer, as at the
+    switch of the train stage's Mirage schedule (requires_grad changed after ``fully_shard``)."""
     model, vae = _transformer(), _vae()
-    if mode == "lora":
+    if mode in ("lora", "switch"):
         lora.add_transformer_lora(model, rank=4, alpha=4)
         lora.add_decoder_lora(vae, rank=2, alpha=2, adapter_name="harmonization")
+    if mode == "switch":
+        lora.set_adapters(model, active=["transformer"], trainable=[])
     if sharded:
-        if mode == "lora":  # as on GPU: activation checkpointing of the blocks, then sharding
+        if mode in ("lora", "switch"):  # as on GPU: activation checkpointing of the blocks, then sharding
             model.enable_gradient_checkpointing()
         distributed.shard_transformer(model)
+    return model, vae, _optimizer(model, vae)
+
+
+SWITCH = 1  # the step at which mode "switch" starts training the transformer LoRA
+
+
+def _optimizer(model, vae):
     params = list(lora.trainable_parameters(model).values()) + list(lora.trainable_parameters(vae).values())
-    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.99))
-    return model, vae, optimizer
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.99))
+
+
+def _switch(mode: str, step: int, model, vae, optimizer):
+    """The optimizer for ``step``: a fresh one over the transformer LoRA too at the switch."""
+    if mode == "switch" and step == SWITCH:
+        lora.set_adapters(model, active=["transformer"], trainable=["transformer"])
+        return _optimizer(model, vae)
+    return optimizer
 
 
 def _step(model, vae, optimizer, clips, rank: int | None) -> float:
@@ -109,7 +127,10 @@ def _trainable_state(model, vae) -> dict[str, torch.Tensor]:
 def _reference(mode: str) -> tuple[list[float], dict[str, torch.Tensor]]:
     model, vae, optimizer = _setup(mode, sharded=False)
     clips = _clips(vae)
-    losses = [_step(model, vae, optimizer, clips[WORLD * s : WORLD * (s + 1)], None) for s in range(STEPS)]
+    losses = []
+    for step in range(STEPS):
+        optimizer = _switch(mode, step, model, vae, optimizer)
+        losses.append(_step(model, vae, optimizer, clips[WORLD * step : WORLD * (step + 1)], None))
     return losses, _trainable_state(model, vae)
 
 
@@ -121,7 +142,7 @@ def _worker(out_dir: str) -> None:
     info = distributed.init()
     assert info.world_size == WORLD and info.backend == "gloo"
     report: dict = {"rank": info.rank}
-    for mode in ("full", "lora"):
+    for mode in ("full", "lora", "switch"):
         model, vae, optimizer = _setup(mode, sharded=True)
         clips = _clips(vae)
         calls = []
@@ -132,6 +153,7 @@ def _worker(out_dir: str) -> None:
                 # Checkpoint before the last step, resume into a fresh sharded model: same last step.
                 model_state = distributed.full_model_state_dict(model)
                 optim_state = distributed.full_optimizer_state_dict(model, optimizer)
+            optimizer = _switch(mode, step, model, vae, optimizer)
             losses.append(_step(model, vae, optimizer, clips[WORLD * step : WORLD * (step + 1)], info.rank))
         report[mode] = losses
         report[f"{mode}_block_forwards_per_step"] = len(calls) / STEPS
@@ -176,14 +198,16 @@ def torchrun_run(tmp_path_factory):
     return out, reports
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("mode", ["full", "lora", "switch"])
 def test_sharded_run_follows_the_single_process_trajectory(torchrun_run, mode):
     out, reports = torchrun_run
     expected_losses, expected_state = _reference(mode)
     for report in reports:  # every rank logs the same global loss
         assert report[mode] == pytest.approx(expected_losses, rel=1e-10)
         assert report[f"{mode}_is_sharded"]
-        assert report[f"{mode}_block_forwards_per_step"] == (2 if mode == "lora" else 1)  # recomputed in backward
+        # Checkpointed blocks run again in backward, once anything in them trains ("switch": from step SWITCH).
+        forwards = {"full": 1, "lora": 2, "switch": (SWITCH + 2 * (STEPS - SWITCH)) / STEPS}[mode]
+        assert report[f"{mode}_block_forwards_per_step"] == pytest.approx(forwards)
         # Each rank holds about half of the AdamW moments (dim-0 shards; tiny tensors round unevenly).
         assert 0.3 < report[f"{mode}_local_state_fraction"] < 0.7
     assert expected_losses[-1] < expected_losses[0]  # it does train

@@ -14,9 +14,9 @@ from chopgrad._compat import ensure_torchvision as _ensure_torchvision
 
 _ensure_torchvision()  # before anything below imports diffusers (which imports torchvision)
 
-from chopgrad.adapters import CogVideoXDecoder, WanDecoder, wrap_decoder  # noqa: E402
-from chopgrad.engine import decode, decode_loss  # noqa: E402
-from chopgrad.protocol import CausalDecoder, num_frames, num_latent_frames, step_frames  # noqa: E402
+from chopgrad.adapters import CogVideoXDecoder, WanDecoder, wrap_decoder
+from chopgrad.engine import decode, decode_loss
+from chopgrad.protocol import CausalDecoder, num_frames, num_latent_frames, step_frames
 
 __version__ = "0.1.0"
 

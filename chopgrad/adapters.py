@@ -17,14 +17,15 @@ Both follow the decode loop of the diffusers source they wrap, step for step, so
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from chopgrad.protocol import CausalDecoder
 
-__all__ = ["WanDecoder", "CogVideoXDecoder", "wrap_decoder"]
+__all__ = ["CogVideoXDecoder", "WanDecoder", "wrap_decoder"]
 
 
 class WanDecoder:

@@ -30,7 +30,7 @@ import torch
 
 import chopgrad
 
-__all__ = ["Config", "build_decoder", "measure", "run", "main"]
+__all__ = ["Config", "build_decoder", "main", "measure", "run"]
 
 DECODERS = ("wan-tiny", "cogvideox-tiny", "wan2.1")
 
@@ -184,7 +184,7 @@ def run(configs: list[Config], fresh_process: bool = True, threads: int | None =
     for index, config in enumerate(configs, 1):
         row = _measure_in_fresh_process(config, threads) if fresh_process else measure(config, warmup=True)
         progress(
-            f"[{index}/{len(configs)}] {row['mode']:8s} d_trunc={str(row['d_trunc']):4s} frames={row['frames']:4d}"
+            f"[{index}/{len(configs)}] {row['mode']:8s} d_trunc={row['d_trunc']!s:4s} frames={row['frames']:4d}"
             f"  peak {row['peak_bytes'] / 2**20:9.1f} MiB  {row['seconds']:8.3f} s"
         )
         rows.append(row)

@@ -31,14 +31,14 @@ class SavedTensorMeter:
         self.peak_bytes = 0
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
-    def _pack(self, tensor: torch.Tensor) -> "_Saved":
+    def _pack(self, tensor: torch.Tensor) -> _Saved:
         return _Saved(self, tensor)
 
     @staticmethod
-    def _unpack(saved: "_Saved") -> torch.Tensor:
+    def _unpack(saved: _Saved) -> torch.Tensor:
         return saved.tensor
 
-    def __enter__(self) -> "SavedTensorMeter":
+    def __enter__(self) -> SavedTensorMeter:
         self._hooks.__enter__()
         return self
 
@@ -47,7 +47,7 @@ class SavedTensorMeter:
 
 
 class _Saved:
-    __slots__ = ("meter", "tensor", "nbytes")
+    __slots__ = ("meter", "nbytes", "tensor")
 
     def __init__(self, meter: SavedTensorMeter, tensor: torch.Tensor) -> None:
         # A detached alias: holding a saved *output* with its grad_fn would form a reference

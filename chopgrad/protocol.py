@@ -12,12 +12,13 @@ and ``AutoencoderKLCogVideoX``. Implement :class:`CausalDecoder` to use a decode
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Protocol, runtime_checkable
+from collections.abc import Iterable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-__all__ = ["CausalDecoder", "step_frames", "num_frames", "num_latent_frames"]
+__all__ = ["CausalDecoder", "num_frames", "num_latent_frames", "step_frames"]
 
 
 @runtime_checkable

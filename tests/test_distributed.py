@@ -23,6 +23,8 @@ import torch
 import chopgrad
 from chopgrad import distributed, lora
 
+# One xdist worker takes the module: the torchrun fixture (about 20 s) runs once.
+pytestmark = pytest.mark.xdist_group("distributed")
 STEPS = 3
 WORLD = 2
 

@@ -21,6 +21,8 @@ from ruamel.yaml import YAML
 from stages.common import tracking  # noqa: F401  (telemetry off before Prefect's test server starts)
 from stages.common.params import load_params
 
+# One xdist worker takes the module: the tiny project and the Prefect test server start once.
+pytestmark = pytest.mark.xdist_group("pipeline")
 REPO = Path(__file__).resolve().parents[1]
 UNTRACKED_DEPS = {"stages/common/tracking.py"}  # side record only; see dvc.yaml
 

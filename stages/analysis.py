@@ -24,7 +24,6 @@ when the real VGG16 file is absent and ``allow_stand_in_weights`` is true; the J
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -253,7 +252,7 @@ def run(params: Params, vae_dir: str | Path, scenes_dir: str | Path, out_dir: st
                              reference_frames=t, time_key="cpu_seconds")
         plots.plot_spatial(spatial, plots_build / "spatial.png", f"{vae_name}: spatial locality")
         for target, built in builds.items():
-            _swap_in(built, target)
+            video.swap_in(built, target)
     except BaseException:
         for built in builds.values():
             shutil.rmtree(built, ignore_errors=True)
@@ -301,17 +300,6 @@ def _slope(rows: list[dict], key: str) -> dict | None:
     total = ((y - y.mean()) ** 2).sum()
     return {"slope": float(slope), "intercept": float(intercept),
             "r2": float(1 - (residual ** 2).sum() / total) if total > 0 else 1.0}
-
-
-def _swap_in(built: Path, target: Path) -> None:
-    """Replace ``target`` by the folder ``built`` (same parent): two renames, old copy removed last."""
-    old = None
-    if target.exists():
-        old = video.temp_folder(target)
-        os.replace(target, old / target.name)
-    os.replace(built, target)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -281,29 +281,9 @@ def region_psnr(renders: np.ndarray, truth: np.ndarray, region: np.ndarray) -> f
 def plot_samples(samples: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], path: Path,
                  columns: int = 5) -> Path:
     """Insertion / ground truth at frames where the object is in view, for each sample scene."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2 * len(samples), columns, figsize=(2.0 * columns, 2.6 * len(samples)), dpi=100,
-                             squeeze=False)
-    for row, (name, (renders, truth, region)) in enumerate(samples.items()):
-        shown = np.flatnonzero(region.reshape(len(region), -1).any(axis=1))
-        pool = shown if len(shown) else np.arange(len(renders))
-        for col, index in enumerate(pool[np.linspace(0, len(pool) - 1, columns).round().astype(int)]):
-            for offset, (frames, label) in enumerate([(renders, "insertion"), (truth, "ground truth")]):
-                ax = axes[2 * row + offset, col]
-                ax.imshow(frames[index])
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if col == 0:
-                    ax.set_ylabel(f"{name}\n{label}", fontsize=7)
-            axes[2 * row, col].set_title(f"frame {index}", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    rows = {name: (renders, truth, np.flatnonzero(region.reshape(len(region), -1).any(axis=1)))
+            for name, (renders, truth, region) in samples.items()}
+    return gs.plot_frame_pairs(rows, ("insertion", "ground truth"), path, columns)
 
 
 def edit_scene(entry: gs.SceneEntry, scene: scenes.Scene, splat_dir: Path, build: Path, params: Params,

@@ -15,7 +15,6 @@ run leaves the previous output (or nothing) in place, never a half-written set.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -79,17 +78,6 @@ def label_colours(labels: np.ndarray) -> np.ndarray:  # [T, H, W] -> [T, H, W, 3
     return palette[labels]
 
 
-def _swap_in(built: Path, target: Path) -> None:
-    """Replace ``target`` by the folder ``built`` (same parent): two renames, old copy removed last."""
-    old = None
-    if target.exists():
-        old = video.temp_folder(target)
-        os.replace(target, old / target.name)
-    os.replace(built, target)
-    if old is not None:
-        shutil.rmtree(old)
-
-
 def _metrics(renders: dict[str, scenes.Render], params: Params, num_train: int) -> dict:
     labels = np.stack([r.labels for r in renders.values()])  # [S, T, H, W]
     seen = [np.isin(np.arange(1, params.num_objects + 1), r.labels).mean() if params.num_objects else 1.0
@@ -151,7 +139,7 @@ def run(params: Params, out_dir: str | Path, metrics_path: str | Path | None = N
         if metrics_build is not None:
             video.write_json(metrics_build, metrics)
         for target, built in builds.items():
-            _swap_in(built, target)
+            video.swap_in(built, target)
     except BaseException:
         for built in builds.values():
             shutil.rmtree(built, ignore_errors=True)

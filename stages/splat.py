@@ -225,29 +225,9 @@ def plot_curves(histories: dict[str, dict], path: Path) -> Path:
 def plot_frames(samples: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], path: Path,
                 columns: int = 5) -> Path:
     """Rows of render / ground truth at held-out frames of each sample scene, with each frame's PSNR."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2 * len(samples), columns, figsize=(2.0 * columns, 2.6 * len(samples)), dpi=100,
-                             squeeze=False)
-    for row, (name, (renders, truth, psnr, heldout)) in enumerate(samples.items()):
-        pool = heldout if len(heldout) else np.arange(len(renders))
-        picks = pool[np.linspace(0, len(pool) - 1, columns).round().astype(int)]
-        for col, index in enumerate(picks):
-            for offset, (frames, label) in enumerate([(renders, "render"), (truth, "ground truth")]):
-                ax = axes[2 * row + offset, col]
-                ax.imshow(frames[index])
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if col == 0:
-                    ax.set_ylabel(f"{name}\n{label}", fontsize=7)
-            axes[2 * row, col].set_title(f"frame {index}: {psnr[index]:.1f} dB", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    rows = {name: (renders, truth, heldout) for name, (renders, truth, _, heldout) in samples.items()}
+    return gs.plot_frame_pairs(rows, ("render", "ground truth"), path, columns,
+                               title=lambda name, index: f"frame {index}: {samples[name][2][index]:.1f} dB")
 
 
 def sample_names(entries: list[gs.SceneEntry], count: int) -> list[str]:

@@ -6,9 +6,19 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import chopgrad  # noqa: E402  (applies the torchvision fix before diffusers is imported)
+import chopgrad  # noqa: E402, F401  (applies the torchvision fix before diffusers is imported)
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny
+    convolutions run faster on one thread, and do not fight a parallel test worker for the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _quiet_output(vae, conv_out) -> None:

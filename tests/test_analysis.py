@@ -17,13 +17,7 @@ from chopgrad import analysis
 from chopgrad.analysis import models
 from chopgrad.analysis.__main__ import main as cli
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class RecurrentDecoder:

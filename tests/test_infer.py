@@ -29,12 +29,7 @@ def params(**changes) -> infer.Params:
     return params_from_mapping("infer", infer.Params, {**BASE, **changes})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

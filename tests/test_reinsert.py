@@ -18,13 +18,7 @@ from stages.common import pairs as pairs_folder
 from stages.common import scenes, video
 from stages.common import splat as gs
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 BOX = scenes.ObjectBox(label=2, name="crate", center=(0.4, 0.3, -0.2), size=(1.0, 0.5, 0.3), yaw=0.6)

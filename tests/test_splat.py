@@ -19,13 +19,7 @@ from stages.common import pairs as pairs_folder
 from stages.common import scenes, video
 from stages.common import splat as gs
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def camera(eye=(0.0, 0.0, 0.0), height=20, width=30, focal=25.0, dtype=torch.float64):

@@ -76,12 +76,7 @@ def write_inputs(root: Path, tasks=("nvs", "sr"), frames: int = 9, height: int =
     return {"vae": root / "vae", "pairs": folders}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -28,13 +28,7 @@ def moving_pattern(frames: int, height: int, width: int, phase: float) -> np.nda
     return (127.5 * (1 + np.stack(channels, axis=-1))).round().astype(np.uint8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions run faster on one thread, and do not fight a parallel test worker for the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ from typing import Any, Self
 import numpy as np
 
 from stages.common import video
+from stages.common.video import swap_in  # the folder swap every stage output uses; here for pairs writers
 
 __all__ = [
     "APPLICATIONS",
@@ -54,19 +55,6 @@ FOLDER_KEYS = ("input", "target", "mask", "lowres")  # the keys that name frame 
 
 class PairsError(ValueError):
     """A pairs folder, or a pair given to the writer, does not match the pairs format."""
-
-
-def swap_in(built: Path, target: Path) -> None:
-    """Replace ``target`` by the folder ``built`` (same parent): two renames, the old copy removed last."""
-    old = None
-    if target.exists():
-        if not target.is_dir():
-            raise PairsError(f"{target} exists and is not a folder; remove it or choose another path.")
-        old = video.temp_folder(target)
-        os.replace(target, old / target.name)
-    os.replace(built, target)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 # ----------------------------------------------------------------------------------------------------------

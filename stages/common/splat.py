@@ -52,6 +52,7 @@ __all__ = [
     "load_gaussians",
     "num_sh_bases",
     "numeric_metrics",
+    "plot_frame_pairs",
     "psnr",
     "random_points",
     "rasterize",
@@ -683,3 +684,32 @@ def numeric_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def plot_frame_pairs(rows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], labels: tuple[str, str],
+                     path: Path, columns: int = 5, title=lambda name, index: f"frame {index}") -> Path:
+    """A PNG grid: for each ``name: (frames, reference, candidates)`` two rows (``labels``) at
+    ``columns`` evenly spaced frames of ``candidates`` (all frames when empty); ``title(name, index)``
+    heads each column. The splat and reinsert stages' frame figures."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2 * len(rows), columns, figsize=(2.0 * columns, 2.6 * len(rows)), dpi=100,
+                             squeeze=False)
+    for row, (name, (frames, reference, candidates)) in enumerate(rows.items()):
+        pool = candidates if len(candidates) else np.arange(len(frames))
+        for col, index in enumerate(pool[np.linspace(0, len(pool) - 1, columns).round().astype(int)]):
+            for offset, (shown, label) in enumerate(zip((frames, reference), labels, strict=True)):
+                ax = axes[2 * row + offset, col]
+                ax.imshow(shown[index])
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if col == 0:
+                    ax.set_ylabel(f"{name}\n{label}", fontsize=7)
+            axes[2 * row, col].set_title(title(name, index), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -107,6 +107,20 @@ def temp_folder(folder: Path) -> Path:
     return tmp
 
 
+def swap_in(built: Path, target: Path) -> None:
+    """Replace the folder ``target`` by the folder ``built`` (same parent): two renames, the old copy
+    removed last, so a reader sees the old folder or the new one, never half of either."""
+    old = None
+    if target.exists():
+        if not target.is_dir():
+            raise MediaError(f"{target} exists and is not a folder; remove it or choose another path.")
+        old = temp_folder(target)
+        os.replace(target, old / target.name)
+    os.replace(built, target)
+    if old is not None:
+        shutil.rmtree(old)
+
+
 def write_json(path: str | os.PathLike, data) -> Path:
     """Write ``data`` as indented JSON, atomically; the folder is created if needed."""
     path = Path(path)

@@ -598,7 +598,8 @@ def train_task(params: Params, method: str, task: Task, vae_dir: Path, checkpoin
     if resume:
         tensors, record = loaded
         groups = record.pop("groups")
-        _restore(model, optimizers, tensors, groups if record.get("phase", phase) == phase else None)
+        same_stage = phase_at(params, method, record["step"] - 1) == phase  # else the optimizers start fresh
+        _restore(model, optimizers, tensors, groups if same_stage else None)
         log.info("%s/%s: resuming from step %d (%s)", method, task.name, record["step"], checkpoint_path)
     elif loaded is not None:
         log.warning("%s/%s: %s was written with other inputs or params; starting over", method, task.name,
@@ -642,7 +643,6 @@ def train_task(params: Params, method: str, task: Task, vae_dir: Path, checkpoin
             entry["pixel"] = distributed.all_reduce_mean(result.pixel)
         record["history"].append(entry)
         record["step"] = step + 1
-        record["phase"] = phase
         bar.update(1)
         bar.set_postfix(loss=f"{entry['loss']:.4g}")
         if record["step"] % params.checkpoint_every == 0 or record["step"] == total_steps:

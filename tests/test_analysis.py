@@ -175,7 +175,9 @@ def test_fit_errors():
 # ----------------------------------------------------------------------------- gradient errors
 
 
-# Wan's covering truncation matches plain backprop to ~1e-7 in float64, not to round-off: the same
+# Wan's covering truncation matches plain backprop to ~1e-7 in float64, not to round-off: diffusers'
+# WanUpsample computes in float32, and truncated mode sends each loss term's cotangent through it
+# separately (rounded to float32 each time) where plain backprop sends their sum once. The same
 # tolerance as tests/test_engine.py::test_full_and_covering_truncation_equal_plain_autograd.
 @pytest.mark.parametrize("name, tol", [("recurrent", 1e-12), ("wan", 1e-6)])
 def test_gradient_error_vanishes_when_d_trunc_covers_all_steps(name, tol):
@@ -192,6 +194,18 @@ def test_gradient_error_vanishes_when_d_trunc_covers_all_steps(name, tol):
     for row in table[2:]:  # ... but not once it reaches every step
         assert row["total_rel"] < tol and row["rel_max"] < tol
     assert error.absolute.shape == (2, 4, 4) and torch.all(error.exact_norm > 0)
+
+
+def test_wan_covering_truncation_is_exact_once_upsample_keeps_float64(monkeypatch):
+    """The ~1e-7 of the test above comes from WanUpsample's float32 and from nothing else."""
+    from diffusers.models.autoencoders import autoencoder_kl_wan
+
+    monkeypatch.setattr(autoencoder_kl_wan.WanUpsample, "forward", torch.nn.Upsample.forward)
+    torch.manual_seed(1)
+    latents = torch.randn(2, 4, 4, 2, 2, dtype=torch.float64)
+    target = torch.rand(2, 3, 13, 16, 16, dtype=torch.float64) * 2 - 1
+    error = analysis.decoder_gradient_error(small_wan(), latents, target, lambda p, t: ((p - t) ** 2).mean(), [3])
+    assert error.table()[0]["total_rel"] < 1e-13
 
 
 def test_backbone_cosine_is_one_when_d_trunc_covers_all_steps():  # tolerances: see the note above

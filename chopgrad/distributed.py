@@ -101,8 +101,9 @@ def init(
 
     Args:
         backend: ``"nccl"`` or ``"gloo"``; default NCCL when CUDA is available, gloo otherwise.
-        device: force the device (e.g. ``"cpu"`` for a gloo test on a GPU machine); default
-            ``cuda:<LOCAL_RANK>`` when CUDA is available, else CPU.
+        device: force the device (e.g. ``"cpu"`` for a gloo test on a GPU machine; a bare
+            ``"cuda"`` means ``cuda:<LOCAL_RANK>``); default ``cuda:<LOCAL_RANK>`` when CUDA is
+            available, else CPU.
         timeout_s: collective timeout.
 
     Returns:
@@ -115,7 +116,7 @@ def init(
     """
     present = [name for name in _TORCHRUN_VARS if name in os.environ]
     if not present:
-        chosen = torch.device(device) if device is not None else _default_device(0)
+        chosen = _resolve_device(device, 0)
         if chosen.type == "cuda":
             torch.cuda.set_device(chosen)
         return DistInfo(0, 1, 0, chosen, None)
@@ -126,7 +127,7 @@ def init(
         rank, world_size, local_rank = (int(os.environ[name]) for name in _TORCHRUN_VARS)
     except ValueError as error:
         raise ValueError(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers: {error}") from None
-    chosen = torch.device(device) if device is not None else _default_device(local_rank)
+    chosen = _resolve_device(device, local_rank)
     backend = backend or ("nccl" if chosen.type == "cuda" else "gloo")
     if backend == "nccl" and chosen.type != "cuda":
         raise ValueError("the nccl backend needs CUDA devices: use backend='gloo' on CPU")
@@ -144,8 +145,12 @@ def init(
     return DistInfo(rank, world_size, local_rank, chosen, dist.get_backend())
 
 
-def _default_device(local_rank: int) -> torch.device:
-    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+def _resolve_device(device: str | torch.device | None, local_rank: int) -> torch.device:
+    """``device`` with a bare ``"cuda"`` made ``cuda:<local rank>`` (``torch.cuda.set_device`` needs an index)."""
+    if device is None:
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    chosen = torch.device(device)
+    return torch.device("cuda", local_rank) if chosen.type == "cuda" and chosen.index is None else chosen
 
 
 def shutdown() -> None:

@@ -138,6 +138,7 @@ class CausalConv3dLora(lora_layer.Conv3d):
 def _inject(model: nn.Module, config, adapter_name: str) -> list[str]:
     """peft injection; afterwards every adapter of ``model`` is active and only the new one trains."""
     from peft import inject_adapter_in_model
+    from peft.tuners.tuners_utils import cast_adapter_dtype
 
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"adapter_name must be a non-empty string without dots, got {adapter_name!r}")
@@ -147,6 +148,9 @@ def _inject(model: nn.Module, config, adapter_name: str) -> list[str]:
         # peft warns when a model already holds a peft_config: several named adapters are intended here.
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         inject_adapter_in_model(config, model, adapter_name=adapter_name)  # also freezes non-LoRA weights
+    # peft makes the adapter in its base layer's dtype; a bf16 base (a frozen 14B) would leave AdamW rounding
+    # most updates of the trainable weights away. float32 adapters, as peft's get_peft_model makes them.
+    cast_adapter_dtype(model, adapter_name)
     set_adapters(model, active=adapter_names(model), trainable=[adapter_name])
     return _adapted_modules(model, adapter_name)
 

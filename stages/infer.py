@@ -56,6 +56,7 @@ class Params:
     warmup_frames: int  # frames of an untimed first run per model (lazy initialisation out of the timing)
     sample_frames: int  # frames of the sample video per model
     device: Literal["auto", "cpu", "cuda"]  # auto: CUDA when available
+    mixed_precision: bool  # bf16 autocast of the transformer, as train runs it (GPU only)
     threads: int  # torch CPU threads (0: torch's default)
 
     def __post_init__(self):
@@ -158,13 +159,13 @@ def infer_job(params: Params, job: Job, vae_dir: Path, out_dir: Path, device: to
         model.restorer.eval()
     if params.warmup_frames:
         first = _read(job.pairs[0]["input"], params.warmup_frames)
-        restore_video(model, first, tiles=params.tiles, halo=params.halo)
+        restore_video(model, first, tiles=params.tiles, halo=params.halo, autocast=params.mixed_precision)
     totals = {"encode_seconds": 0.0, "transformer_seconds": 0.0, "decode_seconds": 0.0}
     frames, text_cache, sample = 0, {}, None
     for pair in job.pairs:
         degraded = _read(pair["input"], params.max_frames)
         output, timings = restore_video(model, degraded, _text(model, pair["prompt"], text_cache),
-                                        tiles=params.tiles, halo=params.halo)
+                                        tiles=params.tiles, halo=params.halo, autocast=params.mixed_precision)
         for key in totals:
             totals[key] += timings[key]
         frames += len(output)

@@ -168,6 +168,12 @@ class Params:
             raise ValueError("train.transformer_lora_rank and train.decoder_lora_rank must be >= 0 (0: no LoRA)")
         if self.threads < 0:
             raise ValueError(f"train.threads must be >= 0 (0: torch's default), got {self.threads}")
+        if self.transformer_dtype == "bfloat16" and self.transformer_lora_rank == 0:
+            # AdamW on bf16 weights rounds most lr-1e-5 updates away, and diffusers keeps some Wan modules in
+            # float32, which FSDP's reduce-scatter refuses to mix with bf16 gradients.
+            raise ValueError("train.transformer_dtype 'bfloat16' stores a frozen base for a LoRA: set "
+                             "train.transformer_lora_rank > 0, or train every weight with transformer_dtype "
+                             "'float32' (bf16 compute comes from train.mixed_precision)")
         for application in APPLICATIONS:
             loss_table(self, application)  # unknown names, repeats, bad weights
         if self.schedule == "mirage":
@@ -700,11 +706,12 @@ def _summary(params: Params, method: str, task: Task, record: dict, resumed_from
 
 @torch.no_grad()
 def restore_video(model: restorer.Model, frames: np.ndarray, text: torch.Tensor | None = None,
-                  tiles: tuple[int, int] = (1, 1), halo: int = 2) -> tuple[np.ndarray, dict]:
+                  tiles: tuple[int, int] = (1, 1), halo: int = 2, autocast: bool = False) -> tuple[np.ndarray, dict]:
     """Run a model on a whole video: [T, H, W, 3] uint8 -> [T, H, W, 3] uint8, and the seconds per part.
 
     The video is padded (last frame repeated; edges replicated) to 1 + 4k frames and to sides that
     are multiples of the model's size multiple, and the output cut back to the input's size.
+    ``autocast``: the transformer under bf16 autocast, as ``train_step`` runs it (on CUDA only).
     """
     device = next(model.vae.parameters()).device
     count, height, width = frames.shape[:3]
@@ -723,7 +730,9 @@ def restore_video(model: restorer.Model, frames: np.ndarray, text: torch.Tensor 
     sync()
     timings["encode_seconds"] = time.perf_counter() - start
     start = time.perf_counter()
-    z = model.restore(z_hat, text)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast and device.type == "cuda"):
+        z = model.restore(z_hat, text)
+    z = z.to(z_hat.dtype)
     sync()
     timings["transformer_seconds"] = time.perf_counter() - start
     start = time.perf_counter()

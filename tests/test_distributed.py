@@ -249,6 +249,18 @@ def test_init_without_torchrun_is_a_single_process(monkeypatch):
     assert set(distributed.full_model_state_dict(model)) == set(model.state_dict())
 
 
+def test_a_bare_cuda_device_gets_the_local_rank_as_index(monkeypatch):
+    # train.device: cuda reaches init as "cuda"; torch.cuda.set_device refuses a device without an index.
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: chosen.append(torch.device(device)))
+    assert distributed.init(device="cuda").device == torch.device("cuda", 0) and chosen == [torch.device("cuda", 0)]
+    assert distributed._resolve_device("cuda", 3) == torch.device("cuda", 3)
+    assert distributed._resolve_device("cuda:1", 3) == torch.device("cuda", 1)
+    assert distributed._resolve_device("cpu", 3) == torch.device("cpu")
+
+
 def test_bad_environment_and_models_are_rejected(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.delenv("WORLD_SIZE", raising=False)

@@ -21,7 +21,7 @@ from stages.common import pairs as pairs_io
 from stages.common import restorer, video
 from stages.common.params import ParamsError, params_from_mapping
 
-BASE = {"max_frames": None, "vae_roundtrip": False, "tiles": [1, 1], "halo": 2, "warmup_frames": 1, "sample_frames": 5, "device": "cpu",
+BASE = {"max_frames": None, "vae_roundtrip": False, "tiles": [1, 1], "halo": 2, "warmup_frames": 1, "sample_frames": 5, "device": "cpu", "mixed_precision": True,
         "threads": 1}
 
 

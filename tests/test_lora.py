@@ -218,6 +218,23 @@ def test_transformer_lora_adapts_attention_and_ffn_and_only_it_trains(tmp_path):
     torch.testing.assert_close(fresh(**inputs)[0], out.detach(), rtol=0, atol=0)
 
 
+
+def test_lora_on_a_bf16_base_trains_in_float32():
+    # transformer_dtype: bfloat16 stores the frozen base in bf16; AdamW on bf16 adapters would round
+    # most updates away, so the adapters are float32 (as peft's get_peft_model makes them).
+    model = _tiny_transformer().to(torch.bfloat16)
+    lora.add_transformer_lora(model, rank=4, alpha=2)
+    dtypes = {name: param.dtype for name, param in model.named_parameters()}
+    assert {d for n, d in dtypes.items() if ".lora_" in n} == {torch.float32}
+    assert torch.bfloat16 in {d for n, d in dtypes.items() if ".lora_" not in n}
+    _randomise(model, "transformer")
+    inputs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+              for k, v in _transformer_inputs().items()}
+    out = model(**inputs)[0]
+    assert out.dtype == torch.bfloat16
+    out.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lora.trainable_parameters(model).values())
+
 def test_transformer_lora_unknown_target_names_the_existing_modules():
     with pytest.raises(ValueError, match="matches no Linear module.*attn1.to_q"):
         lora.add_transformer_lora(_tiny_transformer(), 4, 4, target_modules=["to_qkv"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import json
 from pathlib import Path
 
@@ -496,6 +497,9 @@ def test_missing_folders_and_weights_are_rejected_before_training(tmp_path, inpu
         params(clip_frames=8)
     with pytest.raises(ParamsError, match="train.tasks must list distinct tasks"):
         params(tasks=["nvs", "nvs"])
+    with pytest.raises(ParamsError, match="'bfloat16' stores a frozen base for a LoRA: set train.transformer_lora_rank > 0"):
+        params(transformer_dtype="bfloat16")
+    params(transformer_dtype="bfloat16", transformer_lora_rank=4)  # the one-GPU LoRA setting
 
 
 def test_saved_model_rebuilds_to_the_same_outputs(tmp_path, inputs, weight_home):
@@ -546,3 +550,21 @@ def test_params_section_in_params_yaml_is_valid():
     section = load_params("train", train.Params, repo / "params.yaml")
     assert section.tasks and set(section.tasks) <= set(pairs_io.APPLICATIONS)
     assert dataclasses.asdict(section)["loss_nvs"]["lpips_vgg"] == 100.0  # supplement C.2
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bf16 autocast, checkpointing)")])])
+def test_one_gpu_settings_train_and_restore(tmp_path, inputs, weight_home, device):
+    # The settings of docs/training.md's one-GPU command, at toy size: train.device cuda (a bare "cuda"),
+    # bf16 autocast, activation checkpointing, a LoRA on a bf16 base, a decoder LoRA through ChopGrad.
+    # On CPU the same run without autocast and checkpointing (no-ops there): the bf16 base with float32 LoRA.
+    record = run_stage(tmp_path, inputs, weight_home, device=device, transformer_dtype="bfloat16",
+                       transformer_lora_rank=4, decoder_lora_rank=2, steps=2)
+    task = record["tasks"]["nvs"]
+    assert task["steps"] == 2 and all(math.isfinite(h["loss"]) for h in task["history"])
+    assert (task["peak_memory_bytes"] or 0) > 0 if device == "cuda" else task["peak_rss_bytes"] > 0
+    model = restorer.load_model(tmp_path / "out" / "chopgrad_d1" / "nvs", inputs["vae"], device)
+    assert {p.dtype for n, p in model.transformer.named_parameters() if ".lora_" in n} == {torch.float32}
+    frames = moving_pattern(5, 16, 32, 0.0)
+    output, timings = train.restore_video(model, frames, autocast=True)
+    assert output.shape == frames.shape and output.dtype == np.uint8 and timings["transformer_seconds"] > 0

@@ -135,11 +135,12 @@ def unflatten_optimizer(prefix: str, tensors: dict[str, Tensor], groups: list[di
 
 
 def rng_tensors(generators: dict[str, torch.Generator]) -> dict[str, Tensor]:
-    """The state of torch's global generators (CPU, and CUDA when in use) and of ``generators``."""
+    """The state of torch's global generators (CPU, and this process's CUDA device when in use) and of
+    ``generators``. Only the current device: under torchrun each rank has its own, and asking every
+    visible device would open a CUDA context on each of them."""
     tensors = {"rng/torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for device in range(torch.cuda.device_count()):
-            tensors[f"rng/cuda/{device}"] = torch.cuda.get_rng_state(device)
+        tensors["rng/cuda"] = torch.cuda.get_rng_state()
     for name, generator in generators.items():
         tensors[f"rng/{name}"] = generator.get_state()
     return tensors
@@ -151,9 +152,7 @@ def restore_rng(tensors: dict[str, Tensor], generators: dict[str, torch.Generato
     if missing:
         raise ValueError(f"the checkpoint holds no state for the generator(s) {missing}")
     torch.set_rng_state(tensors["rng/torch"])
-    if torch.cuda.is_available():
-        for device in range(torch.cuda.device_count()):
-            if f"rng/cuda/{device}" in tensors:
-                torch.cuda.set_rng_state(tensors[f"rng/cuda/{device}"], device)
+    if torch.cuda.is_available() and "rng/cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng/cuda"])
     for name, generator in generators.items():
         generator.set_state(tensors[f"rng/{name}"])

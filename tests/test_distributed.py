@@ -62,7 +62,9 @@ def _clips(vae):
 
 def _clip_loss(model, decoder, clip):
     z_hat, text, velocity, target = clip
-    v = model(hidden_states=z_hat, timestep=torch.tensor([200]), encoder_hidden_states=text, return_dict=False)[0]
+    dtype = model.proj_out.weight.dtype  # bfloat16 in mode "lora_bf16"
+    v = model(hidden_states=z_hat.to(dtype), timestep=torch.tensor([200]), encoder_hidden_states=text.to(dtype),
+              return_dict=False)[0].to(z_hat.dtype)
     pixel = chopgrad.decode_loss(decoder, z_hat - v, target, lambda a, b: ((a - b) ** 2).mean(), d_trunc=1)
     return ((v - velocity) ** 2).mean() + 10 * pixel
 
@@ -72,21 +74,26 @@ def _setup(mode: str, sharded: bool):
     activation checkpointing) and a decoder LoRA (unsharded, gradients all-reduced), as in
     Mirage's harmonization stage. ``switch``: as ``lora``, but the transformer LoRA is frozen when
     the model is sharded and starts training at step ``SWITCH`` with a fresh optimizer, as at the
-    switch of the train stage's Mirage schedule (requires_grad changed after ``fully_shard``)."""
+    switch of the train stage's Mirage schedule (requires_grad changed after ``fully_shard``).
+    ``lora_bf16``: as ``lora`` on a bf16 base (``train.transformer_dtype: bfloat16``), whose float32
+    adapters make each FSDP unit hold two dtypes."""
     model, vae = _transformer(), _vae()
-    if mode in ("lora", "switch"):
+    if mode == "lora_bf16":
+        model = model.to(torch.bfloat16)
+    if mode in ("lora", "switch", "lora_bf16"):
         lora.add_transformer_lora(model, rank=4, alpha=4)
         lora.add_decoder_lora(vae, rank=2, alpha=2, adapter_name="harmonization")
     if mode == "switch":
         lora.set_adapters(model, active=["transformer"], trainable=[])
     if sharded:
-        if mode in ("lora", "switch"):  # as on GPU: activation checkpointing of the blocks, then sharding
+        if mode in ("lora", "switch", "lora_bf16"):  # as on GPU: activation checkpointing of the blocks, then sharding
             model.enable_gradient_checkpointing()
         distributed.shard_transformer(model)
     return model, vae, _optimizer(model, vae)
 
 
 SWITCH = 1  # the step at which mode "switch" starts training the transformer LoRA
+MODES = ("full", "lora", "switch", "lora_bf16")
 
 
 def _optimizer(model, vae):
@@ -144,7 +151,7 @@ def _worker(out_dir: str) -> None:
     info = distributed.init()
     assert info.world_size == WORLD and info.backend == "gloo"
     report: dict = {"rank": info.rank}
-    for mode in ("full", "lora", "switch"):
+    for mode in MODES:
         model, vae, optimizer = _setup(mode, sharded=True)
         clips = _clips(vae)
         calls = []
@@ -163,6 +170,8 @@ def _worker(out_dir: str) -> None:
         moments = [optimizer.state[p]["exp_avg"] for p in sharded]
         report[f"{mode}_local_state_fraction"] = sum(m.to_local().numel() for m in moments) / sum(m.numel() for m in moments)
         report[f"{mode}_is_sharded"] = distributed.is_sharded(model) and all(type(p).__name__ == "DTensor" for p in sharded)
+        report[f"{mode}_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
+        report[f"{mode}_trainable_dtypes"] = sorted({str(p.dtype) for p in sharded})
         state = _trainable_state(model, vae)
         if mode == "lora":  # peft adapter file written from the gathered (unsharded) weights
             gathered = distributed.full_model_state_dict(model, trainable_only=True)
@@ -200,7 +209,7 @@ def torchrun_run(tmp_path_factory):
     return out, reports
 
 
-@pytest.mark.parametrize("mode", ["full", "lora", "switch"])
+@pytest.mark.parametrize("mode", MODES)
 def test_sharded_run_follows_the_single_process_trajectory(torchrun_run, mode):
     out, reports = torchrun_run
     expected_losses, expected_state = _reference(mode)
@@ -208,10 +217,13 @@ def test_sharded_run_follows_the_single_process_trajectory(torchrun_run, mode):
         assert report[mode] == pytest.approx(expected_losses, rel=1e-10)
         assert report[f"{mode}_is_sharded"]
         # Checkpointed blocks run again in backward, once anything in them trains ("switch": from step SWITCH).
-        forwards = {"full": 1, "lora": 2, "switch": (SWITCH + 2 * (STEPS - SWITCH)) / STEPS}[mode]
+        forwards = {"full": 1, "lora": 2, "lora_bf16": 2, "switch": (SWITCH + 2 * (STEPS - SWITCH)) / STEPS}[mode]
         assert report[f"{mode}_block_forwards_per_step"] == pytest.approx(forwards)
         # Each rank holds about half of the AdamW moments (dim-0 shards; tiny tensors round unevenly).
         assert 0.3 < report[f"{mode}_local_state_fraction"] < 0.7
+        if mode == "lora_bf16":  # FSDP units of bf16 base weights and float32 adapters; only the adapters train
+            assert report[f"{mode}_dtypes"] == ["torch.bfloat16", "torch.float32"]
+            assert report[f"{mode}_trainable_dtypes"] == ["torch.float32"]
     assert expected_losses[-1] < expected_losses[0]  # it does train
     state = torch.load(out / f"{mode}.pt")
     assert set(state) == set(expected_state)

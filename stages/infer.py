@@ -131,25 +131,33 @@ def _read(folder: Path, count: int | None) -> np.ndarray:  # -> [T, H, W, 3] uin
 
 
 def _text(model: restorer.Model, prompt: str | None, cache: dict) -> torch.Tensor | None:
-    """The pair's prompt embedding when the model was trained with a text encoder; else the fixed one."""
+    """The pair's prompt embedding when the model was trained with a text encoder; else the fixed one.
+
+    ``cache`` lives for the whole stage: the text encoder (UMT5, ~23 GB in float32) loads once, not
+    once per (method, task).
+    """
     encoder = model.spec["text"].get("encoder")
     if not prompt or not encoder:
         return None
-    if prompt not in cache:
+    if (encoder, prompt) not in cache:
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         from chopgrad.restoration import encode_prompts
 
-        if "encoder" not in cache:
-            cache["encoder"] = (AutoTokenizer.from_pretrained(encoder, subfolder="tokenizer", local_files_only=True),
-                                UMT5EncoderModel.from_pretrained(encoder, subfolder="text_encoder",
-                                                                 local_files_only=True).eval())
-        cache[prompt] = encode_prompts([prompt], *cache["encoder"])
-    return cache[prompt]
+        if encoder not in cache:
+            cache[encoder] = (AutoTokenizer.from_pretrained(encoder, subfolder="tokenizer", local_files_only=True),
+                              UMT5EncoderModel.from_pretrained(encoder, subfolder="text_encoder",
+                                                               local_files_only=True).eval())
+        cache[(encoder, prompt)] = encode_prompts([prompt], *cache[encoder])
+    return cache[(encoder, prompt)]
 
 
-def infer_job(params: Params, job: Job, vae_dir: Path, out_dir: Path, device: torch.device) -> dict:
-    """Restore every test video of one (method, task); write frames, ``timing.json`` and ``sample.mp4``."""
+def infer_job(params: Params, job: Job, vae_dir: Path, out_dir: Path, device: torch.device,
+              text_cache: dict | None = None) -> dict:
+    """Restore every test video of one (method, task); write frames, ``timing.json`` and ``sample.mp4``.
+
+    ``text_cache``: prompt embeddings and text encoders shared between jobs (see :func:`_text`).
+    """
     from stages.train import restore_video
 
     if job.model_dir is None:
@@ -161,7 +169,8 @@ def infer_job(params: Params, job: Job, vae_dir: Path, out_dir: Path, device: to
         first = _read(job.pairs[0]["input"], params.warmup_frames)
         restore_video(model, first, tiles=params.tiles, halo=params.halo, autocast=params.mixed_precision)
     totals = {"encode_seconds": 0.0, "transformer_seconds": 0.0, "decode_seconds": 0.0}
-    frames, text_cache, sample = 0, {}, None
+    text_cache = {} if text_cache is None else text_cache
+    frames, sample = 0, None
     for pair in job.pairs:
         degraded = _read(pair["input"], params.max_frames)
         output, timings = restore_video(model, degraded, _text(model, pair["prompt"], text_cache),
@@ -208,7 +217,8 @@ def run(params: Params, train_dirs: list[str | Path], vae_dir: str | Path, pairs
                           else "cpu")
     build = temp_folder(out_dir)
     try:
-        timings = [infer_job(params, job, vae_dir, build / job.method / job.task, device) for job in jobs]
+        text_cache: dict = {}
+        timings = [infer_job(params, job, vae_dir, build / job.method / job.task, device, text_cache) for job in jobs]
         pairs_io.swap_in(build, out_dir)
     finally:
         shutil.rmtree(build, ignore_errors=True)

@@ -75,3 +75,22 @@ def cogvideox():
 
 def mse(pred, target):
     return ((pred - target) ** 2).mean()
+
+
+TEXT_WORDS = ["<pad>", "</s>", "<unk>", "a", "room", "clean", "video"]
+
+
+def write_text_encoder(folder):
+    """A tiny UMT5 encoder and a word-level tokenizer in a Wan-like folder (tokenizer/, text_encoder/)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(TEXT_WORDS)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(folder / "tokenizer")
+    torch.manual_seed(0)
+    encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(TEXT_WORDS), d_model=16, d_kv=4, d_ff=32, num_layers=1,
+                                          num_heads=2)).eval()
+    encoder.save_pretrained(folder / "text_encoder")
+    return encoder

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_text_encoder
 from test_train import params as train_params
 from test_train import write_inputs
 
@@ -133,6 +134,24 @@ def test_missing_models_and_pairs_are_rejected_before_any_work(trained, tmp_path
     assert not (tmp_path / "o").exists() and not (tmp_path / "m.json").exists()
     with pytest.raises(ParamsError, match="infer.max_frames must be >= 1 or null"):
         params(max_frames=0)
+
+
+def test_the_text_encoder_loads_once_for_every_job(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from transformers import UMT5EncoderModel
+
+    write_text_encoder(tmp_path)
+    loads = []
+    original = UMT5EncoderModel.from_pretrained
+    monkeypatch.setattr(UMT5EncoderModel, "from_pretrained",
+                        lambda *args, **kwargs: loads.append(args) or original(*args, **kwargs))
+    models = [SimpleNamespace(spec={"text": {"encoder": str(tmp_path)}}) for _ in range(3)]  # three (method, task) jobs
+    cache: dict = {}
+    embeddings = [infer._text(model, prompt, cache) for model in models for prompt in ("a room", "a clean video")]
+    assert len(loads) == 1 and embeddings[0].shape[-1] == 16
+    assert torch.equal(embeddings[0], embeddings[2]) and not torch.equal(embeddings[0], embeddings[1])
+    assert infer._text(SimpleNamespace(spec={"text": {}}), "a room", cache) is None  # trained without an encoder
 
 
 def test_params_section_in_params_yaml_is_valid():

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import write_text_encoder
 
 import chopgrad
 from chopgrad import losses, restoration
@@ -173,19 +174,7 @@ def test_transformer_folder_is_checked_before_loading(tmp_path):
 
 
 def test_prompts_are_encoded_as_wan_encodes_them(tmp_path):
-    """A tiny UMT5 encoder and a word-level tokenizer in a Wan-like folder (tokenizer/, text_encoder/)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
-
-    words = ["<pad>", "</s>", "<unk>", "a", "room", "clean", "video"]
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(tmp_path / "tokenizer")
-    torch.manual_seed(0)
-    encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(words), d_model=16, d_kv=4, d_ff=32, num_layers=1,
-                                          num_heads=2)).eval()
-    encoder.save_pretrained(tmp_path / "text_encoder")
+    encoder = write_text_encoder(tmp_path)
     caption, prompts = train.text_embeddings(params(text_encoder_path=str(tmp_path), caption="a clean video"), 16,
                                              ["a room", None, "a room"])
     assert caption.shape == (1, restoration.TEXT_LENGTH, 16) and list(prompts) == ["a room"]

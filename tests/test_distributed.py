@@ -80,13 +80,13 @@ def _setup(mode: str, sharded: bool):
     model, vae = _transformer(), _vae()
     if mode == "lora_bf16":
         model = model.to(torch.bfloat16)
-    if mode in ("lora", "switch", "lora_bf16"):
+    if mode != "full":
         lora.add_transformer_lora(model, rank=4, alpha=4)
         lora.add_decoder_lora(vae, rank=2, alpha=2, adapter_name="harmonization")
     if mode == "switch":
         lora.set_adapters(model, active=["transformer"], trainable=[])
     if sharded:
-        if mode in ("lora", "switch", "lora_bf16"):  # as on GPU: activation checkpointing of the blocks, then sharding
+        if mode != "full":  # as on GPU: activation checkpointing of the blocks, then sharding
             model.enable_gradient_checkpointing()
         distributed.shard_transformer(model)
     return model, vae, _optimizer(model, vae)

@@ -16,13 +16,14 @@ _ensure_torchvision()  # before anything below imports diffusers (which imports 
 
 from chopgrad.adapters import CogVideoXDecoder, WanDecoder, wrap_decoder
 from chopgrad.engine import decode, decode_loss
-from chopgrad.protocol import CausalDecoder, num_frames, num_latent_frames, step_frames
+from chopgrad.protocol import CausalDecoder, Tile, num_frames, num_latent_frames, step_frames
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CausalDecoder",
     "CogVideoXDecoder",
+    "Tile",
     "WanDecoder",
     "decode",
     "decode_loss",

@@ -20,16 +20,11 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ensure_torchvision", "torchvision_ops_stubbed"]
+__all__ = ["ensure_torchvision"]
 
 # Kept alive for the life of the process: dropping the Library object unregisters the schemas.
 _LIBRARY: torch.library.Library | None = None
 _DONE = False
-
-
-def torchvision_ops_stubbed() -> bool:
-    """True when torchvision's C++ operators were replaced by bare schemas in this process."""
-    return _LIBRARY is not None
 
 
 def ensure_torchvision() -> None:

@@ -16,6 +16,7 @@ Both follow the decode loop of the diffusers source they wrap, step for step, so
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from collections.abc import Iterable
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from chopgrad.protocol import CausalDecoder
+from chopgrad.protocol import CausalDecoder, Tile
 
 __all__ = ["CogVideoXDecoder", "WanDecoder", "wrap_decoder"]
 
@@ -47,6 +48,7 @@ class WanDecoder:
         self._patch_size = config.patch_size
         self.latent_channels = int(config.z_dim)
         self.spatial_scale = 2 ** (len(config.dim_mult) - 1) * (config.patch_size or 1)
+        self.out_channels = int(config.out_channels) // (config.patch_size or 1) ** 2  # after unpatchify
         self.temporal_scale = 2 ** sum(bool(flag) for flag in config.temperal_downsample)
         self._num_slots = vae._cached_conv_counts["decoder"]
 
@@ -56,8 +58,8 @@ class WanDecoder:
     def frames_out(self, step_index: int, step_size: int) -> int:
         return 1 + self.temporal_scale * (step_size - 1) if step_index == 0 else self.temporal_scale * step_size
 
-    def init_cache(self) -> tuple[bool, list]:
-        return (True, [None] * self._num_slots)
+    def init_cache(self, tile: Tile | None = None) -> tuple[bool, list]:
+        return (True, [None] * self._num_slots)  # convolutions only: where the tile lies does not matter
 
     def step(self, latents: Tensor, cache: tuple[bool, list]) -> tuple[Tensor, tuple[bool, list]]:
         first, features = cache
@@ -83,6 +85,7 @@ class CogVideoXDecoder:
         self.vae = vae
         self.latent_channels = int(config.latent_channels)
         self.spatial_scale = 2 ** (len(config.block_out_channels) - 1)
+        self.out_channels = int(config.out_channels)
         self.temporal_scale = int(config.temporal_compression_ratio)
         self._group = int(vae.num_latent_frames_batch_size)
 
@@ -98,8 +101,8 @@ class CogVideoXDecoder:
             return 1 + self.temporal_scale * (step_size - 1)
         return self.temporal_scale * step_size
 
-    def init_cache(self) -> None:
-        return None
+    def init_cache(self, tile: Tile | None = None) -> None:
+        return None  # convolutions only: where the tile lies does not matter
 
     def step(self, latents: Tensor, cache: dict | None) -> tuple[Tensor, dict]:
         if self.vae.post_quant_conv is not None:
@@ -119,7 +122,8 @@ def wrap_decoder(vae: Any) -> CausalDecoder:
             already implements :class:`~chopgrad.CausalDecoder` (returned unchanged).
 
     Raises:
-        TypeError: for any other object, naming the supported types.
+        TypeError: for any other object, naming the supported types and what it lacks of the
+            protocol (an ``init_cache`` without a ``tile`` argument included).
     """
     from diffusers import AutoencoderKLCogVideoX, AutoencoderKLWan
 
@@ -127,11 +131,29 @@ def wrap_decoder(vae: Any) -> CausalDecoder:
         return WanDecoder(vae)
     if isinstance(vae, AutoencoderKLCogVideoX):
         return CogVideoXDecoder(vae)
-    if isinstance(vae, CausalDecoder):
-        return vae
-    raise TypeError(
-        f"chopgrad cannot drive a decoder of type {type(vae).__name__}: pass a diffusers "
-        "AutoencoderKLWan or AutoencoderKLCogVideoX, or an object implementing chopgrad.CausalDecoder "
-        "(step_sizes, frames_out, init_cache, step, parameters, latent_channels, spatial_scale, "
-        "output_range, clamp_output)"
-    )
+    missing = [name for name in _MEMBERS if not hasattr(vae, name)]
+    if missing:
+        raise TypeError(
+            f"chopgrad cannot drive a decoder of type {type(vae).__name__}: pass a diffusers "
+            "AutoencoderKLWan or AutoencoderKLCogVideoX, or an object implementing chopgrad.CausalDecoder "
+            f"(it lacks {', '.join(missing)})"
+        )
+    if not _takes_tile(vae.init_cache):
+        raise TypeError(
+            f"{type(vae).__name__}.init_cache takes no tile: chopgrad.CausalDecoder declares "
+            "init_cache(self, tile=None), the chopgrad.Tile being decoded; add the argument (ignore it "
+            "if where the tile lies does not matter)"
+        )
+    return vae
+
+
+# What CausalDecoder declares (its attributes, then its methods), read from it so the two cannot drift.
+_MEMBERS = [*CausalDecoder.__annotations__, *(n for n, v in vars(CausalDecoder).items() if callable(v) and n[0] != "_")]
+
+
+def _takes_tile(init_cache: Any) -> bool:
+    try:
+        parameters = inspect.signature(init_cache).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): let the call decide
+        return True
+    return any(p.name == "tile" or p.kind is p.VAR_KEYWORD for p in parameters)

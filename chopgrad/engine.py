@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from chopgrad.adapters import wrap_decoder
-from chopgrad.protocol import CausalDecoder, num_frames, step_frames
+from chopgrad.protocol import CausalDecoder, Tile, num_frames, step_frames
 
 __all__ = ["decode", "decode_loss"]
 
@@ -39,14 +39,14 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 @dataclass(frozen=True)
-class _Tile:
-    latent: tuple[slice, slice]  # rows, cols of the latents decoded for this tile (interior + halo)
+class _Placement:
+    tile: Tile  # the latents decoded for this tile (interior + halo), as the decoder is told
     crop: tuple[slice, slice]  # the interior inside the decoded tile, in pixels
     out: tuple[slice, slice]  # where the interior lies in the full frame, in pixels
     weight: float  # share of the frame's pixels
 
 
-def _tile_layout(height: int, width: int, tiles: tuple[int, int], halo: int, scale: int) -> list[_Tile]:
+def _tile_layout(height: int, width: int, tiles: tuple[int, int], halo: int, scale: int) -> list[_Placement]:
     def spans(size: int, count: int) -> list[tuple[slice, slice, slice]]:
         step = size // count
         result = []
@@ -59,7 +59,7 @@ def _tile_layout(height: int, width: int, tiles: tuple[int, int], halo: int, sca
 
     weight = 1.0 / (tiles[0] * tiles[1])
     return [
-        _Tile((rows[0], cols[0]), (rows[1], cols[1]), (rows[2], cols[2]), weight)
+        _Placement(Tile(rows[0], cols[0]), (rows[1], cols[1]), (rows[2], cols[2]), weight)
         for rows in spans(height, tiles[0])
         for cols in spans(width, tiles[1])
     ]
@@ -110,12 +110,12 @@ def _divisors(n: int) -> list[int]:
 def _check_target(decoder: CausalDecoder, latents: Tensor, target: Any) -> None:
     batch, _, frames, height, width = latents.shape
     scale = decoder.spatial_scale
-    expected = (batch, getattr(decoder, "out_channels", 3), num_frames(decoder, frames), height * scale, width * scale)
+    expected = (batch, decoder.out_channels, num_frames(decoder, frames), height * scale, width * scale)
     if not isinstance(target, Tensor) or tuple(target.shape) != expected:
         shape = tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__
         raise ValueError(
             f"target has shape {shape} but latents of shape {tuple(latents.shape)} decode to {expected} "
-            "[B, 3, T, H, W]; use chopgrad.num_latent_frames to match clip lengths"
+            "[B, out_channels, T, H, W]; use chopgrad.num_latent_frames to match clip lengths"
         )
     if not torch.isfinite(target).all():
         raise ValueError("target contains NaN or Inf values")
@@ -189,25 +189,25 @@ def _vjp(outputs: list[Tensor], grad_outputs: list[Tensor | None], inputs: list[
 # ----------------------------------------------------------------------------- the three modes
 
 
-def _step_loss(loss_fn: LossFn, frames: Tensor, target: Tensor, tile: _Tile, share: float) -> Tensor:
-    value = loss_fn(frames[..., tile.crop[0], tile.crop[1]], target[..., tile.out[0], tile.out[1]])
+def _step_loss(loss_fn: LossFn, frames: Tensor, target: Tensor, place: _Placement, share: float) -> Tensor:
+    value = loss_fn(frames[..., place.crop[0], place.crop[1]], target[..., place.out[0], place.out[1]])
     if not isinstance(value, Tensor) or value.numel() != 1:
         raise ValueError("loss_fn(pred, target) must return a scalar tensor (reduce it, e.g. with .mean())")
-    return value.reshape(()) * (share * tile.weight)
+    return value.reshape(()) * (share * place.weight)
 
 
-def _truncated(decoder, latents, target, loss_fn, plan, tile, d_trunc, params, acc) -> Tensor:
+def _truncated(decoder, latents, target, loss_fn, plan, place, d_trunc, params, acc) -> Tensor:
     """Algorithm 1: each step's loss term is backpropagated through at most ``d_trunc`` earlier steps."""
     want_latents = acc.latents is not None
     total_frames = plan[-1][1].stop
     window: list[_StepGraph] = []
-    cache, total = decoder.init_cache(), latents.new_zeros(())
+    cache, total = decoder.init_cache(tile=place.tile), latents.new_zeros(())
     for latent_slice, frame_slice in plan:
         step_latents = latents[:, :, latent_slice].detach().requires_grad_(want_latents)
         cache_in, positions, leaves = detach_cache(cache, requires_grad=d_trunc > 0)
         frames, cache = decoder.step(step_latents, cache_in)
         share = (frame_slice.stop - frame_slice.start) / total_frames
-        loss = _step_loss(loss_fn, frames, target[:, :, frame_slice], tile, share)
+        loss = _step_loss(loss_fn, frames, target[:, :, frame_slice], place, share)
         total = total + loss.detach()
         window.append(_StepGraph(latent_slice, step_latents, positions, leaves, tree_flatten(cache)[0]))
         del frames
@@ -232,27 +232,27 @@ def _truncated(decoder, latents, target, loss_fn, plan, tile, d_trunc, params, a
     return total
 
 
-def _full(decoder, latents, target, loss_fn, plan, tile, params, acc) -> Tensor:
+def _full(decoder, latents, target, loss_fn, plan, place, params, acc) -> Tensor:
     """Plain backpropagation through the untruncated loop (memory grows with the video)."""
     want_latents = acc.latents is not None
     leaf = latents.detach().requires_grad_(want_latents)
     total_frames = plan[-1][1].stop
-    cache, total = decoder.init_cache(), latents.new_zeros(())
+    cache, total = decoder.init_cache(tile=place.tile), latents.new_zeros(())
     for latent_slice, frame_slice in plan:
         frames, cache = decoder.step(leaf[:, :, latent_slice], cache)
         share = (frame_slice.stop - frame_slice.start) / total_frames
-        total = total + _step_loss(loss_fn, frames, target[:, :, frame_slice], tile, share)
+        total = total + _step_loss(loss_fn, frames, target[:, :, frame_slice], place, share)
     grads = _vjp([total], [None], [leaf] * want_latents + params, retain=False)
     acc.add(slice(None), grads[0] if want_latents else None, grads[want_latents:])
     return total.detach()
 
 
-def _recompute(decoder, latents, target, loss_fn, plan, tile, params, acc) -> Tensor:
+def _recompute(decoder, latents, target, loss_fn, plan, place, params, acc) -> Tensor:
     """Exact gradient holding only the per-step caches: a forward sweep, then a reverse sweep
     that recomputes each step's graph and carries the cache adjoint backwards."""
     want_latents = acc.latents is not None
     total_frames = plan[-1][1].stop
-    caches, cache = [], decoder.init_cache()
+    caches, cache = [], decoder.init_cache(tile=place.tile)
     with torch.no_grad():
         for latent_slice, _ in plan:
             caches.append(cache)
@@ -266,7 +266,7 @@ def _recompute(decoder, latents, target, loss_fn, plan, tile, params, acc) -> Te
         cache_in, positions, leaves = detach_cache(cache_entering, requires_grad=True)
         frames, cache_out = decoder.step(step_latents, cache_in)
         share = (frame_slice.stop - frame_slice.start) / total_frames
-        loss = _step_loss(loss_fn, frames, target[:, :, frame_slice], tile, share)
+        loss = _step_loss(loss_fn, frames, target[:, :, frame_slice], place, share)
         total = total + loss.detach()
         outputs, grad_outputs = [loss], [None]
         if outputs_adjoint is not None:
@@ -319,14 +319,16 @@ def decode_loss(
             :func:`~chopgrad.wrap_decoder` accepts.
         latents: ``[B, C, t, h, w]``, what ``vae.decode`` takes.
         target: ``[B, 3, T, H, W]`` in the decoder's output range (``[-1, 1]``), ``T`` the frame
-            count the decoder produces for ``t`` latent frames (:func:`~chopgrad.num_frames`).
+            count the decoder produces for ``t`` latent frames (:func:`~chopgrad.num_frames`);
+            ``3`` is the decoder's ``out_channels``.
         loss_fn: ``loss_fn(pred, target) -> scalar``, applied to each step's frames
             ``[B, 3, T_s, H', W']`` (one tile's interior when ``tiles`` is not ``(1, 1)``).
         d_trunc: truncation distance ``D >= 0``: step ``s``'s loss term reaches the latents of
             steps ``s - D .. s``, i.e. the cache entering step ``s - D`` is a constant. ``0``: each
             term reaches only its own step. ``None``: full backpropagation (exact).
-        tiles: ``(rows, cols)`` spatial tiles, decoded and backpropagated one at a time; each
-            must divide the latent height and width.
+        tiles: ``(rows, cols)`` spatial tiles, decoded and backpropagated one at a time, each from
+            ``decoder.init_cache(tile=...)`` with its :class:`~chopgrad.Tile`;
+            each count must divide the latent height and width.
         halo: latent pixels of context decoded around each tile (the loss sees only the interior).
         recompute: with ``d_trunc=None``, compute the exact gradient holding only the per-step
             caches (a reverse sweep that recomputes each step), not every step's activations.
@@ -358,22 +360,22 @@ def decode_loss(
     layout = _tile_layout(latents.shape[-2], latents.shape[-1], tuple(tiles), halo, decoder.spatial_scale)
     if not grad_needed:
         with torch.no_grad():
-            return sum(_forward_loss(decoder, latents, target, loss_fn, plan, tile) for tile in layout)
+            return sum(_forward_loss(decoder, latents, target, loss_fn, plan, place) for place in layout)
 
     latent_grad = torch.zeros_like(latents) if latents.requires_grad else None
     param_grads: list[Tensor | None] = [None] * len(params)
     total = latents.new_zeros((), dtype=torch.float64)
-    for tile in layout:
-        tile_latents = latents.detach()[..., tile.latent[0], tile.latent[1]]
+    for place in layout:
+        tile_latents = latents.detach()[..., place.tile.rows, place.tile.cols]
         acc = _Accumulator(tile_latents if latent_grad is not None else None, params)
         if d_trunc is None:
             run = _recompute if recompute else _full
-            value = run(decoder, tile_latents, target, loss_fn, plan, tile, params, acc)
+            value = run(decoder, tile_latents, target, loss_fn, plan, place, params, acc)
         else:
-            value = _truncated(decoder, tile_latents, target, loss_fn, plan, tile, d_trunc, params, acc)
+            value = _truncated(decoder, tile_latents, target, loss_fn, plan, place, d_trunc, params, acc)
         total += value.double()
         if latent_grad is not None:
-            latent_grad[..., tile.latent[0], tile.latent[1]] += acc.latents
+            latent_grad[..., place.tile.rows, place.tile.cols] += acc.latents
         for index, grad in enumerate(acc.params):
             if grad is not None:
                 param_grads[index] = grad if param_grads[index] is None else param_grads[index] + grad
@@ -381,14 +383,14 @@ def decode_loss(
     return _DeliverGradients.apply(total.to(latents.dtype), grads, latents, *params)
 
 
-def _forward_loss(decoder, latents, target, loss_fn, plan, tile) -> Tensor:
+def _forward_loss(decoder, latents, target, loss_fn, plan, place) -> Tensor:
     total_frames = plan[-1][1].stop
-    cache, total = decoder.init_cache(), latents.new_zeros(())
-    tile_latents = latents[..., tile.latent[0], tile.latent[1]]
+    cache, total = decoder.init_cache(tile=place.tile), latents.new_zeros(())
+    tile_latents = latents[..., place.tile.rows, place.tile.cols]
     for latent_slice, frame_slice in plan:
         frames, cache = decoder.step(tile_latents[:, :, latent_slice], cache)
         share = (frame_slice.stop - frame_slice.start) / total_frames
-        total = total + _step_loss(loss_fn, frames, target[:, :, frame_slice], tile, share)
+        total = total + _step_loss(loss_fn, frames, target[:, :, frame_slice], place, share)
     return total
 
 
@@ -417,12 +419,12 @@ def decode(
     scale = decoder.spatial_scale
     rows = []
     layout = _tile_layout(latents.shape[-2], latents.shape[-1], tuple(tiles), halo, scale)
-    for tile in layout:
-        cache, pieces = decoder.init_cache(), []
-        tile_latents = latents[..., tile.latent[0], tile.latent[1]]
+    for place in layout:
+        cache, pieces = decoder.init_cache(tile=place.tile), []
+        tile_latents = latents[..., place.tile.rows, place.tile.cols]
         for latent_slice, _ in plan:
             frames, cache = decoder.step(tile_latents[:, :, latent_slice], cache)
-            pieces.append(frames[..., tile.crop[0], tile.crop[1]])
+            pieces.append(frames[..., place.crop[0], place.crop[1]])
         rows.append(torch.cat(pieces, dim=2))
     cols = tiles[1]
     out = torch.cat([torch.cat(rows[r * cols : (r + 1) * cols], dim=-1) for r in range(tiles[0])], dim=-2)

@@ -2,7 +2,7 @@
 
 The paper fine-tunes Wan 2.1 with LoRA: rank 128 / alpha 64 on the diffusion transformer and
 rank 16 / alpha 16 on the VAE decoder (Mirage, supplement B.4), with two *separate* decoder
-LoRAs for Mirage's two training stages (reconstruction, then harmonization). Decoder LoRA
+LoRAs for Mirage's two training phases (reconstruction, then harmonization). Decoder LoRA
 weights are trained through ChopGrad: :class:`chopgrad.WanDecoder` hands every decoder
 parameter with ``requires_grad`` (LoRA included) to :func:`chopgrad.decode_loss`.
 
@@ -28,7 +28,7 @@ Typical use (what ``stages/train.py`` does)::
 
     add_transformer_lora(transformer, rank=128, alpha=64)             # freezes the base weights
     add_decoder_lora(vae, rank=16, alpha=16, adapter_name="reconstruction")
-    # Mirage stage 2: a second decoder LoRA; the first stays active but frozen
+    # Mirage phase 2: a second decoder LoRA; the first stays active but frozen
     add_decoder_lora(vae, rank=16, alpha=16, adapter_name="harmonization")
     set_adapters(vae, active=["reconstruction", "harmonization"], trainable=["harmonization"])
     params = list(trainable_parameters(transformer).values()) + list(trainable_parameters(vae).values())
@@ -243,7 +243,7 @@ def add_decoder_lora(
     Args:
         vae: ``AutoencoderKLWan`` (Wan 2.1 layout).
         rank, alpha: LoRA rank and alpha; the paper (Mirage) uses 16 / 16.
-        adapter_name: e.g. ``"reconstruction"`` (Mirage stage 1) or ``"harmonization"`` (stage 2).
+        adapter_name: e.g. ``"reconstruction"`` (Mirage phase 1) or ``"harmonization"`` (phase 2).
         target_modules: full module names; default :func:`decoder_lora_targets` (every decoder conv).
         dropout: LoRA dropout.
 
@@ -291,7 +291,7 @@ def set_adapters(model: nn.Module, active: str | Sequence[str], trainable: str |
 
     Active adapters add their updates (summed); ``trainable`` (a subset of ``active``) get
     ``requires_grad=True``, every other LoRA weight ``False``. Base weights are not touched.
-    Mirage stage 2: ``set_adapters(vae, ["reconstruction", "harmonization"], ["harmonization"])``.
+    Mirage phase 2: ``set_adapters(vae, ["reconstruction", "harmonization"], ["harmonization"])``.
 
     Raises:
         ValueError: an unknown adapter name, or a trainable adapter that is not active.

@@ -39,13 +39,13 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from chopgrad import weights as weight_files
+from chopgrad.metrics import limits
+from chopgrad.metrics.frames import load_lpips
 
 __all__ = ["KNOWN_LOSSES", "MIN_SIZE", "PerFrameDecoder", "PixelLoss", "build_loss", "check_loss_weights"]
 
-# Smallest frame side (pixels) each loss accepts: VGG16's four 2x poolings leave relu5_3 at
-# 1 pixel for a 16-pixel side (LPIPS and DISTS use relu5_3).
-MIN_SIZE = {"mse": 1, "lpips_vgg": 16, "dists": 16, "gram": 8}
-KNOWN_LOSSES = tuple(MIN_SIZE)
+KNOWN_LOSSES = ("mse", "lpips_vgg", "dists", "gram")
+MIN_SIZE = {name: limits.MIN_SIZE[name] for name in KNOWN_LOSSES}  # smallest frame side (chopgrad.metrics.limits)
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -70,7 +70,7 @@ def check_loss_weights(losses: Mapping[str, float] | Iterable[tuple[str, float]]
         if len(item) != 2:
             raise ValueError(f"{what}: expected (name, weight) pairs, got {item!r}")
         name, weight = item
-        if name not in MIN_SIZE:
+        if name not in KNOWN_LOSSES:
             raise ValueError(f"{what}: unknown loss {name!r}; known losses: {', '.join(KNOWN_LOSSES)}")
         if name in checked:
             raise ValueError(f"{what}: loss {name!r} is given twice")
@@ -96,10 +96,7 @@ class LPIPSLoss(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.weights = weight_files.require_metric("lpips_vgg")
-        import lpips  # only once the files are known to be there: it would download them otherwise
-
-        self.model = _frozen(lpips.LPIPS(net="vgg", version="0.1", pretrained=True, pnet_rand=False, verbose=False))
+        self.model, self.weights = load_lpips("vgg")  # the weight policy is the caller's (chopgrad.weights)
 
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:
         return self.model(_frames(pred), _frames(target), normalize=False).mean()
@@ -110,11 +107,11 @@ class DISTSLoss(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.weights = weight_files.require_metric("dists")
-        import pyiqa
+        with weight_files.loading_metric("dists") as self.weights:  # pyiqa unpickles with weights_only=False
+            import pyiqa
 
-        self.model = pyiqa.create_metric("dists", as_loss=True, device=torch.device("cpu"),
-                                         pretrained_model_path=str(weight_files.weight_path("dists")))
+            self.model = pyiqa.create_metric("dists", as_loss=True, device=torch.device("cpu"),
+                                             pretrained_model_path=str(weight_files.weight_path("dists")))
         _frozen(self.model)
 
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:
@@ -128,13 +125,13 @@ class GramLoss(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.weights = weight_files.require(["vgg16"], purpose="the gram loss")
+        with weight_files.loading(["vgg16"], purpose="the gram loss") as self.weights:
+            state = torch.load(weight_files.weight_path("vgg16"), map_location="cpu", weights_only=True)
         from torchvision.models.vgg import cfgs, make_layers
 
         # Only the convolutional trunk: building all of vgg16() would initialise its 120M-parameter
         # classifier for nothing.
         features = make_layers(cfgs["D"])[: self.LAYERS[-1] + 1]
-        state = torch.load(weight_files.weight_path("vgg16"), map_location="cpu", weights_only=True)
         prefix = "features."
         trunk = {key[len(prefix):]: value.float() for key, value in state.items() if key.startswith(prefix)
                  and int(key.split(".")[1]) <= self.LAYERS[-1]}
@@ -228,10 +225,8 @@ class PerFrameDecoder:
         from chopgrad.adapters import wrap_decoder
 
         self.decoder = wrap_decoder(decoder)
-        for name in ("latent_channels", "spatial_scale", "output_range", "clamp_output"):
+        for name in ("latent_channels", "out_channels", "spatial_scale", "output_range", "clamp_output"):
             setattr(self, name, getattr(self.decoder, name))
-        if hasattr(self.decoder, "out_channels"):
-            self.out_channels = self.decoder.out_channels
 
     def step_sizes(self, latent_frames: int) -> list[int]:
         return self.decoder.step_sizes(latent_frames)
@@ -239,8 +234,8 @@ class PerFrameDecoder:
     def frames_out(self, step_index: int, step_size: int) -> int:
         return self.decoder.frames_out(step_index, step_size)
 
-    def init_cache(self) -> Any:
-        return self.decoder.init_cache()
+    def init_cache(self, tile: Any = None) -> Any:  # a chopgrad.Tile: the wrapped decoder may need it
+        return self.decoder.init_cache(tile=tile)
 
     def step(self, latents: Tensor, cache: Any) -> tuple[Tensor, Any]:
         frames, after = self.decoder.step(latents, cache)

@@ -6,6 +6,12 @@ the next. ChopGrad needs that loop written as a pure function, ``(latent step, c
 (pixel frames, cache)``, so it can decide where gradients may cross a step boundary
 (paper section 3.1, equation 1).
 
+When ChopGrad decodes in spatial tiles (``tiles=(rows, cols)`` of :func:`chopgrad.decode_loss`),
+it tells the decoder which part of the frame it decodes: :meth:`CausalDecoder.init_cache` gets
+the :class:`Tile`, and the decoder may keep it in the cache it hands to the steps. Most decoders
+ignore it; one whose steps read more than the latents (Mirage's skip connections,
+:class:`chopgrad.skip.SkipDecoder`, crop the input video to the tile) needs it.
+
 :func:`chopgrad.wrap_decoder` returns an implementation for diffusers' ``AutoencoderKLWan``
 and ``AutoencoderKLCogVideoX``. Implement :class:`CausalDecoder` to use a decoder of your own.
 """
@@ -13,12 +19,26 @@ and ``AutoencoderKLCogVideoX``. Implement :class:`CausalDecoder` to use a decode
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-__all__ = ["CausalDecoder", "num_frames", "num_latent_frames", "step_frames"]
+__all__ = ["CausalDecoder", "Tile", "num_frames", "num_latent_frames", "step_frames"]
+
+
+@dataclass(frozen=True)
+class Tile:
+    """The part of the frame a decode covers: latent rows and columns, halo included.
+
+    ``latents[..., tile.rows, tile.cols]`` are the latents the steps get; their frames cover
+    pixel rows ``rows.start * spatial_scale`` to ``rows.stop * spatial_scale`` (likewise columns)
+    of the whole decoded frame. ChopGrad decodes each tile from its own :meth:`~CausalDecoder.init_cache`.
+    """
+
+    rows: slice  # of the whole latent frame's height h, halo included
+    cols: slice  # of its width w
 
 
 @runtime_checkable
@@ -27,12 +47,14 @@ class CausalDecoder(Protocol):
 
     Attributes:
         latent_channels: channels ``C`` of the latents ``[B, C, t, h, w]`` it takes.
+        out_channels: channels of the frames :meth:`step` returns (3 for RGB); the target's too.
         spatial_scale: output pixels per latent pixel (8 for Wan 2.1, 16 for Wan 2.2).
         output_range: ``(low, high)`` of the pixels that its public ``decode`` returns.
         clamp_output: whether its public ``decode`` clamps to ``output_range`` (Wan does).
     """
 
     latent_channels: int
+    out_channels: int
     spatial_scale: int
     output_range: tuple[float, float]
     clamp_output: bool
@@ -45,8 +67,14 @@ class CausalDecoder(Protocol):
         """Pixel frames produced by step ``step_index`` when it takes ``step_size`` latent frames."""
         ...
 
-    def init_cache(self) -> Any:
-        """The cache entering the first step (any pytree of tensors, ``None`` and constants)."""
+    def init_cache(self, tile: Tile | None = None) -> Any:
+        """The cache entering the first step (any pytree of tensors, ``None`` and constants).
+
+        Args:
+            tile: the part of the frame that the coming steps decode; ``None`` (the default) for
+                the whole frame. ChopGrad always passes it; a decoder whose output does not depend
+                on where its latents lie in the frame ignores it.
+        """
         ...
 
     def step(self, latents: Tensor, cache: Any) -> tuple[Tensor, Any]:
@@ -57,7 +85,7 @@ class CausalDecoder(Protocol):
             cache: the cache returned by the previous step (or :meth:`init_cache`).
 
         Returns:
-            ``(frames [B, 3, S, H, W] before any output clamp, cache for the next step)``.
+            ``(frames [B, out_channels, S, H, W] before any output clamp, cache for the next step)``.
             Must not modify ``cache`` in place: ChopGrad feeds detached copies of it back in.
         """
         ...

@@ -98,7 +98,9 @@ def small_transformer(
         latent_channels: channels ``C`` of the VAE latents (in and out).
         rope_max_seq_len: longest token grid side RoPE covers (latent frames, or patches per side).
         zero_output: zero the output projection, so the untrained restorer is the identity
-            (``v = 0``, ``z = z_hat``): the degraded video is a far better start than noise.
+            (``v = 0``, ``z = z_hat``): the degraded video is a far better start than noise. False
+            where gradients through an untrained transformer are measured (:mod:`chopgrad.analysis`):
+            a zero output projection passes no gradient to the weights before it.
         seed: seeds the initial weights (the global RNG is left as it was).
     """
     from diffusers import WanTransformer3DModel
@@ -163,20 +165,33 @@ def check_transformer_folder(path: str | os.PathLike | None) -> tuple[Path, str 
                      f"nor {folder / 'config.json'}): {fix}")
 
 
-def load_transformer(path: str | os.PathLike, torch_dtype: torch.dtype | None = None):
+def load_transformer(path: str | os.PathLike, torch_dtype: torch.dtype | None = None,
+                     latent_channels: int | None = None):
     """Wan 2.1's transformer from a local diffusers folder (``local_files_only``: no download).
 
     Args:
         path: see :func:`check_transformer_folder`; checked before anything is loaded.
         torch_dtype: load in this dtype (the weights' own when None).
+        latent_channels: when given, the VAE's latent channel count ``C``; a transformer taking or
+            giving another count is refused from its ``config.json``, before its weights are read.
     """
     from diffusers import WanTransformer3DModel
 
     folder, subfolder = check_transformer_folder(path)
+    if latent_channels is not None:
+        _check_channels(folder / subfolder if subfolder else folder, latent_channels)
     kwargs = {"subfolder": subfolder} if subfolder else {}
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
     return WanTransformer3DModel.from_pretrained(folder, local_files_only=True, **kwargs)
+
+
+def _check_channels(weights_dir: Path, latent_channels: int) -> None:
+    config = json.loads((weights_dir / "config.json").read_text())
+    channels = (config.get("in_channels", 16), config.get("out_channels") or config.get("in_channels", 16))
+    if channels != (latent_channels, latent_channels):
+        raise ValueError(f"the transformer in {weights_dir} maps {channels[0]} to {channels[1]} latent channels "
+                         f"but the VAE has {latent_channels}: use the transformer and VAE of the same model")
 
 
 # ----------------------------------------------------------------------------------------------------------

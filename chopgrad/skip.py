@@ -17,22 +17,20 @@ fusion conv and the decoder LoRA (:mod:`chopgrad.lora`) with ChopGrad gradients.
    pretrained decoder (a plain conv would have to be initialised to the identity on the decoder
    channels to do that; both parameterise the same set of functions).
 
-.. note:: **How the skip features reach each step (decode_loss's API is unchanged).**
+.. note:: **How the skip features reach each step.**
    ``decode_loss`` calls ``step(latents, cache)`` with one step's latents and nothing else, so
    the decoder object holds the current video: :meth:`SkipDecoder.bind` stores the input video
-   ``[B, 3, T, H, W]`` (and the ``tiles``/``halo`` that ``decode_loss`` will be called with).
-   The cache this decoder hands out carries the step's position (tile, step index, first output
-   frame) as plain integers next to the Wan cache, so every ChopGrad mode (truncated, full,
-   ``recompute``'s reverse sweep) finds the right frames. Each step encodes its own frames (and
-   its tile's pixels, halo included) on the fly, so the full-resolution features of the whole
-   video (``base_dim`` channels per pixel) never exist at once. The tile of a step is counted
-   from :meth:`init_cache` calls (``decode``/``decode_loss`` start every tile, in row-major
-   order, with one), which is why the same ``tiles`` and ``halo`` must go to :meth:`bind` and to
-   ``decode_loss``; a shape check raises if they do not match.
+   ``[B, 3, T, H, W]``. The engine starts every tile with ``init_cache(tile=...)``
+   (:class:`chopgrad.Tile`, the protocol's way of saying which part of the frame is decoded), and
+   the cache this decoder hands out carries that tile and the step's position (step index, first
+   output frame) next to the Wan cache, so every ChopGrad mode (truncated, full, ``recompute``'s
+   reverse sweep) finds the right pixels. Each step encodes its own frames (and its tile's
+   pixels, halo included) on the fly, so the full-resolution features of the whole video
+   (``base_dim`` channels per pixel) never exist at once.
 
 The skip features are constants for the gradient: the encoder is frozen in Mirage, and they
-are computed under ``torch.no_grad``. :func:`mirage_stage` sets the trainable parameters of
-Mirage's two training stages (reconstruction; harmonization).
+are computed under ``torch.no_grad``. :func:`mirage_phase` sets the trainable parameters of
+Mirage's two training phases (reconstruction; harmonization).
 """
 
 from __future__ import annotations
@@ -43,8 +41,9 @@ import torch
 from torch import Tensor, nn
 
 from chopgrad.adapters import WanDecoder
+from chopgrad.protocol import Tile
 
-__all__ = ["SkipDecoder", "mirage_stage", "skip_features"]
+__all__ = ["SkipDecoder", "mirage_phase", "skip_features"]
 
 FusePoint = Literal["after_upsample", "before_head"]
 
@@ -93,7 +92,6 @@ class SkipDecoder(nn.Module):
         skip = SkipDecoder(vae)                      # holds vae (not copied) and a zero fusion conv
         skip.to(device)                              # moves the fusion conv (and the vae)
         loss = chopgrad.decode_loss(skip.bind(video), latents, target, loss_fn, d_trunc=1, tiles=(2, 2))
-        # ... bind(video, tiles=(2, 2)) when decode_loss gets tiles=(2, 2): see the module note
         frames = chopgrad.decode(skip.bind(video), latents)     # inference
         torch.save / safetensors: skip.fusion.state_dict()   # the fusion weights ("weight", "bias")
 
@@ -147,22 +145,21 @@ class SkipDecoder(nn.Module):
         self.spatial_scale = self._wan.spatial_scale
         self.output_range = self._wan.output_range
         self.clamp_output = self._wan.clamp_output
+        self.out_channels = self._wan.out_channels
         self._video: Tensor | None = None
-        self._layout: list[tuple[slice, slice]] = [(slice(None), slice(None))]
-        self._next_tile = 0
         self._skip: Tensor | None = None
 
     # ------------------------------------------------------------------ binding the video
 
-    def bind(self, video: Tensor, tiles: tuple[int, int] = (1, 1), halo: int = 2) -> SkipDecoder:
+    def bind(self, video: Tensor) -> SkipDecoder:
         """Hold ``video`` (``[B, 3, T, H, W]`` in [-1, 1], the clip whose latents are decoded next).
 
-        ``tiles`` and ``halo`` must be what ``decode_loss`` / ``decode`` get. Returns ``self``.
+        Returns ``self``. Tiles need nothing here: the engine names each one to :meth:`init_cache`.
 
         Raises:
             ValueError: a video that is not ``[B, 3, T, H, W]`` with ``H``, ``W`` multiples of the
-                spatial scale and divisible into ``tiles``; trainable encoder layers (their
-                gradients would be lost: the skip features are computed without gradient).
+                spatial scale; trainable encoder layers (their gradients would be lost: the skip
+                features are computed without gradient).
         """
         if not isinstance(video, Tensor) or video.dim() != 5 or video.shape[1] != 3:
             shape = tuple(video.shape) if isinstance(video, Tensor) else type(video).__name__
@@ -176,18 +173,7 @@ class SkipDecoder(nn.Module):
                 "the encoder layers that compute the skip features require grad, but the features are computed "
                 "without gradient (Mirage keeps the encoder frozen): call vae.encoder.requires_grad_(False)"
             )
-        from chopgrad.engine import _tile_layout
-
-        rows, cols = tiles
-        if (height // scale) % rows or (width // scale) % cols:
-            raise ValueError(f"tiles={tuple(tiles)} do not divide the latent size {height // scale}x{width // scale}")
-        layout = _tile_layout(height // scale, width // scale, (rows, cols), halo, scale)
-        self._layout = [
-            (slice(t.latent[0].start * scale, t.latent[0].stop * scale), slice(t.latent[1].start * scale, t.latent[1].stop * scale))
-            for t in layout
-        ]
         self._video = video
-        self._next_tile = 0
         return self
 
     # ------------------------------------------------------------------ CausalDecoder
@@ -198,25 +184,23 @@ class SkipDecoder(nn.Module):
     def frames_out(self, step_index: int, step_size: int) -> int:
         return self._wan.frames_out(step_index, step_size)
 
-    def init_cache(self) -> tuple[int, int, int, Any]:
-        """``(tile, step index, first output frame, Wan cache)``; each call starts the next tile."""
+    def init_cache(self, tile: Tile | None = None) -> tuple[Tile | None, int, int, Any]:
+        """``(tile, step index, first output frame, Wan cache)``: where each step's pixels lie."""
         if self._video is None:
             raise RuntimeError("SkipDecoder has no video: call skip_decoder.bind(video) before decoding")
-        tile = self._next_tile
-        self._next_tile = (tile + 1) % len(self._layout)
         return (tile, 0, 0, self._wan.init_cache())
 
-    def step(self, latents: Tensor, cache: tuple[int, int, int, Any]) -> tuple[Tensor, tuple[int, int, int, Any]]:
+    def step(self, latents: Tensor, cache: tuple[Tile | None, int, int, Any]) -> tuple[Tensor, tuple[Tile | None, int, int, Any]]:
         tile, index, first_frame, wan_cache = cache
         frames = self.frames_out(index, latents.shape[2])
-        rows, cols = self._layout[tile]
+        rows, cols = self._pixels(tile)
         video = self._video[:, :, first_frame : first_frame + frames, rows, cols]
         expected = (latents.shape[-2] * self.spatial_scale, latents.shape[-1] * self.spatial_scale)
         if video.shape[2] != frames or tuple(video.shape[-2:]) != expected:
             raise ValueError(
                 f"the bound video gives frames {first_frame}..{first_frame + frames} of size {tuple(video.shape[-2:])} "
                 f"for this step, but the latents decode to {frames} frames of size {expected}: bind the clip that "
-                "these latents encode, with the same tiles and halo as decode_loss/decode"
+                "these latents encode"
             )
         skip = skip_features(self.vae, video.to(device=latents.device, dtype=latents.dtype))
         self._skip = skip
@@ -227,6 +211,13 @@ class SkipDecoder(nn.Module):
             handle.remove()
             self._skip = None
         return out, (tile, index + 1, first_frame + frames, wan_cache)
+
+    def _pixels(self, tile: Tile | None) -> tuple[slice, slice]:
+        """The video's pixel rows and columns under ``tile`` (all of them for the whole frame)."""
+        if tile is None:
+            return slice(None), slice(None)
+        scale = self.spatial_scale
+        return slice(tile.rows.start * scale, tile.rows.stop * scale), slice(tile.cols.start * scale, tile.cols.stop * scale)
 
     def _fuse(self, module: nn.Module, inputs: Any, features: Tensor) -> Tensor:
         skip = self._skip
@@ -245,15 +236,15 @@ def _fuse_frames(fusion: nn.Conv2d, features: Tensor, skip: Tensor) -> Tensor:  
     return fused.reshape(batch, frames, channels, height, width).transpose(1, 2)
 
 
-def mirage_stage(
-    stage: Literal["reconstruction", "harmonization"],
+def mirage_phase(
+    phase: Literal["reconstruction", "harmonization"],
     skip_decoder: SkipDecoder,
     transformer: nn.Module | None = None,
     *,
     decoder_adapters: tuple[str, str] = ("reconstruction", "harmonization"),
     transformer_adapter: str = "transformer",
 ) -> dict[str, nn.Parameter]:
-    """Set what trains in Mirage's two stages (supplement B.4); returns the trainable parameters.
+    """Set what trains in Mirage's two training phases (supplement B.4); returns the trainable parameters.
 
     - ``"reconstruction"``: the fusion conv and the first decoder LoRA train (the second decoder
       LoRA, if present, is inactive); the transformer is frozen entirely.
@@ -261,7 +252,7 @@ def mirage_stage(
       and the first decoder LoRA stay active but frozen.
 
     The adapters must exist already (:func:`chopgrad.lora.add_decoder_lora` twice with the names in
-    ``decoder_adapters``, :func:`chopgrad.lora.add_transformer_lora` for stage 2). The returned dict
+    ``decoder_adapters``, :func:`chopgrad.lora.add_transformer_lora` for phase 2). The returned dict
     has ``fusion.*``, ``vae.*`` and ``transformer.*`` keys, ready for the optimizer.
     """
     from chopgrad import lora
@@ -269,27 +260,27 @@ def mirage_stage(
     first, second = decoder_adapters
     vae = skip_decoder.vae
     present = lora.adapter_names(vae)
-    if stage == "reconstruction":
+    if phase == "reconstruction":
         if first not in present:
-            raise ValueError(f"stage 'reconstruction' needs the decoder adapter {first!r}: add it with lora.add_decoder_lora")
+            raise ValueError(f"phase 'reconstruction' needs the decoder adapter {first!r}: add it with lora.add_decoder_lora")
         lora.set_adapters(vae, active=[first], trainable=[first])
         skip_decoder.fusion.requires_grad_(True)
         if transformer is not None:
             transformer.requires_grad_(False)
-    elif stage == "harmonization":
+    elif phase == "harmonization":
         missing = [name for name in (first, second) if name not in present]
         if missing:
-            raise ValueError(f"stage 'harmonization' needs the decoder adapters {missing}: add them with lora.add_decoder_lora")
+            raise ValueError(f"phase 'harmonization' needs the decoder adapters {missing}: add them with lora.add_decoder_lora")
         if transformer is None or transformer_adapter not in lora.adapter_names(transformer):
             raise ValueError(
-                f"stage 'harmonization' trains a transformer LoRA named {transformer_adapter!r}: pass the transformer "
+                f"phase 'harmonization' trains a transformer LoRA named {transformer_adapter!r}: pass the transformer "
                 "after lora.add_transformer_lora"
             )
         lora.set_adapters(vae, active=[first, second], trainable=[second])
         skip_decoder.fusion.requires_grad_(False)
         lora.set_adapters(transformer, active=[transformer_adapter], trainable=[transformer_adapter])
     else:
-        raise ValueError(f"stage must be 'reconstruction' or 'harmonization', got {stage!r}")
+        raise ValueError(f"phase must be 'reconstruction' or 'harmonization', got {phase!r}")
     params = lora.trainable_parameters(skip_decoder)
     if transformer is not None:
         params.update({f"transformer.{k}": v for k, v in lora.trainable_parameters(transformer).items()})

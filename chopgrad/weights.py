@@ -1,10 +1,10 @@
-"""The one registry of every pretrained weight file the metrics load.
+"""The one registry of every pretrained weight file the metrics load, and the one place they are loaded from.
 
-No metric weights ship with the packages we use (ENVIRONMENT.md, "Metrics and pretrained weights"),
-and the libraries that load them (torchvision, lpips, pyiqa, openai-clip) download on a miss: offline
-that is a hang or a long retry loop. So every metric asks this module first, through
-:func:`require`, and a missing file raises :class:`MissingWeightsError` at once, naming the file and
-the folder to put it in.
+No package we install ships these weights (the LPIPS linear layers in the lpips wheel aside), and
+the libraries that load them (torchvision, lpips, pyiqa, cd-fvd, timm, open_clip) download on a
+miss: offline that is a hang or a long retry loop. So every metric asks this module first, through
+:func:`require` (or :func:`loading`), and a missing file raises :class:`MissingWeightsError` at once,
+naming the file and the folder to put it in.
 
 Each file is looked up where the library that loads it looks, computed at call time so that a
 ``TORCH_HOME`` set after import is honoured:
@@ -25,6 +25,24 @@ results count it as one). Metric results carry ``stand_in_weights`` and the per-
 :func:`write_stand_ins` writes such files (random networks of the official architecture, built
 with the same library code that loads them) where the loaders look, never over an existing file.
 
+Weights policy. :func:`metric_home` decides, for a block that builds metrics, where their files come
+from: ``official`` (the files must be present), ``stand_in`` (if any is missing, the whole block runs
+on a separate weight home filled with stand-ins, never the user's caches) or ``skip`` (metrics with
+missing files are left out). Stages take the policy from their ``weights`` key; :func:`load_lpips
+<chopgrad.metrics.frames.load_lpips>` takes ``official`` or ``stand_in``.
+
+Note: weight files never run code. A ``.pth`` file is a pickle, and unpickling can call any Python
+function: a crafted file where a loader looks would run it the moment a metric is built. pyiqa
+loads its files with ``torch.load(..., weights_only=False)``, and torchvision's cached backbones go
+through ``torch.hub.load_state_dict_from_url``, whose default is the same. So every network is built
+inside :func:`loading` (:func:`weights_only_loads`), which makes every ``torch.load`` in the block, the
+project's and its libraries', run with ``weights_only=True`` (tensors and plain containers only): a
+file that needs more is refused with :class:`UnsafeWeightsError`, naming it. The one other loader,
+``torch.jit.load`` of OpenAI's CLIP TorchScript archives, runs only on a file whose full SHA-256
+is the published one. A stand-in home loads only files chopgrad wrote there: :func:`write_stand_ins`
+records the SHA-256 of each file it writes in ``.chopgrad-stand-ins.json`` beside it, and
+:func:`metric_home` refuses any other file in the home that is not the official one.
+
 CLI::
 
     python -m chopgrad.weights status [NAMES...]         # present / missing files and where they go
@@ -35,10 +53,15 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import json
 import os
+import pickle
 import sys
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,15 +69,23 @@ import torch
 __all__ = [
     "CLIP_HOME_ENV",
     "METRIC_WEIGHTS",
+    "POLICIES",
     "REGISTRY",
+    "STAND_IN_MANIFEST",
+    "MetricHome",
     "MissingWeightsError",
+    "UnsafeWeightsError",
     "WeightFile",
     "fetch",
     "file_status",
+    "loading",
+    "loading_metric",
     "main",
+    "metric_home",
     "require",
     "require_metric",
     "weight_path",
+    "weights_only_loads",
     "write_stand_ins",
 ]
 
@@ -230,6 +261,102 @@ def require_metric(metric: str) -> dict[str, str]:
     return require(METRIC_WEIGHTS[metric], purpose=f"metric {metric!r}")
 
 
+# ---------------------------------------------------------------- loading without running code
+
+_FORCE_SAFE, _FORCE_UNSAFE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+
+class UnsafeWeightsError(ValueError):
+    """A weight file that is not plain tensors (loading it could run code), or one a stand-in home did not write."""
+
+
+def _unsafe_message(file, error: Exception) -> str:
+    path = Path(file) if isinstance(file, (str, os.PathLike)) else None
+    entry = next((e for e in REGISTRY.values() if path is not None and e.filename == path.name), None)
+    why = next((line.strip() for line in str(error).splitlines() if "GLOBAL" in line or "TorchScript" in line),
+               str(error).splitlines()[0] if str(error) else type(error).__name__)
+    source = f"the official file from {entry.url}" if entry else "a file from a source you trust"
+    message = (f"refused to load {file}: it is not a plain weights file ({why}). chopgrad loads weight files "
+               "only with torch.load(weights_only=True), because unpickling anything else can run arbitrary "
+               f"code. Fix: delete it and put {source} there; never load it with weights_only=False unless "
+               "you made it yourself.")
+    if entry is not None and entry.sha256 and path.is_file() and _sha256(path).startswith(entry.sha256):
+        # An 8-digit prefix is easy to forge, so it buys no exception; but a real official file that
+        # needs more than tensors would be a chopgrad bug, worth a different hint.
+        message += (f" (Its hash starts like the official file's, {entry.sha256}: if you downloaded it from "
+                    "that address yourself, report this, the file needs converting to plain tensors.)")
+    return message
+
+
+def _weights_only_load(file, *args, **kwargs):
+    kwargs["weights_only"] = True  # whatever the library asked for (pyiqa asks for False)
+    try:
+        return torch.serialization.load(file, *args, **kwargs)
+    except pickle.UnpicklingError as error:
+        raise UnsafeWeightsError(_unsafe_message(file, error)) from error
+    except RuntimeError as error:  # a TorchScript archive, or an explicit pickle_module
+        if "weights_only" not in str(error):
+            raise
+        raise UnsafeWeightsError(_unsafe_message(file, error)) from error
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every ``torch.load`` in the block runs with ``weights_only=True`` (module docstring, the note).
+
+    Patches ``torch.load`` (so that a refusal names its file) and sets torch's own
+    ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` (which also reaches code that bound ``torch.load`` earlier), both
+    restored when the block ends; a nested block changes nothing.
+
+    Raises:
+        UnsafeWeightsError: from inside the block, for a file ``weights_only=True`` cannot load.
+    """
+    if torch.load is _weights_only_load:
+        yield
+        return
+    previous, saved = torch.load, {key: os.environ.pop(key, None) for key in (_FORCE_SAFE, _FORCE_UNSAFE)}
+    os.environ[_FORCE_SAFE] = "1"
+    torch.load = _weights_only_load
+    try:
+        yield
+    finally:
+        torch.load = previous
+        _restore_environment(saved)
+
+
+def _restore_environment(saved: dict[str, str | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@contextlib.contextmanager
+def loading(names: tuple[str, ...] | list[str], purpose: str = "this metric") -> Iterator[dict[str, str]]:
+    """:func:`require` the files, then build the networks that read them inside :func:`weights_only_loads`.
+
+    Example::
+
+        with weights.loading_metric("dists") as statuses:
+            model = pyiqa.create_metric("dists", ...)
+
+    Yields:
+        ``{name: status}`` as :func:`require` returns it.
+    Raises:
+        MissingWeightsError: before the block, as :func:`require`.
+        UnsafeWeightsError: from the block, for a file that is not plain tensors.
+    """
+    statuses = require(names, purpose)
+    with weights_only_loads():
+        yield statuses
+
+
+def loading_metric(metric: str) -> contextlib.AbstractContextManager[dict[str, str]]:
+    """:func:`loading` for the files of one metric of :data:`METRIC_WEIGHTS`."""
+    return loading(METRIC_WEIGHTS[metric], purpose=f"metric {metric!r}")
+
+
 def fetch(names: list[str] | None = None, force: bool = False) -> list[Path]:
     """Download registry files to where their loaders look (needs internet access).
 
@@ -339,13 +466,36 @@ _STAND_INS = {
 }
 
 
+STAND_IN_MANIFEST = ".chopgrad-stand-ins.json"  # beside the files: {file name: SHA-256} of the stand-ins written
+
+
+def _recorded(folder: Path) -> dict[str, str]:
+    try:
+        return json.loads((folder / STAND_IN_MANIFEST).read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def _record_stand_in(path: Path) -> None:
+    recorded = _recorded(path.parent) | {path.name: _sha256(path)}
+    partial = path.parent / f"{STAND_IN_MANIFEST}.partial-{os.getpid()}"
+    partial.write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
+    os.replace(partial, path.parent / STAND_IN_MANIFEST)
+
+
+def _written_by_chopgrad(name: str) -> bool:
+    path = weight_path(name)
+    return _recorded(path.parent).get(path.name) == _sha256(path)
+
+
 def write_stand_ins(names: list[str], seed: int = 0) -> list[Path]:
     """Write RANDOM stand-in weight files where the loaders look, for smoke tests without the real ones.
 
     Each file is a state dict of the official architecture, built by the same library code that
     loads it (torchvision, pyiqa, cd-fvd, timm, open_clip), with random values; :func:`file_status`
     reports it as ``stand-in`` (or ``unverified`` where no hash is published), so every metric that
-    loads it is marked. A file already present (real or stand-in) is never overwritten. The paths
+    loads it is marked. Its SHA-256 is recorded in :data:`STAND_IN_MANIFEST` beside it (the record
+    :func:`metric_home` checks). A file already present (real or stand-in) is never overwritten. The paths
     follow ``TORCH_HOME`` and ``CHOPGRAD_CLIP_HOME``: point them at a scratch folder first unless
     you mean to fill your real caches with random networks.
 
@@ -380,8 +530,109 @@ def write_stand_ins(names: list[str], seed: int = 0) -> list[Path]:
             os.replace(partial, path)  # a killed run never leaves a truncated file under the real name
         finally:
             partial.unlink(missing_ok=True)
+        _record_stand_in(path)
         written.append(path)
     return written
+
+
+# ---------------------------------------------------------------- the weights policy
+
+POLICIES = ("official", "stand_in", "skip")
+
+
+@dataclass(frozen=True)
+class MetricHome:
+    """What :func:`metric_home` decided."""
+
+    policy: str
+    metrics: tuple[str, ...]  # the metrics to compute (under ``skip``: those with every file present)
+    skipped: dict[str, tuple[str, ...]] = field(default_factory=dict)  # metric -> its missing files
+    stand_in: bool = False  # True when the stand-in home is in use
+    folder: Path | None = None  # that home, when in use
+
+
+def _check_policy(policy: str, metrics: list[str] | tuple[str, ...]) -> None:
+    from chopgrad.metrics import METRICS  # lazily: chopgrad.metrics imports this module
+
+    if policy not in POLICIES:
+        raise ValueError(f"unknown weights policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    unknown = [name for name in metrics if name not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {', '.join(unknown)}; known: {', '.join(METRICS)}")
+
+
+@contextlib.contextmanager
+def metric_home(policy: str, folder: str | os.PathLike | None, metrics: list[str] | tuple[str, ...]
+                ) -> Iterator[MetricHome]:
+    """Decide where the weights of ``metrics`` come from, and set the lookup paths for the block.
+
+    ``official``: the files must be where their loaders look. ``stand_in``: if every file is present
+    nothing changes; if any is missing, ``TORCH_HOME`` and ``CHOPGRAD_CLIP_HOME`` point into
+    ``folder`` for the block, where the missing files are written as RANDOM stand-ins (once, then
+    reused) and the results are marked so. ``skip``: metrics with missing files are left out. Build the
+    networks inside the block; once built they no longer need it.
+
+    Example::
+
+        with metric_home(params.weights, ".weights/stand_in", ["lpips_vgg"]) as home:
+            loss_net = chopgrad.metrics.LPIPS("vgg")
+        if home.stand_in: ...  # say so in the outputs
+
+    Args:
+        policy: one of :data:`POLICIES`.
+        folder: the stand-in home (``stand_in`` only), e.g. a git-ignored ``.weights/stand_in``; None: a
+            temporary folder, removed when the block ends.
+        metrics: names from :data:`chopgrad.metrics.METRICS` (those without weights, e.g. ``psnr``, always run).
+    Raises:
+        ValueError: an unknown policy or metric.
+        MissingWeightsError: under ``official``, any needed file missing (before anything is built).
+        UnsafeWeightsError: under ``stand_in``, a file in the home that chopgrad did not write and that is
+            not the official one.
+    """
+    _check_policy(policy, metrics)
+    files = {name: METRIC_WEIGHTS.get(name, ()) for name in metrics}
+    needed = list(dict.fromkeys(f for names in files.values() for f in names))
+    missing = [name for name in needed if file_status(name) == "missing"]
+    if policy == "official" or not missing:
+        require(needed, purpose=f"metrics {', '.join(metrics)} (weights policy 'official')")
+        yield MetricHome(policy, tuple(metrics))
+    elif policy == "skip":
+        skipped = {m: tuple(f for f in names if f in missing) for m, names in files.items()
+                   if any(f in missing for f in names)}
+        yield MetricHome(policy, tuple(m for m in metrics if m not in skipped), skipped)
+    else:
+        with _stand_in_home(folder, needed) as home:
+            yield MetricHome(policy, tuple(metrics), stand_in=True, folder=home)
+
+
+@contextlib.contextmanager
+def _stand_in_home(folder: str | os.PathLike | None, needed: list[str]) -> Iterator[Path]:
+    with contextlib.ExitStack() as stack:
+        if folder is None:
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="chopgrad-stand-ins-"))
+        home = Path(folder).resolve()
+        stack.callback(_restore_environment, {key: os.environ.get(key) for key in ("TORCH_HOME", CLIP_HOME_ENV)})
+        os.environ["TORCH_HOME"], os.environ[CLIP_HOME_ENV] = str(home / "torch"), str(home / "clip")
+        for name in needed:  # torch.hub.set_dir() would beat TORCH_HOME: never write outside the home
+            path = weight_path(name)
+            if REGISTRY[name].location != "lpips" and home not in path.resolve().parents:
+                raise RuntimeError(f"stand-in weights for {name} would go to {path}, outside {home} "
+                                   "(torch.hub.set_dir() was called?); refusing to write random files there")
+        write_stand_ins(needed)
+        _refuse_foreign_files(home, needed)
+        yield home
+
+
+def _refuse_foreign_files(home: Path, needed: list[str]) -> None:
+    """Stand-in mode loads the official files or the stand-ins chopgrad wrote, nothing else found in ``home``."""
+    foreign = [weight_path(name) for name in needed if REGISTRY[name].location != "lpips"
+               and file_status(name) != "official" and not _written_by_chopgrad(name)]
+    if foreign:
+        raise UnsafeWeightsError(
+            f"the stand-in weight home {home} holds files that chopgrad did not write (they are not in its "
+            f"record, {STAND_IN_MANIFEST} beside them, or were changed since) and that are not the official "
+            f"files: {', '.join(map(str, foreign))}. Stand-in mode loads only its own stand-ins. Fix: delete "
+            "them (fresh stand-ins are written on the next run) or put the official files there.")
 
 
 def _status_report(names: list[str]) -> str:

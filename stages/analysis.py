@@ -7,15 +7,15 @@ from clips of the held-out (test) scenes of ``data/scenes``:
    R^2 and 95% intervals, and the ``d_trunc`` the bound recommends for ``rel_tol`` (eps relative to
    the mean influence at distance 0);
 2. decoder-input gradient error (figure 5) for MSE and LPIPS, truncated against exact;
-3. backbone parameter gradients (figure 4): a small random ``WanTransformer3DModel`` (or the one in
-   ``backbone_path``) produces the latents from noised clip latents;
+3. backbone parameter gradients (figure 4): a small random ``WanTransformer3DModel`` (or Wan 2.1's,
+   from ``transformer_path``) produces the latents from noised clip latents;
 4. time and saved-tensor memory against ``d_trunc`` and video length (figures 6 and 13);
 5. spatial locality (figure 7).
 
 Outputs: ``metrics/analysis.json`` (the summary: alpha, C, R^2, intervals, recommended ``d_trunc``,
 gradient-error, cosine-similarity and resource tables), one JSON per analysis with every sample in
 ``data/analysis/``, five PNG figures in ``plots/analysis/``. LPIPS runs on random stand-in weights
-when the real VGG16 file is absent and ``allow_stand_in_weights`` is true; the JSON says so.
+when the real VGG16 file is absent and ``weights`` is ``stand_in``; the JSON says so.
 
     python -m stages.analysis --params params.yaml --vae data/vae --scenes data/scenes \\
         --out data/analysis --metrics metrics/analysis.json --plots plots/analysis
@@ -24,7 +24,6 @@ when the real VGG16 file is absent and ``allow_stand_in_weights`` is true; the J
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,12 +33,14 @@ import numpy as np
 import torch
 
 import chopgrad  # before diffusers: the torchvision fix for CPU-only torch
+from chopgrad import restoration
 from stages.common import cli, video
 
 log = logging.getLogger("stages.analysis")
 
 STAGE = "analysis"
 FIGURES = ("locality", "grad_error", "backbone", "resources", "spatial")
+WEIGHTS = ("official", "stand_in")  # train.weights' policies; evaluate's "skip" makes no sense for one loss
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,9 @@ class Params:
     losses: tuple[Literal["mse", "lpips"], ...]  # pixel losses for the decoder-input gradient error
     lpips_net: Literal["vgg", "alex"]  # LPIPS backbone (the paper's LPIPS: vgg)
     lpips_frames: int  # LPIPS gradient error on the first 1 + 4k frames of each clip: VGG per frame is costly
-    allow_stand_in_weights: bool  # random LPIPS backbone weights when the real file is missing (marked)
-    backbone_path: str | None  # local diffusers WanTransformer3DModel folder; null: a tiny random one
-    backbone_layers: int  # transformer blocks of the tiny random backbone
+    weights: Literal["official", "stand_in"]  # LPIPS backbone: the real file, or a random stand-in if missing
+    transformer_path: str | None  # a Wan 2.1 diffusers folder (transformer/ inside); null: a small random one
+    backbone_layers: int  # transformer blocks of the small random backbone
     backbone_sigma: float  # flow-matching noise level of the backbone's input, in (0, 1]
     resource_frames: tuple[int, ...]  # video lengths (pixel frames, 1 + 4k) for time and memory
     resource_length_d_trunc: tuple[int, ...]  # d_trunc values swept over the lengths (and full backprop)
@@ -98,9 +99,13 @@ class Params:
             raise ValueError("analysis.resource_frames must list at least one length")
         if self.threads < 0:
             raise ValueError(f"analysis.threads must be >= 0 (0: torch's default), got {self.threads}")
-        if self.backbone_path is not None and not (Path(self.backbone_path) / "config.json").is_file():
-            raise ValueError(f"analysis.backbone_path: {self.backbone_path} has no config.json; point it at a "
-                             "diffusers WanTransformer3DModel folder (Wan 2.1's transformer/) or set it to null")
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"analysis.weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
+        if self.transformer_path is not None:
+            try:
+                restoration.check_transformer_folder(self.transformer_path)
+            except ValueError as err:
+                raise ValueError(f"analysis.transformer_path: {err}, or set it to null") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -166,10 +171,8 @@ def run(params: Params, vae_dir: str | Path, scenes_dir: str | Path, out_dir: st
     started = time.perf_counter()
     vae = models.load_vae(vae_dir)
     decoder = chopgrad.wrap_decoder(vae)
-    if params.backbone_path is not None:
-        transformer = models.load_transformer(params.backbone_path, decoder.latent_channels)
-    else:
-        transformer = models.tiny_transformer(decoder.latent_channels, params.seed, params.backbone_layers)
+    transformer = models.backbone_transformer(decoder.latent_channels, params.transformer_path, params.seed,
+                                              params.backbone_layers)
     backbone = models.FlowBackbone(transformer.eval(), vae, sigma=params.backbone_sigma, seed=params.seed)
     multiple = decoder.spatial_scale * max(backbone.patch_size[1:])
     videos, clip_names = load_clips(scenes_dir, params.clips, params.locality_frames, multiple)  # [V, 3, T, H, W]
@@ -179,7 +182,7 @@ def run(params: Params, vae_dir: str | Path, scenes_dir: str | Path, out_dir: st
         if min(videos.shape[-2:]) < smallest:
             raise ValueError(f"LPIPS-{params.lpips_net} needs frames of at least {smallest} x {smallest} pixels; the "
                              f"clips are {videos.shape[-2]} x {videos.shape[-1]}: drop lpips from analysis.losses")
-        lpips_fn, lpips_info = models.lpips_loss(params.lpips_net, params.allow_stand_in_weights)
+        lpips_fn, lpips_info = models.lpips_loss(params.lpips_net, params.weights)
     latents = models.encode_videos(vae, videos)  # [V, C, t, h, w]
     # The encoder is causal: the first 1 + 4k frames encode to the first k + 1 latent frames, so the
     # shorter clips of the other analyses are prefixes of these.
@@ -210,7 +213,7 @@ def run(params: Params, vae_dir: str | Path, scenes_dir: str | Path, out_dir: st
     agreement = analysis.parameter_gradient_agreement(
         decoder, lambda k: backbone(short_latents[k:k + 1], k), [short_videos[k:k + 1] for k in range(len(videos))],
         list(transformer.parameters()), _mse, params.d_trunc, progress=progress)
-    raw["backbone"] = {"backbone": params.backbone_path or "tiny random WanTransformer3DModel",
+    raw["backbone"] = {"backbone": params.transformer_path or "small random WanTransformer3DModel",
                        "parameters": agreement.parameters, **agreement.to_dict()}
     seconds["backbone"] = time.perf_counter() - tick
 
@@ -232,10 +235,7 @@ def run(params: Params, vae_dir: str | Path, scenes_dir: str | Path, out_dir: st
 
     metrics = summarize(params, summary, grad_tables, lpips_info, agreement, resources, spatial, clip_names,
                         short_latents.shape, seconds, time.perf_counter() - started)
-    builds: dict[Path, Path] = {}
-    try:
-        build = builds[out_dir] = video.temp_folder(out_dir)
-        plots_build = builds[plots_dir] = video.temp_folder(plots_dir)
+    with video.staged_outputs(out_dir, plots_dir) as (build, plots_build):
         for name, data in raw.items():
             video.write_json(build / f"{name}.json", analysis.json_safe(data))
         vae_name = f"VAE {vae_dir.name}"
@@ -251,12 +251,6 @@ def run(params: Params, vae_dir: str | Path, scenes_dir: str | Path, out_dir: st
         plots.plot_resources(resources, plots_build / "resources.png", f"{vae_name}: time and memory (CPU)",
                              reference_frames=t, time_key="cpu_seconds")
         plots.plot_spatial(spatial, plots_build / "spatial.png", f"{vae_name}: spatial locality")
-        for target, built in builds.items():
-            video.swap_in(built, target)
-    except BaseException:
-        for built in builds.values():
-            shutil.rmtree(built, ignore_errors=True)
-        raise
     video.write_json(metrics_path, analysis.json_safe(metrics))
     log.info("analysis done in %.1f s: %s", time.perf_counter() - started,
              ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))

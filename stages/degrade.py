@@ -17,7 +17,7 @@ video, its ``input`` that video upsampled bicubically to the HR size, its ``targ
 
 With ``vsr_path`` set, the test pairs come instead from a public VSR test set in the folder-of-frames
 layout (UDM10, SPMCS, YouHQ40 as DOVE ships them: ``<root>/GT/<video>/*.png`` and
-``<root>/LQ/<video>/*.png``; see :func:`load_vsr_set`); the training pairs stay the degraded scenes.
+``<root>/LQ/<video>/*.png``; see :func:`iter_vsr_set`); the training pairs stay the degraded scenes.
 
     python -m stages.degrade --params params.yaml --scenes data/scenes --out data/degrade/sr \
         --metrics metrics/degrade.json --plots plots/degrade
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import tempfile
 import time
 import zlib
@@ -41,12 +40,12 @@ import imageio_ffmpeg
 import numpy as np
 from tqdm import tqdm
 
-from stages.common import cli, pairs, scenes, video
+from stages.common import cli, measure, pairs, scenes, video
 
 log = logging.getLogger("stages.degrade")
 
 STAGE = "degrade"
-FPS = 24  # the pairs' playback rate (interfaces.md); also the rate the compressor sees
+FPS = 24  # the pairs' playback rate (docs/interfaces.md); also the rate the compressor sees
 INTERPOLATIONS = {"area": cv2.INTER_AREA, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
 LQ_DIRS = ("LQ", "BIx4", "BDx4")  # DOVE's test sets; mmagic's UDM10 / SPMCS (bicubic, blur-downsampled)
 
@@ -259,12 +258,6 @@ def crop_to_multiple(frames: np.ndarray, scale: int) -> np.ndarray:  # [T, H, W,
     return frames[:, top:top + height - height % scale, left:left + width - width % scale]
 
 
-def psnr(prediction: np.ndarray, target: np.ndarray) -> float:
-    """PSNR in dB of uint8 videos over all pixels (inf where identical)."""
-    mse = np.mean((prediction.astype(np.float64) - target.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Public VSR test sets: <root>/GT/<video>/*.png and <root>/LQ/<video>/*.png
 
@@ -336,11 +329,6 @@ def iter_vsr_set(root: str | Path, lq_dir: str | None, scale: int) -> Iterator[t
         yield entry.name, gt, lq
 
 
-def load_vsr_set(root: str | Path, lq_dir: str | None, scale: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """Every video of a VSR test set, in memory; see :func:`iter_vsr_set`."""
-    return list(iter_vsr_set(root, lq_dir, scale))
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The stage
 
@@ -374,36 +362,27 @@ def run(params: Params, scenes_dir: str | Path, out_dir: str | Path, metrics_pat
         ``{"metrics": {...}, "videos": [paths]}``.
     """
     scenes_dir, out_dir, plots_dir = Path(scenes_dir), Path(out_dir), Path(plots_dir)
-    for path in (out_dir, plots_dir):
-        if path.exists() and not path.is_dir():
-            raise NotADirectoryError(f"{path} exists and is not a folder; remove it or choose another path")
     splits = ("train",) if params.vsr_path is not None else pairs.SPLITS
     checked = _check_scenes(scenes_dir, params.scale, splits)
     if params.vsr_path is not None:
         index_vsr_set(params.vsr_path, params.vsr_lq_dir, params.scale)  # layout errors before any work
 
     per_scene, videos, samples = {}, [], {}
-    plots_build = video.temp_folder(plots_dir)
-    try:
-        with pairs.PairsWriter(out_dir, "sr", FPS) as writer:
-            for name, split, scene in tqdm(checked, desc="degrade", unit="scene", disable=None):
-                target = crop_to_multiple(scene.read_images(), params.scale)
-                rng = scene_rng(params.seed, name)
-                degradation = sample_degradation(params, rng)
-                lowres = degrade(target, degradation, params.scale, rng)
-                per_scene[name] = _add(writer, name, split, lowres, target, samples)
-                per_scene[name]["degradation"] = degradation.describe()
-            if params.vsr_path is not None:
-                for name, target, lowres in iter_vsr_set(params.vsr_path, params.vsr_lq_dir, params.scale):
-                    per_scene[name] = _add(writer, name, "test", lowres, target, samples)
-            for split, (name, frames) in sorted(samples.items()):
-                path = video.write_video(plots_build / f"sr_{name}.mp4", frames, fps=FPS)
-                videos.append(plots_dir / path.name)
-            writer.commit()
-        pairs.swap_in(plots_build, plots_dir)
-    except BaseException:
-        shutil.rmtree(plots_build, ignore_errors=True)
-        raise
+    with video.staged_outputs(plots_dir) as (plots_build,), pairs.PairsWriter(out_dir, "sr", FPS) as writer:
+        for name, split, scene in tqdm(checked, desc="degrade", unit="scene", disable=None):
+            target = crop_to_multiple(scene.read_images(), params.scale)
+            rng = scene_rng(params.seed, name)
+            degradation = sample_degradation(params, rng)
+            lowres = degrade(target, degradation, params.scale, rng)
+            per_scene[name] = _add(writer, name, split, lowres, target, samples)
+            per_scene[name]["degradation"] = degradation.describe()
+        if params.vsr_path is not None:
+            for name, target, lowres in iter_vsr_set(params.vsr_path, params.vsr_lq_dir, params.scale):
+                per_scene[name] = _add(writer, name, "test", lowres, target, samples)
+        for split, (name, frames) in sorted(samples.items()):
+            path = video.write_video(plots_build / f"sr_{name}.mp4", frames, fps=FPS)
+            videos.append(plots_dir / path.name)
+        writer.commit()
     metrics = {"scale": params.scale, "pairs": len(per_scene)}
     for split in pairs.SPLITS:
         values = [s["psnr_input"] for s in per_scene.values() if s["split"] == split]
@@ -421,7 +400,7 @@ def _add(writer: pairs.PairsWriter, name: str, split: str, lowres: np.ndarray, t
     writer.add(name, split, model_input, target, lowres=lowres)
     if split not in samples:
         samples[split] = (name, np.concatenate([model_input, target], axis=2))  # input | target
-    return {"split": split, "psnr_input": round(psnr(model_input, target), 4), "frames": len(target)}
+    return {"split": split, "psnr_input": round(measure.psnr(model_input, target), 4), "frames": len(target)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,7 +2,7 @@
 
 Reads the pairs folders named in ``params.yaml`` (their test pairs: degraded input and ground truth,
 :mod:`stages.common.pairs`), the inference outputs ``data/infer/<method>/<task>/<scene>/`` with their
-``timing.json``, and ``data/train/<method>/<task>/train.json`` (layouts: ``notes/interfaces.md``).
+``timing.json``, and ``data/train/<method>/<task>/train.json`` (layouts: ``docs/interfaces.md``).
 For every (task, method) found, and for the degraded input itself (method ``input``, no model: the
 reference every method should beat), it computes the metrics of :mod:`chopgrad.metrics` named in
 ``params.yaml`` (conventions: ``docs/evaluation.md``), the inference seconds per frame and the
@@ -14,7 +14,7 @@ training time, then writes
   (per-metric weight-file statuses, what was not computed and why, frame sampling);
 * an MLflow run ``evaluate`` with the tables, and one nested run per (method, task) with its metrics.
 
-Pretrained weights follow the ``weights`` policy (:mod:`stages.common.weights`); metrics computed on
+Pretrained weights follow the ``weights`` policy (:func:`chopgrad.weights.metric_home`); metrics computed on
 stand-in (random) weights are marked ``‡`` in every table and ``stand_in`` in the JSON.
 
 Never computed, and said so in the tables: VBench's ``motion_smoothness`` (its AMT-S interpolator
@@ -45,7 +45,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,11 +57,10 @@ import chopgrad  # noqa: F401  (before torchvision/lpips/pyiqa: the torchvision 
 from chopgrad import metrics as cm
 from chopgrad import weights as cw
 from chopgrad.metrics import vbench
-from chopgrad.metrics.distribution import FVD_MIN_FRAMES
-from chopgrad.metrics.frames import MIN_SIZE
+from chopgrad.metrics.limits import FVD_MIN_FRAMES, MIN_SIZE
+from chopgrad.weights import POLICIES, metric_home
 from stages.common import cli, paper_tables, video
 from stages.common.pairs import load_manifest
-from stages.common.weights import POLICIES, metric_home
 
 log = logging.getLogger("stages.evaluate")
 
@@ -82,7 +80,7 @@ CHUNK = 64  # frames per call of a frame metric (bounds memory on long, large vi
 class Params:
     pairs: tuple[str, ...]  # pairs folders, one per task; their test pairs are what is scored
     metrics: tuple[str, ...]  # chopgrad.metrics names to compute (the tables show those computed)
-    weights: Literal["official", "stand_in", "skip"]  # where metric weights come from (stages.common.weights)
+    weights: Literal["official", "stand_in", "skip"]  # where metric weights come from (chopgrad.weights.metric_home)
     stand_in_home: str  # project-local weight home for `stand_in` (git-ignored); never the user's caches
     table_metrics_only: bool  # per task, only the metrics its paper table(s) show (false: all, every task)
     frames: int  # evenly spaced frames per video for PSNR and SSIM; 0 = every frame
@@ -436,8 +434,6 @@ def run(params: Params, infer_dir: str | os.PathLike, train_dir: str | os.PathLi
         ``{"results": {task: {method: {column: cell}}}, "tables": [paths], "metrics": path,
         "stand_in": bool}``.
     """
-    from stages.common.pairs import swap_in
-
     tasks = plan(params, infer_dir, train_dir)
     names = {name: task_metrics(name, params) for name in tasks}
     static = {name: _reasons(task, params, None, names[name]) for name, task in tasks.items()}
@@ -453,8 +449,7 @@ def run(params: Params, infer_dir: str | os.PathLike, train_dir: str | os.PathLi
             results[name] = evaluate_task(task, scorer, names[name], _reasons(task, params, home, names[name]))
 
     tables_dir = Path(tables_dir)
-    build = video.temp_folder(tables_dir)
-    try:
+    with video.staged_outputs(tables_dir) as (build,):
         written = []
         for number, spec in paper_tables.TABLES.items():
             markdown, text = paper_tables.render(spec, results, _notes(spec, tasks, results, params))
@@ -468,9 +463,6 @@ def run(params: Params, infer_dir: str | os.PathLike, train_dir: str | os.PathLi
                                    "methods": [INPUT, *sorted(task.outputs)]} for name, task in tasks.items()},
                   "results": results}
         video.write_json(build / "evaluation.json", record)
-        swap_in(build, tables_dir)
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
     video.write_json(metrics_path, _metrics_json(results))
     return {"results": results, "tables": written, "metrics": Path(metrics_path), "stand_in": home.stand_in}
 

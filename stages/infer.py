@@ -13,22 +13,24 @@ test input encoded and decoded by the frozen VAE, no transformer (``z = z_hat``)
 restorer starts and what a frozen decoder can reach from the encoder's latents, so it separates a
 method's gain from the VAE's own reconstruction error. Its ``timing.json`` says ``"reference": true``.
 
-Outputs (``notes/interfaces.md``): ``<out>/<method>/<task>/<scene>/00000.png ...`` (uint8, the
+Outputs (docs/interfaces.md): ``<out>/<method>/<task>/<scene>/00000.png ...`` (uint8, the
 target's H and W; the first ``infer.max_frames`` frames, all when null) and
 ``<out>/<method>/<task>/timing.json`` = ``{"method", "task", "seconds_per_frame", "frames",
 "encode_seconds", "transformer_seconds", "decode_seconds", "device", ...}``; a sample
 ``input | output | target`` mp4 per model (``sample.mp4``, also in MLflow); ``--metrics`` the
 seconds per frame of every model.
 
-    python -m stages.infer --params params.yaml --train data/train/chopgrad_d1 ... --vae data/vae \
+    python -m stages.infer --params params.yaml --train data/train --vae data/vae \
         --pairs data/splat/nvs ... --out data/infer --metrics metrics/infer.json
+
+``--train`` is the folder of every ``train@<method>`` output (``data/train/<method>/<task>/``): the
+methods are whatever ``train.methods`` trained, read from the folders, not declared again here.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +39,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from stages.common import cli, restorer
+from stages.common import cli, restoration
 from stages.common import pairs as pairs_io
-from stages.common.video import list_frames, read_image, temp_folder, write_frames, write_json, write_video
+from stages.common.video import list_frames, read_image, staged_outputs, write_frames, write_json, write_video
 
 log = logging.getLogger("stages.infer")
 
@@ -79,45 +81,34 @@ class Job:
     fps: float
 
 
-def plan(params: Params, train_dirs: list[str | Path], vae_dir: str | Path, pairs_dirs: list[str | Path]) -> list[Job]:
+def plan(params: Params, train_dir: str | Path, vae_dir: str | Path, pairs_dirs: list[str | Path]) -> list[Job]:
     """Every (method, task) to run, checked before any work.
 
     Raises:
-        ValueError: a missing train folder or one without models, a task without a pairs folder or
-            without test pairs, tiles that do not divide a test video's latent.
+        ValueError: a missing train folder or a method folder without models, a task without a
+            pairs folder or without test pairs, tiles that do not divide a test video's latent.
     """
-    from stages.train import METHODS
-
-    vae_folder = restorer.check_vae_folder(vae_dir)
-    vae_config = json.loads((vae_folder / "config.json").read_text())
-    spatial = 2 ** (len(vae_config["dim_mult"]) - 1) * (vae_config.get("patch_size") or 1)
+    vae_folder = restoration.check_vae_folder(vae_dir)
+    spatial = restoration.spatial_factor(json.loads((vae_folder / "config.json").read_text()))
     manifests = {}
     for folder in map(Path, pairs_dirs):
         manifest = pairs_io.load_manifest(folder, check_frames=False)
         manifests[manifest["task"]] = manifest
+    train_dir = Path(train_dir)
+    methods = sorted(p for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+        if train_dir.is_dir() else []
+    if not methods:
+        raise ValueError(f"{train_dir} holds no train stage output (<method>/<task>/{restoration.SPEC_FILE}): "
+                         "run the train stages (`dvc repro train`) or pass --train their folder (data/train)")
     jobs = []
-    for train_dir in map(Path, train_dirs):
-        if train_dir.name not in METHODS:
-            raise ValueError(f"{train_dir}: not a train stage output (its name must be a method: {', '.join(METHODS)})")
-        models = sorted(p.parent for p in train_dir.glob(f"*/{restorer.SPEC_FILE}"))
+    for method_dir in methods:
+        models = sorted(p.parent for p in method_dir.glob(f"*/{restoration.SPEC_FILE}"))
         if not models:
-            raise ValueError(f"{train_dir} holds no trained model (<task>/{restorer.SPEC_FILE}): run the train stage")
+            raise ValueError(f"{method_dir} holds no trained model (<task>/{restoration.SPEC_FILE}): run its train "
+                             "stage, or remove the folder")
         for model_dir in models:
-            task = model_dir.name
-            if task not in manifests:
-                raise ValueError(f"{model_dir} was trained on {task!r} but no --pairs folder holds that task "
-                                 f"(given: {sorted(manifests) or 'none'})")
-            test = [p for p in manifests[task]["pairs"] if p["split"] == "test"]
-            if not test:
-                raise ValueError(f"the {task} pairs folder has no test pairs to run {model_dir} on")
-            multiple = spatial * 2  # the Wan transformer's 2x2 patches
-            for pair in test:
-                latent = [-(-size // multiple) * 2 for size in (pair["height"], pair["width"])]
-                if latent[0] % params.tiles[0] or latent[1] % params.tiles[1]:
-                    raise ValueError(f"infer.tiles {list(params.tiles)} do not divide the latent "
-                                     f"{latent[0]}x{latent[1]} of {task} test pair {pair['scene']!r} "
-                                     f"({pair['height']}x{pair['width']} pixels): choose tile counts that divide it")
-            jobs.append(Job(train_dir.name, task, model_dir, test, float(manifests[task]["fps"])))
+            test = _test_pairs(params, model_dir, manifests, spatial)
+            jobs.append(Job(method_dir.name, model_dir.name, model_dir, test, float(manifests[model_dir.name]["fps"])))
     if params.vae_roundtrip:
         for task in sorted({job.task for job in jobs}):
             first = next(job for job in jobs if job.task == task)
@@ -125,12 +116,31 @@ def plan(params: Params, train_dirs: list[str | Path], vae_dir: str | Path, pair
     return jobs
 
 
+def _test_pairs(params: Params, model_dir: Path, manifests: dict, spatial: int) -> list[dict]:
+    """The test pairs of the task ``model_dir`` was trained on, checked against the tiles."""
+    task = model_dir.name
+    if task not in manifests:
+        raise ValueError(f"{model_dir} was trained on {task!r} but no --pairs folder holds that task "
+                         f"(given: {sorted(manifests) or 'none'})")
+    test = [p for p in manifests[task]["pairs"] if p["split"] == "test"]
+    if not test:
+        raise ValueError(f"the {task} pairs folder has no test pairs to run {model_dir} on")
+    multiple = spatial * 2  # the Wan transformer's 2x2 patches
+    for pair in test:
+        latent = [-(-size // multiple) * 2 for size in (pair["height"], pair["width"])]
+        if latent[0] % params.tiles[0] or latent[1] % params.tiles[1]:
+            raise ValueError(f"infer.tiles {list(params.tiles)} do not divide the latent "
+                             f"{latent[0]}x{latent[1]} of {task} test pair {pair['scene']!r} "
+                             f"({pair['height']}x{pair['width']} pixels): choose tile counts that divide it")
+    return test
+
+
 def _read(folder: Path, count: int | None) -> np.ndarray:  # -> [T, H, W, 3] uint8
     paths = list_frames(folder)
     return np.stack([read_image(path) for path in paths[:count]])
 
 
-def _text(model: restorer.Model, prompt: str | None, cache: dict) -> torch.Tensor | None:
+def _text(model: restoration.Model, prompt: str | None, cache: dict) -> torch.Tensor | None:
     """The pair's prompt embedding when the model was trained with a text encoder; else the fixed one.
 
     ``cache`` lives for the whole stage: the text encoder (UMT5, ~23 GB in float32) loads once, not
@@ -158,22 +168,20 @@ def infer_job(params: Params, job: Job, vae_dir: Path, out_dir: Path, device: to
 
     ``text_cache``: prompt embeddings and text encoders shared between jobs (see :func:`_text`).
     """
-    from stages.train import restore_video
-
     if job.model_dir is None:
-        model = restorer.roundtrip_model(vae_dir, device)
+        model = restoration.roundtrip_model(vae_dir, device)
     else:
-        model = restorer.load_model(job.model_dir, vae_dir, device)
+        model = restoration.load_model(job.model_dir, vae_dir, device)
         model.restorer.eval()
     if params.warmup_frames:
         first = _read(job.pairs[0]["input"], params.warmup_frames)
-        restore_video(model, first, tiles=params.tiles, halo=params.halo, autocast=params.mixed_precision)
+        restoration.restore_video(model, first, tiles=params.tiles, halo=params.halo, autocast=params.mixed_precision)
     totals = {"encode_seconds": 0.0, "transformer_seconds": 0.0, "decode_seconds": 0.0}
     text_cache = {} if text_cache is None else text_cache
     frames, sample = 0, None
     for pair in job.pairs:
         degraded = _read(pair["input"], params.max_frames)
-        output, timings = restore_video(model, degraded, _text(model, pair["prompt"], text_cache),
+        output, timings = restoration.restore_video(model, degraded, _text(model, pair["prompt"], text_cache),
                                         tiles=params.tiles, halo=params.halo, autocast=params.mixed_precision)
         for key in totals:
             totals[key] += timings[key]
@@ -202,7 +210,7 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def run(params: Params, train_dirs: list[str | Path], vae_dir: str | Path, pairs_dirs: list[str | Path],
+def run(params: Params, train_dir: str | Path, vae_dir: str | Path, pairs_dirs: list[str | Path],
         out_dir: str | Path, metrics_path: str | Path) -> dict:
     """Run every trained model on its test pairs; write ``out_dir`` (atomically) and ``metrics_path``.
 
@@ -210,18 +218,14 @@ def run(params: Params, train_dirs: list[str | Path], vae_dir: str | Path, pairs
         ``{"metrics": {method: {task: seconds_per_frame}}, "timings": [...], "samples": [paths]}``.
     """
     vae_dir, out_dir, metrics_path = map(Path, (vae_dir, out_dir, metrics_path))
-    jobs = plan(params, train_dirs, vae_dir, pairs_dirs)
+    jobs = plan(params, train_dir, vae_dir, pairs_dirs)
     if params.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("infer.device is 'cuda' but CUDA is not available: use 'auto' or 'cpu'")
     device = torch.device("cuda" if params.device == "cuda" or (params.device == "auto" and torch.cuda.is_available())
                           else "cpu")
-    build = temp_folder(out_dir)
-    try:
-        text_cache: dict = {}
+    text_cache: dict = {}
+    with staged_outputs(out_dir) as (build,):
         timings = [infer_job(params, job, vae_dir, build / job.method / job.task, device, text_cache) for job in jobs]
-        pairs_io.swap_in(build, out_dir)
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
     metrics: dict[str, dict] = {}
     for timing in timings:
         metrics.setdefault(timing["method"], {})[timing["task"]] = {
@@ -233,7 +237,7 @@ def run(params: Params, train_dirs: list[str | Path], vae_dir: str | Path, pairs
 
 def main(argv: list[str] | None = None) -> None:
     parser = cli.stage_parser(__doc__, STAGE)
-    parser.add_argument("--train", nargs="+", required=True, help="train stage outputs (data/train/<method>)")
+    parser.add_argument("--train", required=True, help="the train stages' folder (data/train/<method>/<task>/)")
     parser.add_argument("--vae", required=True, help="the vae stage's folder (data/vae)")
     parser.add_argument("--pairs", nargs="+", required=True, help="pairs folders (data/splat/nvs, ...)")
     parser.add_argument("--out", required=True, help="output folder (data/infer)")

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 import time
 import zlib
 from collections.abc import Iterator
@@ -44,7 +43,7 @@ from stages.common import cli, pairs, scenes, video
 log = logging.getLogger("stages.masks")
 
 STAGE = "masks"
-FPS = 24  # the pairs' playback rate (interfaces.md), and the sample videos'
+FPS = 24  # the pairs' playback rate (docs/interfaces.md), and the sample videos'
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
 
 
@@ -359,17 +358,11 @@ def run(params: Params, scenes_dir: str | Path, out_dir: str | Path, metrics_pat
         ``{"metrics": {...}, "videos": [paths], "chosen": {scene: [labels]}}``.
     """
     scenes_dir, out_dir, plots_dir = Path(scenes_dir), Path(out_dir), Path(plots_dir)
-    for path in (out_dir, plots_dir):
-        if path.exists() and not path.is_dir():
-            raise NotADirectoryError(f"{path} exists and is not a folder; remove it or choose another path")
     checked = _check_scenes(scenes_dir)
     if params.rovi_path is not None:
         _rovi_index(Path(params.rovi_path))  # layout errors before any work
 
-    builds: dict[Path, Path] = {}
-    try:
-        build = builds[out_dir] = video.temp_folder(out_dir)
-        plots_build = builds[plots_dir] = video.temp_folder(plots_dir)
+    with video.staged_outputs(out_dir, plots_dir) as (build, plots_build):
         metrics, chosen, videos, samples = {}, {}, [], {}
         box_masks, object_masks, skipped = [], [], []
         with pairs.PairsWriter(build / "inpaint_box", "inpaint_box", FPS) as box_writer, \
@@ -418,12 +411,6 @@ def run(params: Params, scenes_dir: str | Path, out_dir: str | Path, metrics_pat
             for split, (name, frames) in sorted(by_split.items()):
                 path = video.write_video(plots_build / f"{task}_{name}.mp4", frames, fps=FPS)
                 videos.append(plots_dir / path.name)
-        for target, built in builds.items():
-            pairs.swap_in(built, target)
-    except BaseException:
-        for built in builds.values():
-            shutil.rmtree(built, ignore_errors=True)
-        raise
     video.write_json(metrics_path, metrics)
     return {"metrics": metrics, "videos": videos, "chosen": chosen}
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from stages.common import cli, pairs, scenes, video
+from stages.common import cli, measure, pairs, scenes, video
 from stages.common import splat as gs
 
 log = logging.getLogger("stages.reinsert")
@@ -270,14 +269,6 @@ def check_inputs(entries: list[gs.SceneEntry], splat_dir: Path, params: Params) 
     return loaded
 
 
-def region_psnr(renders: np.ndarray, truth: np.ndarray, region: np.ndarray) -> float | None:
-    """PSNR over the pixels of ``region`` [T, H, W] (bool) of all frames; None for an empty region."""
-    if not region.any():
-        return None
-    diff = renders[region].astype(np.float64) / 255 - truth[region].astype(np.float64) / 255
-    return round(float(10 * np.log10(1.0 / max((diff ** 2).mean(), 1e-12))), 4)
-
-
 def plot_samples(samples: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], path: Path,
                  columns: int = 5) -> Path:
     """Insertion / ground truth at frames where the object is in view, for each sample scene."""
@@ -306,8 +297,8 @@ def edit_scene(entry: gs.SceneEntry, scene: scenes.Scene, splat_dir: Path, build
         **{key: info[key] for key in ("yaw_error_deg", "confidence", "removed_gaussians", "asset_gaussians")
            if key in info},
         "discarded_assets": len(info["discarded"]),
-        "psnr": round(float(gs.psnr(renders, frames).mean()), 4),
-        "object_psnr": region_psnr(renders, frames, region),
+        "psnr": round(float(measure.psnr(renders, frames, per_frame=True).mean()), 4),  # per-frame, as splat's
+        "object_psnr": round(measure.psnr(renders, frames, region=region), 4) if region.any() else None,
         "seconds": round(time.perf_counter() - began, 2),
     }
     log.info("%s: %s", entry.name, measures)
@@ -333,8 +324,7 @@ def run(params: Params, scenes_dir: str | Path, splat_dir: str | Path, out_dir: 
     firsts = [next((e.name for e in entries if e.split == part), None) for part in ("train", "test")]
     samples = list(dict.fromkeys([n for n in firsts if n] + [e.name for e in entries]))[:params.sample_videos]
     started = time.perf_counter()
-    build = video.temp_folder(out_dir)
-    try:
+    with video.staged_outputs(out_dir) as (build,):
         measures, videos, shown = {}, [], {}
         with pairs.PairsWriter(build / TASK, TASK, fps=FPS) as writer:
             for entry in tqdm(entries, desc="reinsert", unit="scene"):
@@ -348,10 +338,6 @@ def run(params: Params, scenes_dir: str | Path, splat_dir: str | Path, out_dir: 
             writer.commit()
         plots_dir.mkdir(parents=True, exist_ok=True)
         figures = [plot_samples(shown, plots_dir / "frames.png")] if shown else []
-        pairs.swap_in(build, out_dir)
-    except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
-        raise
     object_psnr = [m["object_psnr"] for m in measures.values() if m["object_psnr"] is not None]
     metrics = {
         "reinserted_scenes": sum(m["reinserted"] for m in measures.values()),

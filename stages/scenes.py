@@ -15,7 +15,6 @@ run leaves the previous output (or nothing) in place, never a half-written set.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,17 +111,9 @@ def run(params: Params, out_dir: str | Path, metrics_path: str | Path | None = N
     out_dir = Path(out_dir)
     plots_dir = out_dir / "videos" if plots_dir is None else Path(plots_dir)
     metrics_path = out_dir / "metrics.json" if metrics_path is None else Path(metrics_path)
-    for path in (out_dir, plots_dir):
-        if path.exists() and not path.is_dir():
-            raise NotADirectoryError(f"{path} exists and is not a folder; remove it or choose another path")
     train, test = scene_names(params)
     samples = train[:1] + test[:1]  # the sample videos
-    builds: dict[Path, Path] = {}  # target -> the folder it is built in, swapped in at the end
-    try:
-        build = builds[out_dir] = video.temp_folder(out_dir)
-        plots_build = _inside(plots_dir, out_dir, build)
-        if plots_build is None:
-            plots_build = builds[plots_dir] = video.temp_folder(plots_dir)
+    with video.staged_outputs(out_dir, plots_dir) as (build, plots_build):
         renders = {}
         for index, name in enumerate(train + test):
             started = time.perf_counter()
@@ -135,28 +126,10 @@ def run(params: Params, out_dir: str | Path, metrics_path: str | Path | None = N
             frames = np.concatenate([renders[name].images, label_colours(renders[name].labels)], axis=2)
             video.write_video(plots_build / f"{name}.mp4", frames, fps=VIDEO_FPS)
         metrics = _metrics(renders, params, len(train))
-        metrics_build = _inside(metrics_path, out_dir, build)
-        if metrics_build is not None:
-            video.write_json(metrics_build, metrics)
-        for target, built in builds.items():
-            video.swap_in(built, target)
-    except BaseException:
-        for built in builds.values():
-            shutil.rmtree(built, ignore_errors=True)
-        raise
-    if metrics_build is None:  # outside the set: written once the set is in place
-        video.write_json(metrics_path, metrics)
+    video.write_json(metrics_path, metrics)  # once the set is in place, wherever the file lies
     log.info("wrote %d scenes (%d test) to %s", params.num_scenes, len(test), out_dir)
     return {"metrics": metrics, "videos": [plots_dir / f"{name}.mp4" for name in samples],
             "metrics_path": metrics_path}
-
-
-def _inside(path: Path, folder: Path, build: Path) -> Path | None:
-    """Where ``path`` goes in the build of ``folder`` if it lies inside ``folder``, else None."""
-    try:
-        return build / path.resolve().relative_to(folder.resolve())
-    except ValueError:
-        return None
 
 
 def main(argv: list[str] | None = None) -> None:

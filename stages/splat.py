@@ -28,7 +28,6 @@ x10); gsplat's and the paper's full schedule is given next to each value there.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from stages.common import cli, pairs, scenes, video
+from stages.common import cli, measure, pairs, scenes, video
 from stages.common import splat as gs
 
 log = logging.getLogger("stages.splat")
@@ -183,7 +182,7 @@ def reconstruct(entry: gs.SceneEntry, scene: scenes.Scene, frames: np.ndarray, p
     with tqdm(total=len(frames), desc=f"render {entry.name}", unit="frame", leave=False) as bar:
         renders = gs.render_frames(trained, viewmats, Ks, scene.width, scene.height, params.sh_degree,
                                    progress=bar.update)
-    psnr = gs.psnr(renders, frames)
+    psnr = measure.psnr(renders, frames, per_frame=True)
     measures = {
         "split": entry.split, "init": init_kind, "init_gaussians": len(init["means"]),
         "num_gaussians": len(trained["means"]), "train_views": len(train_ids), "heldout_frames": len(heldout_ids),
@@ -256,8 +255,7 @@ def run(params: Params, scenes_dir: str | Path, out_dir: str | Path, metrics_pat
     loaded = check_scenes(entries, params)  # every error before any work
     device = resolve_device(params.device)
     started = time.perf_counter()
-    build = video.temp_folder(out_dir)
-    try:
+    with video.staged_outputs(out_dir) as (build,):
         samples, results = sample_names(entries, params.sample_videos), {}
         videos, frame_samples = [], {}
         with pairs.PairsWriter(build / TASK, TASK, fps=FPS) as writer:
@@ -282,10 +280,6 @@ def run(params: Params, scenes_dir: str | Path, out_dir: str | Path, metrics_pat
         figures = [plot_curves({n: r["history"] for n, r in results.items()}, plots_dir / "training.png")]
         if frame_samples:
             figures.append(plot_frames(frame_samples, plots_dir / "frames.png"))
-        pairs.swap_in(build, out_dir)
-    except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
-        raise
     metrics = summarise({n: r["measures"] for n, r in results.items()}, time.perf_counter() - started)
     video.write_json(metrics_path, metrics)
     return {"metrics": metrics, "videos": videos, "figures": figures,

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +45,7 @@ import numpy as np
 import torch
 
 import chopgrad  # noqa: F401  (before diffusers: the torchvision fix for CPU-only torch)
-from stages.common import cli
+from stages.common import cli, measure
 
 log = logging.getLogger("stages.vae")
 
@@ -255,12 +254,6 @@ def reconstruct(vae, video: np.ndarray) -> np.ndarray:  # [T, H, W, 3] uint8 -> 
     return ((recon.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
 
 
-def psnr_per_frame(reference: np.ndarray, recon: np.ndarray) -> np.ndarray:  # [T, H, W, 3] x2 -> [T] dB
-    diff = reference.astype(np.float64) / 255 - recon.astype(np.float64) / 255
-    mse = np.maximum((diff ** 2).reshape(len(diff), -1).mean(axis=1), 1e-12)
-    return 10 * np.log10(1.0 / mse)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Outputs
 
@@ -269,11 +262,10 @@ def save_model(vae, out_dir: Path) -> None:
     """``save_pretrained`` into ``out_dir``, replacing a previous VAE folder there, never anything else."""
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
         raise FileExistsError(f"{out_dir} exists and is not a VAE folder; refusing to replace it")
-    staging = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    vae.save_pretrained(staging, safe_serialization=True)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
+    from stages.common.video import staged_outputs
+
+    with staged_outputs(out_dir) as (staging,):
+        vae.save_pretrained(staging, safe_serialization=True)
 
 
 def plot_training(losses: list[float], source: str, path: Path) -> None:
@@ -359,9 +351,9 @@ def run(params: Params, scenes_dir: str | Path, out_dir: str | Path, metrics_pat
     psnr, samples, constant = {}, {}, []
     for name, video in test_videos.items():
         samples[name] = reconstruct(vae, video)
-        psnr[name] = psnr_per_frame(video, samples[name])
+        psnr[name] = measure.psnr(samples[name], video, per_frame=True)
         mean_colour = np.broadcast_to(video.mean(axis=(0, 1, 2)).round().astype(np.uint8), video.shape)
-        constant.append(psnr_per_frame(video, mean_colour))
+        constant.append(measure.psnr(mean_colour, video, per_frame=True))
 
     plots_dir.mkdir(parents=True, exist_ok=True)
     name = next(iter(test_videos))  # the sample shown: the first test scene

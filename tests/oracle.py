@@ -26,7 +26,7 @@ def truncated_oracle(decoder, latents, target, loss_fn, d_trunc, params=()):
     value = 0.0
     for s, (_, frames_s) in enumerate(plan):
         z = latents.detach().clone().requires_grad_(True)
-        cache = decoder.init_cache()
+        cache = decoder.init_cache()  # no tile: the oracle decodes the whole frame
         for j, (latent_slice, _) in enumerate(plan[: s + 1]):
             if d_trunc is not None and j == s - d_trunc:
                 cache = _detach(cache)

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 class RecurrentDecoder:
     """A user's own causal decoder: a 3x3 conv RNN whose cache is the last step's hidden state."""
 
-    latent_channels, spatial_scale, output_range, clamp_output = 2, 1, (-1.0, 1.0), False
+    latent_channels, out_channels, spatial_scale, output_range, clamp_output = 2, 3, 1, (-1.0, 1.0), False
 
     def __init__(self, recurrence: float = 1.0):
         torch.manual_seed(3)
@@ -40,7 +40,7 @@ class RecurrentDecoder:
     def frames_out(self, step_index, step_size):
         return step_size
 
-    def init_cache(self):
+    def init_cache(self, tile=None):  # a conv RNN's output does not depend on where its latents lie
         return {"hidden": None}
 
     def step(self, latents, cache):
@@ -210,7 +210,7 @@ def test_wan_covering_truncation_is_exact_once_upsample_keeps_float64(monkeypatc
 
 def test_backbone_cosine_is_one_when_d_trunc_covers_all_steps():  # tolerances: see the note above
     vae = small_wan()
-    transformer = models.tiny_transformer(latent_channels=4, seed=0).double()
+    transformer = models.backbone_transformer(latent_channels=4, seed=0).double()
     backbone = models.FlowBackbone(transformer, vae, sigma=0.5, seed=0)
     clean = [torch.randn(1, 4, 3, 2, 2, dtype=torch.float64) for _ in range(2)]
     targets = [torch.rand(1, 3, 9, 16, 16, dtype=torch.float64) * 2 - 1 for _ in range(2)]
@@ -221,6 +221,34 @@ def test_backbone_cosine_is_one_when_d_trunc_covers_all_steps():  # tolerances: 
     assert result.cosine[0] < 1 - 1e-6 and result.normalized_mae[0] > 1e-6
     for cosine, mae in zip(result.cosine[1:], result.normalized_mae[1:]):
         assert cosine == pytest.approx(1.0, abs=1e-12) and mae < 1e-6
+
+
+def test_backbone_latent_space_is_the_vaes_normalised_space():
+    from diffusers import AutoencoderKLCogVideoX
+
+    vae = small_wan()
+    mean, std = [0.1, 0.0, -0.2, 0.3], [1.5, 1.0, 0.7, 2.0]  # small_wan's config
+    assert models.latent_stats(vae) == (mean, std)
+    noise = torch.randn((2, 4, 3, 2, 2), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    latents = models.random_latents(vae, (2, 4, 3, 2, 2), torch.Generator().manual_seed(5))
+    by_hand = noise * torch.tensor(std).view(1, 4, 1, 1, 1) + torch.tensor(mean).view(1, 4, 1, 1, 1)
+    torch.testing.assert_close(latents, by_hand)
+    cogvideox = AutoencoderKLCogVideoX(block_out_channels=(8,) * 4, latent_channels=4, layers_per_block=1,
+                                       norm_num_groups=2, scaling_factor=0.5)
+    assert models.latent_stats(cogvideox) == ([0.0] * 4, [2.0] * 4)  # its pipelines diffuse z * scaling_factor
+
+
+def test_backbone_transformer_from_a_wan21_folder_refuses_other_channels_before_loading(tmp_path, monkeypatch):
+    from chopgrad import restoration
+
+    saved = restoration.small_transformer(latent_channels=4, zero_output=False, seed=1)
+    saved.save_pretrained(tmp_path / "wan" / "transformer")
+    loaded = models.backbone_transformer(4, tmp_path / "wan")
+    for (name, a), (_, b) in zip(saved.state_dict().items(), loaded.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+    monkeypatch.setattr("diffusers.WanTransformer3DModel.from_pretrained", None)  # loading would now fail
+    with pytest.raises(ValueError, match="maps 4 to 4 latent channels but the VAE has 16: use the transformer"):
+        models.backbone_transformer(16, tmp_path / "wan")
 
 
 def test_gradient_error_argument_errors():
@@ -268,14 +296,17 @@ def test_lpips_loss_refuses_missing_weights(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty cache: the VGG16 file is missing
     with pytest.raises(MissingWeightsError, match="vgg16-397923af.pth"):
-        models.lpips_loss("vgg", allow_stand_in=False)
+        models.lpips_loss("vgg", weights="official")
     with pytest.raises(ValueError, match="LPIPS net must be 'vgg' or 'alex'"):
         models.lpips_loss("squeeze")
-    monkeypatch.setattr(models, "_load_lpips", lambda net, allow_stand_in, device: (None, {}))
+    with pytest.raises(ValueError, match="LPIPS weights must be 'official' or 'stand_in', got True"):
+        models.lpips_loss("vgg", weights=True)  # the policy, not the old allow_stand_in flag
+    monkeypatch.setattr(models, "load_lpips", lambda net, weights, device: (None, {}))
     loss, _ = models.lpips_loss("alex")
-    with pytest.raises(ValueError, match="LPIPS-alex needs frames of at least 32 x 32 pixels, got 16 x 24"):
+    smallest = models.LPIPS_MIN_SIZE["alex"]  # chopgrad.metrics.limits decides it
+    with pytest.raises(ValueError, match=f"LPIPS-alex needs frames of at least {smallest} x {smallest} pixels"):
         loss(torch.zeros(1, 3, 1, 16, 24), torch.zeros(1, 3, 1, 16, 24))
-    # allow_stand_in=True: see test_stage_writes_the_summary_raw_results_and_five_figures
+    # weights="stand_in": see test_stage_writes_the_summary_raw_results_and_five_figures
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -316,7 +347,7 @@ def test_cli_grad_error_backbone_resources_on_a_builtin_decoder(tmp_path):
     assert table[0]["total_rel"] > 0 and table[1]["total_rel"] < 1e-4  # float32 round-off only
     assert cli(["backbone", *common, "--d-trunc", "0,2"]) == 0
     backbone = json.loads((tmp_path / "backbone.json").read_text())
-    assert backbone["table"][1]["cosine"] > 0.999 and backbone["backbone"] == "tiny random"
+    assert backbone["table"][1]["cosine"] > 0.999 and backbone["backbone"] == "small random"
     assert cli(["resources", *common, "--d-trunc", "0,1", "--lengths", "5,9"]) == 0
     rows = json.loads((tmp_path / "resources.json").read_text())["rows"]
     assert {r["mode"] for r in rows} == {"chopgrad", "full"}
@@ -332,6 +363,7 @@ def test_cli_grad_error_backbone_resources_on_a_builtin_decoder(tmp_path):
     (["spatial", "--vae", "wan-tiny", "--frames", "5", "--boundary", "9"], "boundary_row must be a latent row"),
     (["backbone", "--vae", "wan-tiny", "--loss", "mse,lpips"], "takes one --loss"),
     (["grad-error", "--vae", "wan-tiny", "--loss", "l1"], "unknown loss"),
+    (["backbone", "--vae", "wan-tiny", "--transformer-path", "/no/such/Wan2.1"], "is not a folder"),
 ])
 def test_cli_errors_name_the_problem(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -368,7 +400,7 @@ def stage_params(**changes):
 
     values = {"clips": 2, "locality_frames": 13, "frames": 9, "max_distance": 3, "probes": 1, "fit_from": "peak",
               "rel_tol": 1e-3, "d_trunc": (0, 1, 2), "losses": ("mse", "lpips"), "lpips_net": "vgg",
-              "lpips_frames": 5, "allow_stand_in_weights": True, "backbone_path": None, "backbone_layers": 1,
+              "lpips_frames": 5, "weights": "stand_in", "transformer_path": None, "backbone_layers": 1,
               "backbone_sigma": 0.5, "resource_frames": (5, 9), "resource_length_d_trunc": (1,),
               "resource_repeats": 1, "spatial_boundary": 0.5, "spatial_threshold": 2 / 255, "seed": 0, "threads": 1}
     return stage.Params(**{**values, **changes})
@@ -426,7 +458,8 @@ def test_stage_writes_the_summary_raw_results_and_five_figures(stage_inputs, tmp
     ({"frames": 8}, "analysis.frames must be 1 \\+ 4k"),
     ({"lpips_frames": 13}, "lpips_frames <= frames <= locality_frames"),
     ({"d_trunc": ()}, "analysis.d_trunc and analysis.resource_length_d_trunc must be non-empty"),
-    ({"backbone_path": "/no/such/transformer"}, "analysis.backbone_path: /no/such/transformer has no config.json"),
+    ({"transformer_path": "/no/such/Wan2.1"}, "analysis.transformer_path: transformer path /no/such/Wan2.1 is not"),
+    ({"weights": "skip"}, "analysis.weights must be one of official, stand_in, got 'skip'"),
 ])
 def test_stage_params_errors_name_the_key(changes, message):
     with pytest.raises(ValueError, match=message):
@@ -442,6 +475,17 @@ def test_stage_refuses_bad_inputs_before_any_work(stage_inputs, tmp_path):
         stage.run(stage_params(), tmp_path / "no-vae", scenes_dir, *outputs, progress=False)
     with pytest.raises(ValueError, match="lower analysis.clips or analysis.frames"):
         stage.run(stage_params(clips=3), vae_dir, scenes_dir, *outputs, progress=False)
+    assert not any(path.exists() for path in outputs)
+
+
+def test_stage_with_official_weights_refuses_a_missing_lpips_file(stage_inputs, tmp_path, monkeypatch):
+    from chopgrad.weights import MissingWeightsError
+    from stages import analysis as stage
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty cache: the VGG16 file is missing
+    outputs = (tmp_path / "data", tmp_path / "m.json", tmp_path / "plots")
+    with pytest.raises(MissingWeightsError, match="vgg16-397923af.pth"):
+        stage.run(stage_params(weights="official"), *stage_inputs, *outputs, progress=False)
     assert not any(path.exists() for path in outputs)
 
 

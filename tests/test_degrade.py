@@ -13,7 +13,7 @@ import pytest
 import skimage.data
 
 from stages import degrade
-from stages.common import pairs, scenes, video
+from stages.common import measure, pairs, scenes, video
 from stages.common.params import ParamsError, params_from_mapping
 
 PARAMS = degrade.Params(
@@ -87,8 +87,8 @@ def test_compression_changes_the_frames_more_at_higher_crf():
     light, heavy = degrade.compress(lowres, 10), degrade.compress(lowres, 45)
     assert light.shape == heavy.shape == lowres.shape
     assert not np.array_equal(light, lowres)
-    assert degrade.psnr(heavy, lowres) < degrade.psnr(light, lowres)
-    assert degrade.psnr(light, lowres) > 25  # still the same video
+    assert measure.psnr(heavy, lowres) < measure.psnr(light, lowres)
+    assert measure.psnr(light, lowres) > 25  # still the same video
     odd = photo_video(3, 5, 7)  # odd sizes go through 4:4:4
     assert degrade.compress(odd, 30).shape == odd.shape
 
@@ -119,7 +119,7 @@ def test_stage_writes_sr_pairs_from_the_scenes(tmp_path, scene_set):
         np.testing.assert_array_equal(frames["lowres"], lowres_of(hr, 0, pair["scene"]))  # seeded per scene
         np.testing.assert_array_equal(frames["input"], degrade.upsample(frames["lowres"], 32, 48))
         assert result["metrics"]["scenes"][pair["scene"]]["psnr_input"] == round(
-            degrade.psnr(frames["input"], frames["target"]), 4)
+            measure.psnr(frames["input"], frames["target"]), 4)
     metrics = json.loads((tmp_path / "metrics" / "degrade.json").read_text())
     assert metrics == result["metrics"] and metrics["train_pairs"] == 2 and metrics["test_pairs"] == 1
     assert 10 < metrics["psnr_input_train"] < 40

@@ -193,8 +193,8 @@ class ToyCausalDecoder:
     def frames_out(self, step_index, step_size):
         return step_size
 
-    def init_cache(self):
-        return {"hidden": None}
+    def init_cache(self, tile=None):
+        return {"hidden": None}  # pointwise: where the tile lies does not matter
 
     def step(self, latents, cache):
         hidden = self.inp(latents)
@@ -216,3 +216,67 @@ def test_a_users_own_decoder(d_trunc):
     ref_value, ref_grad, _ = truncated_oracle(decoder, z, target, mse, d_trunc)
     assert value == pytest.approx(ref_value, rel=1e-12)
     assert _rel(grad, ref_grad) < 1e-12
+
+
+class PositionalDecoder(ToyCausalDecoder):
+    """The toy plus a bias that depends on where each latent pixel lies in the whole frame.
+
+    Pointwise, so a tile's interior decodes as in the untiled frame whatever the halo, but only if
+    the decoder is told which tile it decodes: without it, every tile would get the bias of the
+    frame's top-left corner.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.tiles_seen = []
+
+    def init_cache(self, tile=None):
+        self.tiles_seen.append(tile)
+        return {"hidden": None, "tile": tile}
+
+    def step(self, latents, cache):
+        frames, after = super().step(latents, cache)
+        height, width = latents.shape[-2:]
+        tile = cache["tile"] or chopgrad.Tile(slice(0, height), slice(0, width))
+        rows = torch.arange(tile.rows.start, tile.rows.stop, dtype=frames.dtype)
+        cols = torch.arange(tile.cols.start, tile.cols.stop, dtype=frames.dtype)
+        bias = 0.2 * torch.sin(rows[:, None] + 2 * cols[None, :])  # [h, w]
+        return frames + bias, {**after, "tile": tile}
+
+
+@pytest.mark.parametrize("kwargs", [{"d_trunc": 1}, {"d_trunc": None}, {"d_trunc": None, "recompute": True}])
+def test_each_tile_is_named_to_the_decoder(kwargs):
+    decoder = PositionalDecoder()
+    z, target = _inputs(decoder, 3, h=4, w=6)
+    value, grad = _engine_grad(decoder, z, target, **kwargs)
+    untiled = decoder.tiles_seen.pop()
+    assert untiled == chopgrad.Tile(slice(0, 4), slice(0, 6)) and not decoder.tiles_seen
+    tiled_value, tiled_grad = _engine_grad(decoder, z, target, tiles=(2, 2), halo=1, **kwargs)
+    # Row spans [0, 2) and [2, 4), column spans [0, 3) and [3, 6), each widened by the halo of 1.
+    rows, cols = (slice(0, 3), slice(1, 4)), (slice(0, 4), slice(2, 6))
+    assert decoder.tiles_seen == [chopgrad.Tile(r, c) for r in rows for c in cols]
+    assert tiled_value == pytest.approx(value, rel=1e-12)
+    assert _rel(tiled_grad, grad) < 1e-12
+    assert torch.equal(chopgrad.decode(decoder, z, tiles=(2, 2), halo=1), chopgrad.decode(decoder, z))
+
+
+class OldProtocolDecoder:
+    """A decoder written before the protocol declared ``out_channels`` and passed the tile."""
+
+    latent_channels, spatial_scale, output_range, clamp_output = 2, 1, (-1.0, 1.0), False
+    step_sizes, frames_out = ToyCausalDecoder.step_sizes, ToyCausalDecoder.frames_out
+    step, parameters = ToyCausalDecoder.step, ToyCausalDecoder.parameters
+
+    def init_cache(self):
+        return {"hidden": None}
+
+
+def test_a_decoder_written_against_the_old_protocol_is_told_each_fix():
+    with pytest.raises(TypeError, match=r"implementing chopgrad.CausalDecoder \(it lacks out_channels\)"):
+        chopgrad.wrap_decoder(OldProtocolDecoder())
+
+    class WithChannels(OldProtocolDecoder):
+        out_channels = 3
+
+    with pytest.raises(TypeError, match=r"WithChannels.init_cache takes no tile: .* init_cache\(self, tile=None\)"):
+        chopgrad.wrap_decoder(WithChannels())

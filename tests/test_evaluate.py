@@ -1,7 +1,7 @@
 """Stage ``evaluate``, its weights policy helper and the paper tables, on small fake stage outputs.
 
 The fake ``data/infer`` / ``data/train`` / pairs folders are written here in the documented layout
-(``notes/interfaces.md``: the contract between the stages), not produced by the train/infer stages.
+(``docs/interfaces.md``: the contract between the stages), not produced by the train/infer stages.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from stages import evaluate
 from stages.common import paper_tables, video
 from stages.common.pairs import PairsError, PairsWriter
 from stages.common.params import ParamsError, params_from_mapping
-from stages.common.weights import metric_home
+from chopgrad.weights import metric_home
 
 FRAMES, HEIGHT, WIDTH = 12, 32, 48
 METHODS = ("chopgrad_d1", "per_frame", "latent_mse", "my_method")

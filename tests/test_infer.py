@@ -19,7 +19,7 @@ from test_train import write_inputs
 
 from stages import infer, train
 from stages.common import pairs as pairs_io
-from stages.common import restorer, video
+from stages.common import restoration, video
 from stages.common.params import ParamsError, params_from_mapping
 
 BASE = {"max_frames": None, "vae_roundtrip": False, "tiles": [1, 1], "halo": 2, "warmup_frames": 1, "sample_frames": 5, "device": "cpu", "mixed_precision": True,
@@ -39,9 +39,9 @@ def trained(tmp_path_factory) -> dict:
     inputs = write_inputs(root, frames=9, height=16, width=24)  # 24 is no multiple of 16: padded inside
     runs = {"latent_mse": {}, "latent_mse_2x": {"decoder_skip": True, "decoder_lora_rank": 2}}
     for method, changes in runs.items():
-        train.run(train_params(tasks=["nvs", "sr"], steps=1, **changes), method, inputs["vae"], inputs["pairs"],
+        train.run(train_params(tasks=["nvs", "sr"], iterations=1, **changes), method, inputs["vae"], inputs["pairs"],
                   root / "train" / method, root / "metrics" / f"{method}.json", root / "ckpt" / method)
-    return {**inputs, "root": root, "train": [root / "train" / method for method in runs]}
+    return {**inputs, "root": root, "train": root / "train"}
 
 
 def run_stage(trained: dict, out: Path, **changes) -> dict:
@@ -74,12 +74,12 @@ def test_every_model_restores_every_test_video_at_the_targets_size(trained, tmp_
 
 def test_outputs_are_the_loaded_models_restoration(trained, tmp_path):
     run_stage(trained, tmp_path, max_frames=5)
-    for train_dir in trained["train"]:
-        model = restorer.load_model(train_dir / "nvs", trained["vae"])
+    for train_dir in sorted(trained["train"].iterdir()):
+        model = restoration.load_model(train_dir / "nvs", trained["vae"])
         assert (model.skip is not None) == (train_dir.name == "latent_mse_2x")
         (pair,) = pairs_io.load_pairs(trained["pairs"][0], split="test")
         degraded = video.read_frames(pair["input"])[:5]
-        expected, _ = train.restore_video(model, degraded)
+        expected, _ = restoration.restore_video(model, degraded)
         written = video.read_frames(tmp_path / "infer" / train_dir.name / "nvs" / pair["scene"])
         assert written.shape == (5, 16, 24, 3)  # max_frames: the first frames only
         np.testing.assert_array_equal(written, expected)
@@ -89,7 +89,7 @@ def test_the_vae_roundtrip_reference_is_the_input_through_the_vae_alone(trained,
     result = run_stage(trained, tmp_path, max_frames=5, vae_roundtrip=True)
     out = tmp_path / "infer" / infer.ROUNDTRIP
     assert sorted(p.name for p in out.iterdir()) == ["nvs", "sr"]  # one per task the models were trained on
-    model = restorer.roundtrip_model(trained["vae"])
+    model = restoration.roundtrip_model(trained["vae"])
     assert 16 % model.size_multiple == 0 and 24 % model.size_multiple == 0  # no transformer patch: no padding
     vae = model.vae
     for task, folder in (("nvs", trained["pairs"][0]), ("sr", trained["pairs"][1])):
@@ -119,12 +119,11 @@ def test_bad_tiles_are_rejected_before_any_work(trained, tmp_path, changes, patt
 
 
 def test_missing_models_and_pairs_are_rejected_before_any_work(trained, tmp_path):
-    empty = tmp_path / "train" / "chopgrad_d1"
-    empty.mkdir(parents=True)
-    with pytest.raises(ValueError, match="holds no trained model"):
-        infer.run(params(), [empty], trained["vae"], trained["pairs"], tmp_path / "o", tmp_path / "m.json")
-    with pytest.raises(ValueError, match="not a train stage output"):
-        infer.run(params(), [trained["root"] / "metrics"], trained["vae"], trained["pairs"], tmp_path / "o",
+    (tmp_path / "train" / "chopgrad_d1").mkdir(parents=True)
+    with pytest.raises(ValueError, match="chopgrad_d1 holds no trained model .*: run its train stage"):
+        infer.run(params(), tmp_path / "train", trained["vae"], trained["pairs"], tmp_path / "o", tmp_path / "m.json")
+    with pytest.raises(ValueError, match="holds no train stage output .*: run the train stages"):
+        infer.run(params(), tmp_path / "nowhere", trained["vae"], trained["pairs"], tmp_path / "o",
                   tmp_path / "m.json")
     with pytest.raises(ValueError, match="was trained on 'sr' but no --pairs folder holds that task"):
         infer.run(params(), trained["train"], trained["vae"], trained["pairs"][:1], tmp_path / "o", tmp_path / "m.json")

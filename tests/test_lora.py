@@ -123,7 +123,7 @@ def test_two_decoder_adapters_stack_and_only_the_trainable_one_gets_gradients():
     lora.add_decoder_lora(vae, 4, 4, "harmonization")
     _randomise(vae, "harmonization", seed=2)
     assert lora.adapter_names(vae) == ["reconstruction", "harmonization"]
-    # After adding, all adapters run and only the newest trains (Mirage stage 2).
+    # After adding, all adapters run and only the newest trains (Mirage phase 2).
     assert {n.split(".")[-2] for n in lora.trainable_parameters(vae)} == {"harmonization"}
 
     both = chopgrad.decode(vae, z, clamp=False)

@@ -75,7 +75,7 @@ def test_stages_sections_files_and_flow_agree():
     expanded = stage_names(REPO)  # matrix/foreach entries expanded: train@chopgrad_d0, ...
     assert list(dict.fromkeys(name.split("@")[0] for name in expanded)) == list(stages)
     assert stage_order(REPO) == expanded, "the flow runs every stage (matrix entries expanded), in dvc.yaml's order"
-    for name, stage in stages.items():
+    for name, stage in map(definition, stages.items()):
         assert stage["cmd"].startswith(f"python -m stages.{name} --params params.yaml "), name
         assert stage["params"] == [name], f"{name}: declare the whole '{name}' section"
         module = importlib.import_module(f"stages.{name}")
@@ -87,8 +87,40 @@ def test_stages_sections_files_and_flow_agree():
             assert path.endswith(".png"), f"{name}: plots are images, rendered offline by `dvc plots show`"
 
 
+def test_train_methods_are_declared_once_in_params_and_expand_to_one_stage_each():
+    train = read_yaml(REPO / "params.yaml")["train"]
+    methods = list(train["methods"])
+    losses = {name for key, table in train.items() if key.startswith("loss_") for name in table}  # latent_mse too
+    assert read_yaml(REPO / "dvc.yaml")["stages"]["train"]["foreach"] == "${train.methods}"
+    assert [name for name in stage_names(REPO) if name.startswith("train@")] == [f"train@{m}" for m in methods]
+    assert not any(method in (REPO / "dvc.yaml").read_text() for method in methods)
+    for path in REPO.joinpath("stages").glob("*.py"):  # no stage lists them again (docstrings may show one)
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}
+        named = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and id(node) not in docstrings
+                 and node.value in methods and node.value not in losses}
+        assert not named, f"{path.relative_to(REPO)} names the method(s) {named}: read train.methods instead"
+
+
+def test_no_stage_imports_another():
+    stage_files = {path.stem for path in REPO.joinpath("stages").glob("*.py")} - {"__init__"}
+    for path in REPO.joinpath("stages").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+                     if isinstance(node, ast.ImportFrom) else [])
+            imported = {name.split(".")[1] for name in names if name.startswith("stages.") and name.count(".") >= 1}
+            assert not imported & stage_files, f"{path.relative_to(REPO)} imports the stage(s) {imported & stage_files}"
+
+
+def definition(item: tuple[str, dict]) -> tuple[str, dict]:
+    """``(name, stage)`` with a foreach/matrix stage's ``do:`` body as its definition."""
+    name, stage = item
+    return name, stage.get("do", stage)
+
+
 def test_stage_deps_cover_the_code_they_import():
-    for name, stage in read_yaml(REPO / "dvc.yaml")["stages"].items():
+    for name, stage in map(definition, read_yaml(REPO / "dvc.yaml")["stages"].items()):
         deps = stage["deps"]
         stage_file = REPO / "stages" / f"{name}.py"
         assert f"stages/{name}.py" in deps
@@ -113,7 +145,7 @@ TINY = {
     "splat": {"every": 4, "steps": 10, "sh_degree_interval": 5, "init_num_points": 200, "refine_start_iter": 3,
               "refine_stop_iter": 8, "refine_every": 3, "reset_every": 100},
     "reinsert": {"asset_views": 2, "asset_steps": 5, "asset_points": 40, "min_visible_pixels": 4},
-    "train": {"num_layers": 1, "head_dim": 8, "ffn_dim": 32, "text_dim": 16, "freq_dim": 16, "steps": 1,
+    "train": {"num_layers": 1, "head_dim": 8, "ffn_dim": 32, "text_dim": 16, "freq_dim": 16, "iterations": 1,
               "clip_frames": 5, "crop": [16, 16], "checkpoint_every": 1, "sample_frames": 5},
     "infer": {"max_frames": 5, "warmup_frames": 0, "sample_frames": 5},
     "evaluate": {"metrics": ["psnr", "ssim", "lpips_vgg", "temporal_flickering"], "frames": 0, "model_frames": 2},
@@ -139,7 +171,7 @@ PRODUCED = {
     **{f"train@{method}": [f"data/train/{method}/{task}/{name}" for task in ("nvs", "inpaint_box", "sr")
                            for name in ("config.json", "model.safetensors", "train.json", "sample.mp4")]
        + [f"metrics/train/{method}.json"]
-       for method in ("chopgrad_d0", "chopgrad_d1", "chopgrad_d2", "latent_mse", "latent_mse_2x", "per_frame")},
+       for method in read_yaml(REPO / "params.yaml")["train"]["methods"]},
     "infer": ["metrics/infer.json", "data/infer/chopgrad_d1/nvs/timing.json", "data/infer/chopgrad_d1/nvs/sample.mp4",
               "data/infer/vae_roundtrip/sr/timing.json",
               "data/infer/per_frame/sr/timing.json", "data/infer/latent_mse/inpaint_box/scene_002/00000.png"],

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from stages import splat as stage
+from stages.common import measure, scenes, video
 from stages.common import pairs as pairs_folder
-from stages.common import scenes, video
 from stages.common import splat as gs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -197,8 +197,8 @@ def test_training_lowers_the_loss_and_densification_changes_the_count():
     counts = history["num_gaussians"]
     assert counts[0] == 200 and len(set(counts)) > 1 and len(trained["means"]) == counts[-1]
     target = (images * 255).round().byte().numpy()
-    before = gs.psnr(gs.render_frames(init, viewmats, Ks, 32, 24, 1), target)
-    after = gs.psnr(gs.render_frames(trained, viewmats, Ks, 32, 24, 1), target)
+    before = measure.psnr(gs.render_frames(init, viewmats, Ks, 32, 24, 1), target, per_frame=True)
+    after = measure.psnr(gs.render_frames(trained, viewmats, Ks, 32, 24, 1), target, per_frame=True)
     assert after.mean() > before.mean() + 3
 
 

@@ -19,22 +19,27 @@ import torch
 from conftest import write_text_encoder
 
 import chopgrad
-from chopgrad import losses, restoration
+import chopgrad.restoration
+from chopgrad import losses
 from chopgrad.weights import MissingWeightsError
 from stages import train
 from stages.common import pairs as pairs_io
-from stages.common import restorer
+from stages.common import restoration, training
 from stages.common.params import ParamsError, params_from_mapping
 
+METHODS = {name: training.Method(decode, d_trunc, factor) for name, (decode, d_trunc, factor) in {
+    "chopgrad_d0": ("chopgrad", 0, 1), "chopgrad_d1": ("chopgrad", 1, 1), "chopgrad_d2": ("chopgrad", 2, 1),
+    "latent_mse": (None, None, 1), "latent_mse_2x": (None, None, 2), "per_frame": ("per_frame", None, 1)}.items()}
 BASE = {
+    "methods": {name: dataclasses.asdict(method) for name, method in METHODS.items()},
     "tasks": ["nvs"], "transformer_path": None, "transformer_dtype": "float32", "num_layers": 1, "num_heads": 2,
     "head_dim": 8, "ffn_dim": 32, "text_dim": 16, "freq_dim": 16, "text_encoder_path": None,
-    "caption": "a clean video", "timestep": 200, "steps": 3, "clip_frames": 5, "crop": [16, 16], "lr": 1e-3,
+    "caption": "a clean video", "timestep": 200, "iterations": 3, "clip_frames": 5, "crop": [16, 16], "lr": 1e-3,
     "weight_decay": 0.1, "betas": [0.9, 0.99],
     "loss_nvs": {"latent_mse": 1.0, "lpips_vgg": 10.0},
     "loss_inpainting": {"latent_mse": 1.0, "lpips_vgg": 10.0},
     "loss_sr": {"mse": 1.0, "dists": 0.1}, "loss_driving": {"lpips_vgg": 1.0, "gram": 0.1},
-    "schedule": "joint", "reconstruction_steps": 1, "loss_reconstruction": {"mse": 1.0, "lpips_vgg": 0.1},
+    "schedule": "joint", "reconstruction_iterations": 1, "loss_reconstruction": {"mse": 1.0, "lpips_vgg": 0.1},
     "tiles": [1, 1], "halo": 2, "transformer_lora_rank": 0, "transformer_lora_alpha": 4.0, "decoder_lora_rank": 0,
     "decoder_lora_alpha": 2.0, "decoder_skip": False, "checkpoint_every": 2, "sample_frames": 5,
     "weights": "stand_in", "device": "cpu", "mixed_precision": True, "activation_checkpointing": True, "seed": 0,
@@ -96,22 +101,22 @@ def inputs(tmp_path_factory) -> dict:
     return write_inputs(tmp_path_factory.mktemp("inputs"))
 
 
-def run_stage(folder: Path, inputs: dict, weight_home: Path, method="chopgrad_d1", on_step=None, **changes) -> dict:
+def run_stage(folder: Path, inputs: dict, weight_home: Path, method="chopgrad_d1", on_iteration=None, **changes) -> dict:
     return train.run(params(**changes), method, inputs["vae"], inputs["pairs"], folder / "out" / method,
-                     folder / "metrics.json", folder / "ckpt" / method, weight_home, on_step=on_step)
+                     folder / "metrics.json", folder / "ckpt" / method, weight_home, on_iteration=on_iteration)
 
 
-def tiny_model(inputs: dict, **changes) -> restorer.Model:
+def tiny_model(inputs: dict, **changes) -> restoration.Model:
     p = params(**changes)
     spec = train.model_spec(p, json.loads((inputs["vae"] / "config.json").read_text()))
     spec["text"]["shape"] = [1, 8, p.text_dim]
-    return restorer.build_model(spec, inputs["vae"], restoration.fixed_text_embedding(p.text_dim, 8, 4))
+    return restoration.build_model(spec, inputs["vae"], chopgrad.restoration.fixed_text_embedding(p.text_dim, 8, 4))
 
 
 def first_clip(inputs: dict, task: str = "nvs"):
     plan = train.plan(params(tasks=[task]), "chopgrad_d1", inputs["pairs"], inputs["vae"])
-    clips = train.Clips(plan["tasks"][0], 5, (16, 16))
-    degraded, target, _ = clips.sample(train.step_generator(0, 0, 0))
+    clips = training.Clips(plan["tasks"][0].train, 5, (16, 16))
+    degraded, target, _ = clips.sample(training.sample_generator(0, 0, 0))
     return plan["tasks"][0], (degraded, target)
 
 
@@ -120,9 +125,9 @@ def first_clip(inputs: dict, task: str = "nvs"):
 
 
 def test_restorer_output_is_z_hat_minus_the_predicted_velocity():
-    transformer = restoration.small_transformer(latent_channels=4, num_layers=1, head_dim=8, text_dim=16,
+    transformer = chopgrad.restoration.small_transformer(latent_channels=4, num_layers=1, head_dim=8, text_dim=16,
                                                 freq_dim=16, ffn_dim=32, zero_output=False).double()
-    model = restoration.Restorer(transformer, restoration.fixed_text_embedding(16, 8, 4).double())
+    model = chopgrad.restoration.Restorer(transformer, chopgrad.restoration.fixed_text_embedding(16, 8, 4).double())
     z_hat = torch.randn(2, 4, 3, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     velocity = model.velocity(z_hat)
     assert velocity.abs().max() > 0
@@ -132,59 +137,58 @@ def test_restorer_output_is_z_hat_minus_the_predicted_velocity():
                          return_dict=False)[0]
     torch.testing.assert_close(velocity, direct, rtol=0, atol=0)
     # A zeroed output projection (the default) makes the untrained restorer the identity.
-    identity = restoration.Restorer(restoration.small_transformer(latent_channels=4, text_dim=16),
-                                    restoration.fixed_text_embedding(16))
+    identity = chopgrad.restoration.Restorer(chopgrad.restoration.small_transformer(latent_channels=4, text_dim=16),
+                                    chopgrad.restoration.fixed_text_embedding(16))
     torch.testing.assert_close(identity(z_hat.float()), z_hat.float(), rtol=0, atol=0)
 
 
 def test_latent_normalisation_round_trips_and_checks_the_channel_count():
     latents = torch.randn(1, 4, 2, 3, 3, dtype=torch.float64)
     mean, std = [0.1, -0.2, 0.3, 0.0], [0.5, 2.0, 1.0, 0.25]
-    normalised = restoration.normalize_latents(latents, mean, std)
+    normalised = chopgrad.restoration.normalize_latents(latents, mean, std)
     torch.testing.assert_close(normalised[:, 1], (latents[:, 1] + 0.2) / 2.0)
-    torch.testing.assert_close(restoration.denormalize_latents(normalised, mean, std), latents)
+    torch.testing.assert_close(chopgrad.restoration.denormalize_latents(normalised, mean, std), latents)
     with pytest.raises(ValueError, match="3 entries but the latents .* have 4 channels"):
-        restoration.normalize_latents(latents, mean[:3], std[:3])
+        chopgrad.restoration.normalize_latents(latents, mean[:3], std[:3])
 
 
 def test_restorer_rejects_latents_it_cannot_take():
-    model = restoration.Restorer(restoration.small_transformer(latent_channels=4, text_dim=16),
-                                 restoration.fixed_text_embedding(16))
+    model = chopgrad.restoration.Restorer(chopgrad.restoration.small_transformer(latent_channels=4, text_dim=16),
+                                 chopgrad.restoration.fixed_text_embedding(16))
     with pytest.raises(ValueError, match=r"\[B, 4, t, h, w\]"):
         model(torch.zeros(1, 16, 2, 4, 4))
     with pytest.raises(ValueError, match="not a multiple of the transformer's patch size"):
         model(torch.zeros(1, 4, 2, 3, 4))
     with pytest.raises(ValueError, match="text_embedding must be"):
-        restoration.Restorer(restoration.small_transformer(latent_channels=4, text_dim=16),
-                             restoration.fixed_text_embedding(32))
+        chopgrad.restoration.Restorer(chopgrad.restoration.small_transformer(latent_channels=4, text_dim=16),
+                             chopgrad.restoration.fixed_text_embedding(32))
 
 
 def test_transformer_folder_is_checked_before_loading(tmp_path):
     with pytest.raises(ValueError, match="is not a folder"):
-        restoration.load_transformer(tmp_path / "nowhere")
+        chopgrad.restoration.load_transformer(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="holds no WanTransformer3DModel"):
-        restoration.load_transformer(tmp_path)
-    restoration.small_transformer(latent_channels=4, text_dim=16).save_pretrained(tmp_path / "wan" / "transformer")
-    loaded = restoration.load_transformer(tmp_path / "wan")  # the Wan 2.1 folder: subfolder="transformer"
+        chopgrad.restoration.load_transformer(tmp_path)
+    chopgrad.restoration.small_transformer(latent_channels=4, text_dim=16).save_pretrained(tmp_path / "wan" / "transformer")
+    loaded = chopgrad.restoration.load_transformer(tmp_path / "wan")  # the Wan 2.1 folder: subfolder="transformer"
     assert loaded.config.in_channels == 4 and loaded.config.text_dim == 16
     for weights in (tmp_path / "wan" / "transformer").glob("diffusion_pytorch_model*"):
         weights.unlink()
     with pytest.raises(ValueError, match="no weights"):
-        restoration.load_transformer(tmp_path / "wan")
+        chopgrad.restoration.load_transformer(tmp_path / "wan")
 
 
 def test_prompts_are_encoded_as_wan_encodes_them(tmp_path):
     encoder = write_text_encoder(tmp_path)
-    caption, prompts = train.text_embeddings(params(text_encoder_path=str(tmp_path), caption="a clean video"), 16,
-                                             ["a room", None, "a room"])
-    assert caption.shape == (1, restoration.TEXT_LENGTH, 16) and list(prompts) == ["a room"]
+    caption, prompts = training.text_embeddings(str(tmp_path), "a clean video", 16, ["a room", None, "a room"], seed=0)
+    assert caption.shape == (1, chopgrad.restoration.TEXT_LENGTH, 16) and list(prompts) == ["a room"]
     with torch.no_grad():  # Wan: the encoder's states of the prompt's own tokens, zeros after them
         direct = encoder(torch.tensor([[3, 4]]), torch.ones(1, 2, dtype=torch.long)).last_hidden_state
     torch.testing.assert_close(prompts["a room"][0, :2], direct[0], rtol=1e-5, atol=1e-6)
     assert prompts["a room"][0, 2:].abs().max() == 0 and caption[0, 3:].abs().max() == 0
     assert caption[0, :3].abs().min() > 0
     with pytest.raises(ValueError, match="encodes to 16 channels but the transformer takes 32"):
-        train.text_embeddings(params(text_encoder_path=str(tmp_path)), 32, [])
+        training.text_embeddings(str(tmp_path), "a clean video", 32, [], seed=0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -203,7 +207,7 @@ def test_unknown_loss_names_are_rejected_with_the_known_ones():
 
 
 def test_weighted_pixel_loss_is_the_weighted_sum(weight_home):
-    from stages.common.weights import metric_home
+    from chopgrad.weights import metric_home
 
     generator = torch.Generator().manual_seed(0)
     pred, target = (torch.rand(1, 3, 2, 16, 16, generator=generator) * 2 - 1 for _ in range(2))
@@ -264,8 +268,8 @@ def test_a_few_steps_lower_the_loss_on_one_clip(inputs):
     optimizer = torch.optim.AdamW(model.transformer_trainable().values(), lr=3e-3, betas=(0.9, 0.99))
     history = []
     for _ in range(8):
-        _, result = train.train_step(model, train.METHODS["chopgrad_d1"], 0.0, pixel, params(), (degraded, target),
-                                     None, torch.device("cpu"), autocast=False)
+        result = training.train_iteration(model, METHODS["chopgrad_d1"], 0.0, pixel, (degraded, target), None,
+                                          tiles=(1, 1), halo=2, autocast=False)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         history.append(result.loss)
@@ -275,7 +279,7 @@ def test_a_few_steps_lower_the_loss_on_one_clip(inputs):
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_gradients_reach_exactly_the_trainable_parameters(inputs, weight_home, lora):
-    from stages.common.weights import metric_home
+    from chopgrad.weights import metric_home
 
     _, clip = first_clip(inputs)
     changes = {"transformer_lora_rank": 2, "decoder_lora_rank": 2, "decoder_skip": True} if lora else {}
@@ -289,8 +293,8 @@ def test_gradients_reach_exactly_the_trainable_parameters(inputs, weight_home, l
                     param.normal_(0, 0.1)
     else:  # the zeroed output projection blocks every other gradient on the first step
         torch.nn.init.normal_(model.transformer.proj_out.weight, std=0.1)
-    train.train_step(model, train.METHODS["chopgrad_d1"], 1.0, pixel, params(**changes), clip, None,
-                     torch.device("cpu"), autocast=False)
+    training.train_iteration(model, METHODS["chopgrad_d1"], 1.0, pixel, clip, None, tiles=(1, 1), halo=2,
+                             autocast=False)
     trainable = {**{f"t.{k}": v for k, v in model.transformer_trainable().items()},
                  **{f"v.{k}": v for k, v in model.decoder_trainable().items()}}
     modules = (model.transformer, model.decoder_module, pixel)
@@ -310,11 +314,11 @@ def test_gradients_reach_exactly_the_trainable_parameters(inputs, weight_home, l
 def _weights(folder: Path) -> dict:
     from safetensors.torch import load_file
 
-    return {task.name: load_file(str(task / restorer.MODEL_FILE)) for task in sorted(folder.iterdir())}
+    return {task.name: load_file(str(task / restoration.MODEL_FILE)) for task in sorted(folder.iterdir())}
 
 
 def test_an_interrupted_run_resumes_and_ends_with_the_same_weights(tmp_path, inputs, weight_home):
-    changes = {"tasks": ["nvs", "sr"], "steps": 4, "checkpoint_every": 2}
+    changes = {"tasks": ["nvs", "sr"], "iterations": 4, "checkpoint_every": 2}
     straight = run_stage(tmp_path / "straight", inputs, weight_home, **changes)
 
     class Killed(Exception):
@@ -325,13 +329,13 @@ def test_an_interrupted_run_resumes_and_ends_with_the_same_weights(tmp_path, inp
             raise Killed
 
     with pytest.raises(Killed):
-        run_stage(tmp_path / "resumed", inputs, weight_home, on_step=stop, **changes)
+        run_stage(tmp_path / "resumed", inputs, weight_home, on_iteration=stop, **changes)
     ckpt_dir = tmp_path / "resumed" / "ckpt" / "chopgrad_d1"
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["nvs.safetensors", "sr.safetensors"]
     assert not (tmp_path / "resumed" / "out" / "chopgrad_d1").exists()  # nothing half-written
     resumed = run_stage(tmp_path / "resumed", inputs, weight_home, **changes)
-    assert resumed["tasks"]["nvs"]["resumed_from_step"] == 4  # finished before: not trained again
-    assert resumed["tasks"]["sr"]["resumed_from_step"] == 2
+    assert resumed["tasks"]["nvs"]["resumed_from_iteration"] == 4  # finished before: not trained again
+    assert resumed["tasks"]["sr"]["resumed_from_iteration"] == 2
     assert not ckpt_dir.exists()  # removed once the outputs are in place
     for task in ("nvs", "sr"):
         assert [h["loss"] for h in resumed["tasks"][task]["history"]] == \
@@ -344,7 +348,7 @@ def test_an_interrupted_run_resumes_and_ends_with_the_same_weights(tmp_path, inp
         for name in expected[task]:
             assert torch.equal(expected[task][name], got[task][name]), (task, name)
     record = json.loads((tmp_path / "resumed" / "out" / "chopgrad_d1" / "sr" / "train.json").read_text())
-    assert record["steps"] == 4 and record["peak_memory_bytes"] is None and record["peak_rss_bytes"] > 0
+    assert record["iterations"] == 4 and record["peak_memory_bytes"] is None and record["peak_rss_bytes"] > 0
     assert (tmp_path / "resumed" / "out" / "chopgrad_d1" / "sr" / "sample.mp4").is_file()
     metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
     assert set(metrics["tasks"]) == {"nvs", "sr"}
@@ -356,24 +360,24 @@ def test_a_checkpoint_of_other_params_is_not_resumed(tmp_path, inputs, weight_ho
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_stage(tmp_path, inputs, weight_home, method="latent_mse", on_step=stop, steps=4)
-    result = run_stage(tmp_path, inputs, weight_home, method="latent_mse", steps=4, lr=2e-3)
-    assert result["tasks"]["nvs"]["resumed_from_step"] == 0
+        run_stage(tmp_path, inputs, weight_home, method="latent_mse", on_iteration=stop, iterations=4)
+    result = run_stage(tmp_path, inputs, weight_home, method="latent_mse", iterations=4, lr=2e-3)
+    assert result["tasks"]["nvs"]["resumed_from_iteration"] == 0
 
 
 def test_methods_train_what_they_say(tmp_path, inputs, weight_home):
-    twice = run_stage(tmp_path, inputs, weight_home, method="latent_mse_2x", steps=2)["tasks"]["nvs"]
-    assert twice["steps"] == 4 and twice["final_pixel_loss"] is None and twice["pixel_losses"] == {}
-    per_frame = run_stage(tmp_path, inputs, weight_home, method="per_frame", steps=1)["tasks"]["nvs"]
+    twice = run_stage(tmp_path, inputs, weight_home, method="latent_mse_2x", iterations=2)["tasks"]["nvs"]
+    assert twice["iterations"] == 4 and twice["final_pixel_loss"] is None and twice["pixel_losses"] == {}
+    per_frame = run_stage(tmp_path, inputs, weight_home, method="per_frame", iterations=1)["tasks"]["nvs"]
     assert per_frame["decoding"] == "per_frame" and per_frame["final_pixel_loss"] > 0
     assert per_frame["stand_in_weights"] is True
 
 
-MIRAGE = {"schedule": "mirage", "reconstruction_steps": 2, "steps": 2, "checkpoint_every": 1, "decoder_skip": True,
+MIRAGE = {"schedule": "mirage", "reconstruction_iterations": 2, "iterations": 2, "checkpoint_every": 1, "decoder_skip": True,
           "decoder_lora_rank": 2, "transformer_lora_rank": 2}
 
 
-def _snapshot(model: restorer.Model) -> dict[str, torch.Tensor]:
+def _snapshot(model: restoration.Model) -> dict[str, torch.Tensor]:
     weights = {f"decoder.{k}": v for k, v in model.decoder_weights().items()}
     weights.update({f"transformer.{k}": v for k, v in model.transformer.named_parameters() if "lora_" in k})
     return {k: v.detach().clone() for k, v in weights.items()}
@@ -389,11 +393,11 @@ def _changed(before: dict, after: dict) -> set[str]:
     return kinds
 
 
-def test_the_mirage_schedule_trains_each_stage_s_weights_in_turn(tmp_path, inputs, weight_home, monkeypatch):
+def test_the_mirage_schedule_trains_each_phase_s_weights_in_turn(tmp_path, inputs, weight_home, monkeypatch):
     snapshots = []
     original = train._set_phase
 
-    def spy(model, phase):  # a snapshot of the weights as each stage begins
+    def spy(model, phase):  # a snapshot of the weights as each phase begins
         snapshots.append((phase, _snapshot(model), model))
         original(model, phase)
 
@@ -406,14 +410,14 @@ def test_the_mirage_schedule_trains_each_stage_s_weights_in_turn(tmp_path, input
     assert _changed(middle, end) == {"harmonization", "transformer"}  # then the transformer LoRA + second LoRA
     assert [h["phase"] for h in result["history"]] == ["reconstruction"] * 2 + ["harmonization"] * 2
     assert "latent" not in result["history"][0] and result["history"][-1]["latent"] > 0
-    assert result["schedule"] == "mirage" and result["reconstruction_steps"] == 2
+    assert result["schedule"] == "mirage" and result["reconstruction_iterations"] == 2
     assert result["final_reconstruction_loss"] > 0
-    saved = restorer.load_model(tmp_path / "out" / "chopgrad_d1" / "nvs", inputs["vae"])  # both LoRAs, the fusion
+    saved = restoration.load_model(tmp_path / "out" / "chopgrad_d1" / "nvs", inputs["vae"])  # both LoRAs, the fusion
     for name, value in _snapshot(saved).items():
         assert torch.equal(value, end[name]), name
 
 
-def test_a_mirage_run_killed_at_the_stage_switch_resumes_to_the_same_weights(tmp_path, inputs, weight_home):
+def test_a_mirage_run_killed_at_the_phase_switch_resumes_to_the_same_weights(tmp_path, inputs, weight_home):
     straight = run_stage(tmp_path / "straight", inputs, weight_home, **MIRAGE)
 
     def stop(task, step):  # the checkpoint of the last reconstruction step is written, then it dies
@@ -421,9 +425,9 @@ def test_a_mirage_run_killed_at_the_stage_switch_resumes_to_the_same_weights(tmp
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_stage(tmp_path / "resumed", inputs, weight_home, on_step=stop, **MIRAGE)
+        run_stage(tmp_path / "resumed", inputs, weight_home, on_iteration=stop, **MIRAGE)
     resumed = run_stage(tmp_path / "resumed", inputs, weight_home, **MIRAGE)
-    assert resumed["tasks"]["nvs"]["resumed_from_step"] == 2
+    assert resumed["tasks"]["nvs"]["resumed_from_iteration"] == 2
     assert [h["loss"] for h in resumed["tasks"]["nvs"]["history"]] == \
            [h["loss"] for h in straight["tasks"]["nvs"]["history"]]
     expected, got = (_weights(tmp_path / run / "out" / "chopgrad_d1")["nvs"] for run in ("straight", "resumed"))
@@ -435,8 +439,8 @@ def test_a_mirage_run_killed_at_the_stage_switch_resumes_to_the_same_weights(tmp
 @pytest.mark.parametrize("changes, pattern", [
     ({"decoder_skip": False}, r"schedule 'mirage' .* set train.decoder_skip: true"),
     ({"decoder_lora_rank": 0, "transformer_lora_rank": 0}, "set train.decoder_lora_rank > 0, train.transformer_lora_rank > 0"),
-    ({"reconstruction_steps": 0}, "train.reconstruction_steps must be >= 1"),
-    ({"loss_reconstruction": {"latent_mse": 1.0}}, "the reconstruction stage has no transformer"),
+    ({"reconstruction_iterations": 0}, "train.reconstruction_iterations must be >= 1"),
+    ({"loss_reconstruction": {"latent_mse": 1.0}}, "the reconstruction phase has no transformer"),
     ({"loss_reconstruction": {"mse": 0.0}}, "train.loss_reconstruction needs a pixel loss with a weight > 0"),
 ])
 def test_mirage_settings_that_cannot_work_are_rejected(changes, pattern):
@@ -449,7 +453,7 @@ def test_mirage_settings_that_cannot_work_are_rejected(changes, pattern):
 
 
 @pytest.mark.parametrize("method, changes, pattern", [
-    ("chopgrad_d3", {}, "unknown method 'chopgrad_d3'; the train stage knows chopgrad_d0"),
+    ("chopgrad_d3", {}, "unknown method 'chopgrad_d3'; train.methods declares chopgrad_d0"),
     ("chopgrad_d1", {"tiles": [3, 1]}, r"train.tiles \[3, 1\] do not divide the latent crop 2x2"),
     ("chopgrad_d1", {"crop": [24, 24]}, r"train.crop \[24, 24\] must be multiples of 16"),
     ("chopgrad_d1", {"crop": [16, 32], "tiles": [2, 4]}, "tiles of 8 pixels .* too small for the nvs losses"),
@@ -463,6 +467,28 @@ def test_bad_configurations_are_rejected_before_training(tmp_path, inputs, metho
         train.run(params(**changes), method, inputs["vae"], inputs["pairs"], tmp_path / "out", tmp_path / "m.json",
                   tmp_path / "ckpt")
     assert not any(tmp_path.iterdir())
+
+
+def test_a_checkpoint_path_that_is_a_file_is_rejected_before_training(tmp_path, inputs):
+    (tmp_path / "ckpt").write_text("not a folder")
+    with pytest.raises(ValueError, match="--checkpoints .*ckpt is a file: pass a folder"):
+        train.run(params(), "latent_mse", inputs["vae"], inputs["pairs"], tmp_path / "out", tmp_path / "m.json",
+                  tmp_path / "ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+@pytest.mark.parametrize("entry, pattern", [
+    ({"decode": "chopgrad", "d_trunc": None, "iterations_factor": 1}, "chopgrad_d9: d_trunc is set for decode "
+                                                                        "'chopgrad' only"),
+    ({"decode": None, "d_trunc": 1, "iterations_factor": 1}, "got decode None with d_trunc 1"),
+    ({"decode": "chopgrad", "d_trunc": -1, "iterations_factor": 1}, "d_trunc must be >= 0"),
+    ({"decode": "chopgrad", "d_trunc": 1, "iterations_factor": 0}, "iterations_factor must be >= 1"),
+    ({"decode": "tiled", "d_trunc": 1, "iterations_factor": 1}, "train.methods.chopgrad_d9.decode must be one of"),
+    ({"decode": "chopgrad", "d_trunc": 1}, r"missing key\(s\) train.methods.chopgrad_d9.iterations_factor"),
+])
+def test_bad_method_entries_are_rejected_naming_the_method(entry, pattern):
+    with pytest.raises(ParamsError, match=pattern):
+        params(methods={**BASE["methods"], "chopgrad_d9": entry})
 
 
 def test_tiles_that_fit_are_accepted(inputs):
@@ -494,40 +520,40 @@ def test_missing_folders_and_weights_are_rejected_before_training(tmp_path, inpu
 def test_saved_model_rebuilds_to_the_same_outputs(tmp_path, inputs, weight_home):
     from safetensors.torch import load_file
 
-    run_stage(tmp_path, inputs, weight_home, steps=1, transformer_lora_rank=2, decoder_lora_rank=2, decoder_skip=True)
+    run_stage(tmp_path, inputs, weight_home, iterations=1, transformer_lora_rank=2, decoder_lora_rank=2, decoder_skip=True)
     folder = tmp_path / "out" / "chopgrad_d1" / "nvs"
-    spec = json.loads((folder / restorer.SPEC_FILE).read_text())
+    spec = json.loads((folder / restoration.SPEC_FILE).read_text())
     assert spec["transformer_lora"] == {"rank": 2, "alpha": 4.0}
-    assert spec["decoder_lora"] == {"rank": 2, "alpha": 2.0, "adapters": [restorer.DECODER_ADAPTER]}
+    assert spec["decoder_lora"] == {"rank": 2, "alpha": 2.0, "adapters": [restoration.DECODER_ADAPTER]}
     assert spec["decoder_skip"] is True
-    saved = load_file(str(folder / restorer.MODEL_FILE))
+    saved = load_file(str(folder / restoration.MODEL_FILE))
     assert saved["decoder.fusion.weight"].abs().max() > 0  # trained away from its zero start
     assert any(".lora_" in k for k in saved if k.startswith("decoder.vae.decoder."))
-    first, second = restorer.load_model(folder, inputs["vae"]), restorer.load_model(folder, inputs["vae"])
+    first, second = restoration.load_model(folder, inputs["vae"]), restoration.load_model(folder, inputs["vae"])
     for name, param in first.decoder_trainable().items():
         assert torch.equal(param, saved[f"decoder.{name}"]), name
     frames = moving_pattern(5, 16, 32, 0.5)
-    out_a, timings = train.restore_video(first, frames)
-    out_b, _ = train.restore_video(second, frames)
+    out_a, timings = restoration.restore_video(first, frames)
+    out_b, _ = restoration.restore_video(second, frames)
     np.testing.assert_array_equal(out_a, out_b)
     assert out_a.shape == frames.shape and set(timings) == {"encode_seconds", "transformer_seconds", "decode_seconds"}
     odd = moving_pattern(7, 12, 20, 0.5)  # padded to 9 frames of 16 x 32 inside, cut back
-    assert train.restore_video(first, odd)[0].shape == odd.shape
+    assert restoration.restore_video(first, odd)[0].shape == odd.shape
 
 
 def test_a_pretrained_transformer_folder_trains_and_saves_only_its_trained_weights(tmp_path, inputs, weight_home):
     # A stand-in for a Wan 2.1 diffusers folder: a small transformer saved under transformer/.
-    restoration.small_transformer(latent_channels=4, num_layers=1, head_dim=8, ffn_dim=32, text_dim=16,
+    chopgrad.restoration.small_transformer(latent_channels=4, num_layers=1, head_dim=8, ffn_dim=32, text_dim=16,
                                   freq_dim=16, zero_output=False).save_pretrained(tmp_path / "wan" / "transformer")
-    run_stage(tmp_path, inputs, weight_home, method="latent_mse", steps=1, transformer_path=str(tmp_path / "wan"),
+    run_stage(tmp_path, inputs, weight_home, method="latent_mse", iterations=1, transformer_path=str(tmp_path / "wan"),
               transformer_lora_rank=2)
     folder = tmp_path / "out" / "latent_mse" / "nvs"
-    spec = json.loads((folder / restorer.SPEC_FILE).read_text())
+    spec = json.loads((folder / restoration.SPEC_FILE).read_text())
     assert spec["transformer"] == {"source": "pretrained", "path": str((tmp_path / "wan").resolve()),
                                    "dtype": "float32"}
     saved = _weights(tmp_path / "out" / "latent_mse")["nvs"]
     assert saved and all(".lora_" in k for k in saved if k != "text_embedding")  # the base is reloaded, not copied
-    model = restorer.load_model(folder, inputs["vae"])
+    model = restoration.load_model(folder, inputs["vae"])
     for name, param in model.transformer_trainable().items():
         assert torch.equal(param, saved[f"transformer.{name}"]), name
 
@@ -548,12 +574,12 @@ def test_one_gpu_settings_train_and_restore(tmp_path, inputs, weight_home, devic
     # bf16 autocast, activation checkpointing, a LoRA on a bf16 base, a decoder LoRA through ChopGrad.
     # On CPU the same run without autocast and checkpointing (no-ops there): the bf16 base with float32 LoRA.
     record = run_stage(tmp_path, inputs, weight_home, device=device, transformer_dtype="bfloat16",
-                       transformer_lora_rank=4, decoder_lora_rank=2, steps=2)
+                       transformer_lora_rank=4, decoder_lora_rank=2, iterations=2)
     task = record["tasks"]["nvs"]
-    assert task["steps"] == 2 and all(math.isfinite(h["loss"]) for h in task["history"])
+    assert task["iterations"] == 2 and all(math.isfinite(h["loss"]) for h in task["history"])
     assert (task["peak_memory_bytes"] or 0) > 0 if device == "cuda" else task["peak_rss_bytes"] > 0
-    model = restorer.load_model(tmp_path / "out" / "chopgrad_d1" / "nvs", inputs["vae"], device)
+    model = restoration.load_model(tmp_path / "out" / "chopgrad_d1" / "nvs", inputs["vae"], device)
     assert {p.dtype for n, p in model.transformer.named_parameters() if ".lora_" in n} == {torch.float32}
     frames = moving_pattern(5, 16, 32, 0.0)
-    output, timings = train.restore_video(model, frames, autocast=True)
+    output, timings = restoration.restore_video(model, frames, autocast=True)
     assert output.shape == frames.shape and output.dtype == np.uint8 and timings["transformer_seconds"] > 0

@@ -181,6 +181,53 @@ def test_write_frames_failure_leaves_nothing_behind(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def old_output(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "old.txt").write_text("old")
+    return folder
+
+
+def test_staged_outputs_swap_every_folder_in(tmp_path):
+    out, plots = old_output(tmp_path / "out"), tmp_path / "plots"  # one replaced, one new
+    with video.staged_outputs(out, plots) as (out_build, plots_build):
+        assert list(out_build.iterdir()) == [] and out_build.parent == tmp_path and out.exists()
+        (out_build / "new.txt").write_text("new")
+        (plots_build / "plot.txt").write_text("plot")
+    assert sorted(os.listdir(out)) == ["new.txt"] and sorted(os.listdir(plots)) == ["plot.txt"]
+    assert leftovers(tmp_path) == []  # the build folders and the old copy are gone
+
+
+@pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_staged_outputs_failure_leaves_the_old_folders(tmp_path, error):
+    out, plots = old_output(tmp_path / "out"), tmp_path / "plots"
+    with pytest.raises(type(error)), video.staged_outputs(out, plots) as (out_build, plots_build):
+        (out_build / "new.txt").write_text("new")
+        (plots_build / "plot.txt").write_text("plot")
+        raise error
+    assert sorted(os.listdir(out)) == ["old.txt"] and not plots.exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_staged_outputs_build_a_folder_inside_another_with_it(tmp_path):
+    out = old_output(tmp_path / "out")
+    with video.staged_outputs(out, out / "videos") as (out_build, videos_build):
+        assert videos_build == out_build / "videos" and videos_build.is_dir()
+        (videos_build / "a.mp4").write_text("a")
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["videos", "videos/a.mp4"]
+    assert leftovers(tmp_path) == []
+
+
+def test_staged_outputs_reject_a_file_and_a_folder_given_twice(tmp_path):
+    (tmp_path / "file").write_text("keep me")
+    with pytest.raises(MediaError, match="exists and is not a folder"), \
+            video.staged_outputs(tmp_path / "out", tmp_path / "file"):
+        pass
+    with pytest.raises(MediaError, match="is given twice"), \
+            video.staged_outputs(tmp_path / "out", tmp_path / "x" / ".." / "out"):
+        pass
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
 @settings(max_examples=25, deadline=None)
 @given(frames=st.integers(1, 3), height=st.integers(1, 5), width=st.integers(1, 5), seed=st.integers(0, 9999))
 def test_tensor_round_trip_is_exact(frames, height, width, seed):

@@ -2,7 +2,7 @@
 
     python -m chopgrad.analysis locality   --vae PATH_OR_NAME [--video CLIP] --max-distance 4 --eps 1e-3
     python -m chopgrad.analysis grad-error --vae PATH_OR_NAME --d-trunc 0,1,2,3 --loss mse,lpips
-    python -m chopgrad.analysis backbone   --vae PATH_OR_NAME [--transformer PATH] --d-trunc 0,1,2
+    python -m chopgrad.analysis backbone   --vae PATH_OR_NAME [--transformer-path PATH] --d-trunc 0,1,2
     python -m chopgrad.analysis resources  --vae PATH_OR_NAME --d-trunc 0,1,2 --lengths 9,17,33
     python -m chopgrad.analysis spatial    --vae PATH_OR_NAME [--boundary ROW]
 
@@ -97,9 +97,11 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--d-trunc", type=_ints, default=[0, 1, 2, 3], help="truncation distances, e.g. 0,1,2")
         p.add_argument("--loss", default="mse" if name == "backbone" else "mse,lpips", help="mse and/or lpips")
         p.add_argument("--lpips-net", default="vgg", choices=["vgg", "alex"])
-        p.add_argument("--allow-stand-in-weights", action="store_true",
-                       help="use random LPIPS backbone weights when the real ones are missing (marked in the JSON)")
-    p.add_argument("--transformer", type=Path, help="local diffusers WanTransformer3DModel folder (default: a tiny random one)")
+        p.add_argument("--weights", default="official", choices=["official", "stand_in"],
+                       help="LPIPS backbone weights: the real files, or random stand-ins where they are missing "
+                            "(marked in the JSON)")
+    p.add_argument("--transformer-path", type=Path,
+                   help="a Wan 2.1 diffusers folder, or its transformer/ (default: a small random transformer)")
     p.add_argument("--sigma", type=float, default=0.5, help="noise level of the backbone's input, in (0, 1]")
 
     p = sub.add_parser("resources", parents=[common], help="time and memory vs d_trunc and video length (figs. 6, 13)")
@@ -163,7 +165,7 @@ def _losses(args) -> dict:
         if name == "mse":
             losses[name] = lambda pred, target: torch.nn.functional.mse_loss(pred, target)
         else:
-            losses[name], info[name] = models.lpips_loss(args.lpips_net, args.allow_stand_in_weights, args.device)
+            losses[name], info[name] = models.lpips_loss(args.lpips_net, args.weights, args.device)
     return {"fns": losses, "weights": info}
 
 
@@ -201,10 +203,7 @@ def run(args) -> dict:
             raise ValueError(f"the backbone command takes one --loss (mse or lpips), got {args.loss!r}")
         losses = _losses(args)
         (name, fn), = losses["fns"].items()
-        if args.transformer is not None:
-            transformer = models.load_transformer(args.transformer, decoder.latent_channels)
-        else:
-            transformer = models.tiny_transformer(decoder.latent_channels, seed=args.seed)
+        transformer = models.backbone_transformer(decoder.latent_channels, args.transformer_path, seed=args.seed)
         transformer = transformer.to(args.device, dtype).train(False)
         backbone = models.FlowBackbone(transformer, vae, sigma=args.sigma, seed=args.seed)
         patch = max(backbone.patch_size[1:])
@@ -212,7 +211,8 @@ def run(args) -> dict:
         agreement = parameter_gradient_agreement(
             decoder, lambda k: backbone(latents[k : k + 1], k), [targets[k : k + 1] for k in range(len(targets))],
             list(transformer.parameters()), fn, args.d_trunc, progress=progress)
-        result.update(loss=name, loss_weights=losses["weights"], backbone=str(args.transformer or "tiny random"),
+        result.update(loss=name, loss_weights=losses["weights"],
+                      backbone=str(args.transformer_path or "small random"),
                       **agreement.to_dict())
         plots.plot_backbone(agreement.table(), png, title)
     elif args.command == "resources":

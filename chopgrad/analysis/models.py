@@ -3,27 +3,30 @@
 * :func:`load_vae`: a local diffusers folder (``AutoencoderKLWan`` or ``AutoencoderKLCogVideoX``,
   told apart by ``_class_name`` in its ``config.json``) or a built-in random-weight architecture
   (:data:`BUILTIN_VAES`).
-* :func:`normalize_latents` / :func:`denormalize_latents`: the VAE's latent scaling (Wan:
-  ``latents_mean`` / ``latents_std``; CogVideoX: ``scaling_factor``), the space a backbone works in.
-* :class:`FlowBackbone`: a ``WanTransformer3DModel`` as the backbone that produces the decoder's
-  latents (flow matching, Wan's parameterisation), random-initialised from a seed or loaded.
-* :func:`lpips_loss`: LPIPS from the ``lpips`` package as a differentiable video loss, with weights
-  checked through :mod:`chopgrad.weights` (optionally random stand-ins, marked as such).
+* :func:`latent_stats`: the VAE's latent scaling (Wan: ``latents_mean`` / ``latents_std``; CogVideoX:
+  ``scaling_factor``) for :func:`chopgrad.restoration.normalize_latents`, the space a backbone works in.
+* :func:`backbone_transformer` and :class:`FlowBackbone`: a ``WanTransformer3DModel`` (built or
+  loaded by :mod:`chopgrad.restoration`) as the backbone that produces the decoder's latents (flow
+  matching, Wan's parameterisation).
+* :func:`lpips_loss`: LPIPS (:func:`chopgrad.metrics.frames.load_lpips`) as a differentiable video
+  loss, on the official weights or random stand-ins (marked as such).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["BUILTIN_VAES", "FlowBackbone", "denormalize_latents", "encode_videos", "load_transformer",
-           "load_vae", "lpips_loss", "normalize_latents", "random_latents", "tiny_transformer"]
+from chopgrad import restoration
+from chopgrad.metrics.frames import LPIPS_NETS, load_lpips
+from chopgrad.metrics.limits import MIN_SIZE
+
+__all__ = ["BUILTIN_VAES", "FlowBackbone", "backbone_transformer", "encode_videos", "latent_stats", "load_vae",
+           "lpips_loss", "random_latents"]
 
 # Built-in random-weight VAEs: what the architecture does to gradients, not what trained weights do.
 BUILTIN_VAES = {
@@ -76,31 +79,18 @@ def load_vae(name_or_path: str | Path, dtype: torch.dtype = torch.float32, devic
     return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def _latent_scaling(vae) -> tuple[Tensor, Tensor]:  # mean, std, each [1, C, 1, 1, 1]
+def latent_stats(vae) -> tuple[list[float], list[float]]:  # mean, std, C values each
+    """The VAE config's per-channel latent statistics, for :func:`chopgrad.restoration.normalize_latents`.
+
+    Wan configs give ``latents_mean`` / ``latents_std``; CogVideoX configs give one ``scaling_factor``
+    (``z * scaling_factor`` is what its pipelines diffuse), i.e. mean 0 and std ``1 / scaling_factor``.
+    """
     config = vae.config
-    channels = int(getattr(config, "z_dim", None) or config.latent_channels)
-    mean = getattr(config, "latents_mean", None)
-    std = getattr(config, "latents_std", None)
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
     if mean is not None and std is not None:
-        mean, std = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
-        if mean.numel() != channels or std.numel() != channels:
-            raise ValueError(f"the VAE config's latents_mean / latents_std have {mean.numel()} / {std.numel()} "
-                             f"values but the latents have {channels} channels: fix the config")
-    else:  # CogVideoX-style: a single scaling factor
-        mean = torch.zeros(channels, dtype=torch.float64)
-        std = torch.full((channels,), 1.0 / float(getattr(config, "scaling_factor", 1.0)), dtype=torch.float64)
-    return mean.view(1, -1, 1, 1, 1), std.view(1, -1, 1, 1, 1)
-
-
-def normalize_latents(vae, latents: Tensor) -> Tensor:  # [B, C, t, h, w] -> same
-    """From what ``vae.decode`` takes to the normalized space a diffusion backbone works in."""
-    mean, std = _latent_scaling(vae)
-    return (latents - mean.to(latents)) / std.to(latents)
-
-
-def denormalize_latents(vae, latents: Tensor) -> Tensor:  # [B, C, t, h, w] -> same
-    mean, std = _latent_scaling(vae)
-    return latents * std.to(latents) + mean.to(latents)
+        return list(mean), list(std)
+    channels = int(getattr(config, "z_dim", None) or config.latent_channels)
+    return [0.0] * channels, [1.0 / float(getattr(config, "scaling_factor", 1.0))] * channels
 
 
 @torch.no_grad()
@@ -113,41 +103,27 @@ def encode_videos(vae, videos: Tensor) -> Tensor:  # [B, 3, T, H, W] in [-1, 1] 
 def random_latents(vae, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:  # [B, C, t, h, w]
     """Standard normal latents in the backbone's normalized space, mapped to what ``decode`` takes."""
     param = next(vae.parameters())
-    return denormalize_latents(vae, torch.randn(shape, generator=generator, dtype=torch.float64)).to(param)
+    noise = torch.randn(shape, generator=generator, dtype=torch.float64)
+    return restoration.denormalize_latents(noise, *latent_stats(vae)).to(param)
 
 
 # ----------------------------------------------------------------------------- backbone
 
 
-def tiny_transformer(latent_channels: int, seed: int = 0, num_layers: int = 2, patch_size=(1, 2, 2)):
-    """A small random ``WanTransformer3DModel`` (the ENVIRONMENT.md tiny config) seeded with ``seed``."""
-    from diffusers import WanTransformer3DModel
+def backbone_transformer(latent_channels: int, transformer_path: str | Path | None = None, seed: int = 0,
+                         num_layers: int = 2):
+    """The ``WanTransformer3DModel`` whose parameter gradients the backbone analysis compares.
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return WanTransformer3DModel(
-            patch_size=tuple(patch_size), num_attention_heads=2, attention_head_dim=16, in_channels=latent_channels,
-            out_channels=latent_channels, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=num_layers,
-            rope_max_seq_len=64,
-        )
-
-
-def load_transformer(path: str | Path, latent_channels: int):
-    """A ``WanTransformer3DModel`` from a local diffusers folder (e.g. Wan 2.1's ``transformer/``)."""
-    from diffusers import WanTransformer3DModel
-
-    path = Path(path)
-    config = path / "config.json"
-    if not config.is_file():
-        raise ValueError(f"{path} is not a diffusers model folder: {config} is missing")
-    class_name = json.loads(config.read_text()).get("_class_name")
-    if class_name != "WanTransformer3DModel":
-        raise ValueError(f"{config} declares {class_name!r}; the backbone analysis loads a WanTransformer3DModel")
-    model = WanTransformer3DModel.from_pretrained(path, local_files_only=True)
-    if model.config.in_channels != latent_channels or model.config.out_channels != latent_channels:
-        raise ValueError(f"the transformer in {path} takes {model.config.in_channels} latent channels but the VAE "
-                         f"has {latent_channels}: use the transformer and VAE of the same model")
-    return model
+    Args:
+        latent_channels: the VAE's latent channels ``C`` (the transformer's in and out).
+        transformer_path: a local Wan 2.1 diffusers folder (or its ``transformer/``), see
+            :func:`chopgrad.restoration.load_transformer`; None: a small random one from ``seed``
+            with ``num_layers`` blocks (:func:`chopgrad.restoration.small_transformer`).
+    """
+    if transformer_path is not None:
+        return restoration.load_transformer(transformer_path, latent_channels=latent_channels)
+    # zero_output=False: a zeroed output projection would give every other parameter a zero gradient.
+    return restoration.small_transformer(latent_channels, num_layers=num_layers, zero_output=False, seed=seed)
 
 
 class FlowBackbone:
@@ -164,6 +140,7 @@ class FlowBackbone:
             raise ValueError(f"sigma must be in (0, 1], got {sigma!r}")
         self.transformer, self.vae, self.sigma = transformer, vae, sigma
         self.text_tokens, self.seed = text_tokens, seed
+        self.stats = latent_stats(vae)
         patch = transformer.config.patch_size
         self.patch_size = tuple(patch)
 
@@ -178,68 +155,40 @@ class FlowBackbone:
         self.check(clean)
         param = next(self.transformer.parameters())
         generator = torch.Generator().manual_seed(self.seed * 100003 + index)
-        z = normalize_latents(self.vae, clean.detach()).to(param)
+        z = restoration.normalize_latents(clean.detach(), *self.stats).to(param)
         noise = torch.randn(z.shape, generator=generator).to(param)
         text = torch.randn(z.shape[0], self.text_tokens, self.transformer.config.text_dim,
                            generator=generator).to(param)
         noised = (1 - self.sigma) * z + self.sigma * noise
         timestep = torch.full((z.shape[0],), self.sigma * 1000, device=param.device)
         velocity = self.transformer(noised, timestep, text).sample
-        return denormalize_latents(self.vae, noised - self.sigma * velocity)
+        return restoration.denormalize_latents(noised - self.sigma * velocity, *self.stats)
 
 
 # ----------------------------------------------------------------------------- LPIPS
 
-LPIPS_MIN_SIZE = {"vgg": 16, "alex": 32}  # smaller frames are pooled to nothing before LPIPS' last layer
+# Smallest frame side per LPIPS backbone: chopgrad.metrics.limits.MIN_SIZE, by backbone name.
+LPIPS_MIN_SIZE = {net: MIN_SIZE[f"lpips_{net}"] for net in LPIPS_NETS}
 
 
-def _load_lpips(net: str, allow_stand_in: bool, device) -> tuple[torch.nn.Module, dict]:
-    from chopgrad import weights
-
-    metric = f"lpips_{net}"
-    missing = [name for name in weights.METRIC_WEIGHTS[metric] if weights.file_status(name) == "missing"]
-    with contextlib.ExitStack() as stack:
-        if missing and allow_stand_in:
-            stack.enter_context(_scratch_hub())
-            weights.write_stand_ins(missing)
-        statuses = weights.require_metric(metric)  # MissingWeightsError before lpips can try a download
-        import lpips
-
-        model = lpips.LPIPS(net=net, version="0.1", pretrained=True, pnet_rand=False, verbose=False)
-    info = {"metric": metric, "weights": statuses,
-            "stand_in_weights": any(status != "official" for status in statuses.values())}
-    return model.eval().requires_grad_(False).to(device), info
-
-
-@contextlib.contextmanager
-def _scratch_hub() -> Iterator[Path]:
-    """Point ``torch.hub.get_dir()`` at a temporary folder, so stand-ins never land in a real cache."""
-    previous = getattr(torch.hub, "_hub_dir", None)  # None: follow $TORCH_HOME, as before
-    with tempfile.TemporaryDirectory(prefix="chopgrad-stand-ins-") as scratch:
-        torch.hub.set_dir(scratch)
-        try:
-            yield Path(scratch)
-        finally:
-            torch.hub._hub_dir = previous
-
-
-def lpips_loss(net: str = "vgg", allow_stand_in: bool = False,
+def lpips_loss(net: str = "vgg", weights: str = "official",
                device: str | torch.device = "cpu") -> tuple[Callable[[Tensor, Tensor], Tensor], dict]:
     """LPIPS v0.1 (``lpips`` package) as a video loss ``loss(pred, target) -> scalar`` (mean over frames).
 
-    Weights are checked through :mod:`chopgrad.weights` before lpips can try a download. With
-    ``allow_stand_in`` and a missing backbone file, random stand-in weights of the right shapes are
-    written into a temporary torch hub folder (never the user's cache) by
-    ``chopgrad.weights.write_stand_ins`` and loaded by the same code as the real ones.
+    The network comes from :func:`chopgrad.metrics.frames.load_lpips`, the one LPIPS loader.
 
+    Args:
+        net: ``vgg`` or ``alex``.
+        weights: ``official`` (the files must be present) or ``stand_in`` (missing files are replaced by
+            random stand-ins in a temporary weight home, never the user's caches; ``info`` says so).
     Returns:
         ``(loss, info)``, ``info = {"metric", "weights": {file: status}, "stand_in_weights": bool}``.
     Raises:
-        chopgrad.weights.MissingWeightsError: missing weights and not ``allow_stand_in``.
+        chopgrad.weights.MissingWeightsError: ``official`` and a file missing.
     """
-    if net not in LPIPS_MIN_SIZE:
-        raise ValueError(f"LPIPS net must be 'vgg' or 'alex', got {net!r}")
-    model, info = _load_lpips(net, allow_stand_in, device)
+    model, statuses = load_lpips(net, weights, device)
+    info = {"metric": f"lpips_{net}", "weights": statuses,
+            "stand_in_weights": any(status != "official" for status in statuses.values())}
     smallest = LPIPS_MIN_SIZE[net]
 
     def loss(pred: Tensor, target: Tensor) -> Tensor:  # [B, 3, T, H, W] in [-1, 1] each

@@ -124,7 +124,7 @@ def measure_resources(
         frames = num_frames(decoder, t)
         shape = (1, decoder.latent_channels, t, *latent_size)
         latents = torch.randn(shape, generator=generator).to(device, dtype)
-        target = (torch.rand(1, getattr(decoder, "out_channels", 3), frames, latent_size[0] * scale,
+        target = (torch.rand(1, decoder.out_channels, frames, latent_size[0] * scale,
                              latent_size[1] * scale, generator=generator) * 2 - 1).to(device, dtype)
         row = {"mode": "full" if d is None else "chopgrad", "d_trunc": d, "latent_frames": t, "frames": frames,
                "height": latent_size[0] * scale, "width": latent_size[1] * scale}

@@ -34,10 +34,10 @@ from torch import Tensor
 
 from chopgrad import weights
 from chopgrad.metrics._video import as_video, frames_of, to_uint8
+from chopgrad.metrics.limits import FVD_MIN_FRAMES
 
-__all__ = ["FID", "FVD", "FVD_MIN_FRAMES", "clean_resize", "frechet_distance"]
+__all__ = ["FID", "FVD", "clean_resize", "frechet_distance"]
 
-FVD_MIN_FRAMES = 9  # I3D's last temporal pooling needs ceil(T / 8) >= 2
 _FID_SIZE = 299
 
 
@@ -93,14 +93,15 @@ class FID:
     def __init__(self, device: str | torch.device = "cpu", frames_per_batch: int = 16):
         self.device = torch.device(device)
         self.frames_per_batch = frames_per_batch
-        self.weights = weights.require_metric(self.name)
-        import pyiqa.utils.download_util as pyiqa_download
-        from pyiqa.archs.inception import InceptionV3
+        with weights.loading_metric(self.name) as self.weights:  # pyiqa unpickles with weights_only=False
+            import pyiqa.utils.download_util as pyiqa_download
+            from pyiqa.archs.inception import InceptionV3
 
-        # pyiqa fixes its cache folder when first imported; point it at the folder checked above
-        # so that a TORCH_HOME set later (tests, users) is the one that counts.
-        pyiqa_download.DEFAULT_CACHE_DIR = str(weights.weight_path("fid_inception").parent)
-        self._model = InceptionV3(output_blocks=[InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval().to(self.device)
+            # pyiqa fixes its cache folder when first imported; point it at the folder checked above
+            # so that a TORCH_HOME set later (tests, users) is the one that counts.
+            pyiqa_download.DEFAULT_CACHE_DIR = str(weights.weight_path("fid_inception").parent)
+            self._model = InceptionV3(output_blocks=[InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
+        self._model.eval().to(self.device)
 
     @property
     def stand_in_weights(self) -> bool:
@@ -145,11 +146,11 @@ class FVD:
     def __init__(self, device: str | torch.device = "cpu", videos_per_batch: int = 4):
         self.device = torch.device(device)
         self.videos_per_batch = videos_per_batch
-        self.weights = weights.require_metric(self.name)
-        from cdfvd.fvd import cdfvd
+        with weights.loading_metric(self.name) as self.weights:
+            from cdfvd.fvd import cdfvd
 
-        self._fvd = cdfvd(model="i3d", n_real="full", n_fake="full", device=str(self.device),
-                          ckpt_path=str(weights.weight_path("i3d")))
+            self._fvd = cdfvd(model="i3d", n_real="full", n_fake="full", device=str(self.device),
+                              ckpt_path=str(weights.weight_path("i3d")))
 
     @property
     def stand_in_weights(self) -> bool:

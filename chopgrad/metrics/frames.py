@@ -18,18 +18,18 @@ mean over videos (DOVE averages the same way). Inputs follow :mod:`chopgrad.metr
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from chopgrad import weights
+from chopgrad import weights as weight_files
 from chopgrad.metrics._video import as_video_pair, frames_of
+from chopgrad.metrics.limits import MIN_SIZE
 
-__all__ = ["DISTS", "LPIPS", "MIN_SIZE", "PSNR", "SSIM", "FrameMetric"]
+__all__ = ["DISTS", "LPIPS", "LPIPS_NETS", "PSNR", "SSIM", "FrameMetric", "load_lpips"]
 
-# Smallest frame side each metric takes (measured): SSIM's 11x11 window; AlexNet's stride-4 conv and
-# three 3x3/2 max-pools leave nothing below 31 pixels; VGG16's four 2x2 pools below 16.
-MIN_SIZE = {"ssim": 11, "lpips_alex": 31, "lpips_vgg": 16}
+LPIPS_NETS = ("vgg", "alex")
 
 
 class FrameMetric(ABC):
@@ -79,7 +79,41 @@ class FrameMetric(ABC):
 def _pyiqa_metric(name: str, device: torch.device, **options):
     import pyiqa  # lazily: pyiqa imports yaml, pandas and more
 
-    return pyiqa.create_metric(name, device=device, as_loss=False, **options)
+    with weight_files.weights_only_loads():  # pyiqa unpickles with weights_only=False (chopgrad.weights, the note)
+        return pyiqa.create_metric(name, device=device, as_loss=False, **options)
+
+
+def load_lpips(net: Literal["vgg", "alex"] = "vgg", weights: Literal["official", "stand_in"] = "official",
+               device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, str]]:
+    """LPIPS v0.1 from the ``lpips`` package on an ImageNet torchvision backbone, in eval mode, frozen.
+
+    The one LPIPS loader: the metric (:class:`LPIPS`), the pixel loss (:mod:`chopgrad.losses`) and the
+    analyses build it here. The backbone comes from torchvision's ``$TORCH_HOME/hub/checkpoints`` and
+    the linear layers ship with lpips; both are checked before lpips gets a chance to download
+    anything, and loaded without running code (:func:`chopgrad.weights.loading`).
+
+    Args:
+        net: the backbone.
+        weights: ``official`` (the files must be present) or ``stand_in`` (a missing file is replaced
+            by a RANDOM stand-in in a temporary weight home, :func:`chopgrad.weights.metric_home`;
+            the statuses say so).
+        device: where the model goes.
+    Returns:
+        ``(model, {file: status})``; ``model(pred, target, normalize=False)`` takes frames
+        ``[N, 3, H, W]`` in [-1, 1] (``normalize=True``: in [0, 1]) and returns ``[N, 1, 1, 1]``.
+    Raises:
+        chopgrad.weights.MissingWeightsError: ``official`` and a file missing.
+    """
+    if net not in LPIPS_NETS:
+        raise ValueError(f"LPIPS net must be 'vgg' or 'alex', got {net!r}")
+    if weights not in ("official", "stand_in"):
+        raise ValueError(f"LPIPS weights must be 'official' or 'stand_in', got {weights!r}")
+    metric = f"lpips_{net}"
+    with weight_files.metric_home(weights, None, [metric]), weight_files.loading_metric(metric) as statuses:
+        import lpips  # lazily, and only once the weights are known to be there: it would download them
+
+        model = lpips.LPIPS(net=net, version="0.1", pretrained=True, pnet_rand=False, verbose=False)
+    return model.eval().requires_grad_(False).to(device), statuses
 
 
 class PSNR(FrameMetric):
@@ -111,22 +145,15 @@ class SSIM(FrameMetric):
 class LPIPS(FrameMetric):
     """LPIPS v0.1 from the ``lpips`` package, on a VGG16 or AlexNet ImageNet backbone.
 
-    The backbone comes from torchvision's ``$TORCH_HOME/hub/checkpoints`` and the linear layers
-    ship with lpips; both are checked before ``lpips.LPIPS`` gets a chance to download anything.
+    Built by :func:`load_lpips`; the weight policy is the caller's (:func:`chopgrad.weights.metric_home`).
     """
 
     lower_is_better = True
 
     def __init__(self, net: str = "vgg", device: str | torch.device = "cpu"):
         super().__init__(device)
-        if net not in ("vgg", "alex"):
-            raise ValueError(f"LPIPS net must be 'vgg' or 'alex', got {net!r}")
         self.name = f"lpips_{net}"
-        self.weights = weights.require_metric(self.name)
-        import lpips  # lazily, and only once the weights are known to be there
-
-        self._model = lpips.LPIPS(net=net, version="0.1", pretrained=True, pnet_rand=False, verbose=False)
-        self._model.eval().to(self.device)
+        self._model, self.weights = load_lpips(net, "official", self.device)
 
     def _score(self, pred: Tensor, gt: Tensor) -> Tensor:
         return self._model(pred, gt, normalize=True)  # normalize: [0, 1] -> [-1, 1] inside lpips
@@ -140,10 +167,10 @@ class DISTS(FrameMetric):
 
     def __init__(self, device: str | torch.device = "cpu"):
         super().__init__(device)
-        self.weights = weights.require_metric(self.name)
-        # An explicit path: pyiqa would otherwise look in the cache folder it fixed at import time.
-        self._metric = _pyiqa_metric("dists", self.device,
-                                     pretrained_model_path=str(weights.weight_path("dists")))
+        with weight_files.loading_metric(self.name) as self.weights:
+            # An explicit path: pyiqa would otherwise look in the cache folder it fixed at import time.
+            self._metric = _pyiqa_metric("dists", self.device,
+                                         pretrained_model_path=str(weight_files.weight_path("dists")))
 
     def _score(self, pred: Tensor, gt: Tensor) -> Tensor:
         return self._metric(pred, gt)

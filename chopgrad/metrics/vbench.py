@@ -50,6 +50,7 @@ from torch import Tensor
 
 from chopgrad import weights
 from chopgrad.metrics._video import as_video, to_uint8
+from chopgrad.metrics.limits import MIN_SIZE
 
 __all__ = [
     "DIM_WEIGHT",
@@ -78,7 +79,7 @@ NORMALIZE = {
 }
 DIM_WEIGHT = {name: 1.0 for name in QUALITY_DIMENSIONS} | {"dynamic_degree": 0.5}
 
-RAFT_MIN_SIZE = 128  # torchvision RAFT: feature maps at 1/8 scale must be at least 16 px
+RAFT_MIN_SIZE = MIN_SIZE["dynamic_degree"]  # torchvision RAFT (chopgrad.metrics.limits)
 _CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -151,9 +152,14 @@ def _status_any(statuses: dict[str, str]) -> bool:
 class _VBenchModel:
     name = ""
 
-    def __init__(self, device: str | torch.device):
+    def __init__(self, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
-        self.weights = weights.require_metric(self.name)
+        with weights.loading_metric(self.name) as self.weights:  # no weight file runs code (chopgrad.weights)
+            self._build()
+
+    def _build(self) -> None:
+        """Load the networks (their files are present; every torch.load is weights-only here)."""
+        raise NotImplementedError
 
     @property
     def stand_in_weights(self) -> bool:
@@ -173,7 +179,15 @@ def _clip_transform(frames: Tensor) -> Tensor:
 def _load_openai_clip(name: str, device: torch.device):
     import open_clip
 
-    return open_clip.load_openai_model(str(weights.weight_path(name)), precision="fp32", device=device).eval()
+    path = weights.weight_path(name)
+    if weights.file_status(name) == "official":  # the full published SHA-256: OpenAI's TorchScript archive
+        return open_clip.load_openai_model(str(path), precision="fp32", device=device).eval()
+    # Anything else never reaches torch.jit.load: a TorchScript archive carries code. A stand-in is a
+    # state dict, built as open_clip builds the official file's.
+    from open_clip.model import build_model_from_openai_state_dict
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return build_model_from_openai_state_dict(state, cast_dtype=None).to(device).float().eval()  # as precision fp32
 
 
 class SubjectConsistency(_VBenchModel):
@@ -181,13 +195,12 @@ class SubjectConsistency(_VBenchModel):
 
     name = "subject_consistency"
 
-    def __init__(self, device: str | torch.device = "cpu"):
-        super().__init__(device)
+    def _build(self) -> None:
         import timm
 
         self._model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0,
                                         dynamic_img_size=True)
-        state = torch.load(weights.weight_path("dino_vitb16"), map_location="cpu")
+        state = torch.load(weights.weight_path("dino_vitb16"), map_location="cpu", weights_only=True)
         self._model.load_state_dict(state, strict=True)
         self._model.eval().to(self.device)
 
@@ -208,8 +221,7 @@ class BackgroundConsistency(_VBenchModel):
 
     name = "background_consistency"
 
-    def __init__(self, device: str | torch.device = "cpu"):
-        super().__init__(device)
+    def _build(self) -> None:
         self._model = _load_openai_clip("clip_vit_b32", self.device)
 
     @torch.no_grad()
@@ -224,11 +236,11 @@ class AestheticQuality(_VBenchModel):
 
     name = "aesthetic_quality"
 
-    def __init__(self, device: str | torch.device = "cpu"):
-        super().__init__(device)
+    def _build(self) -> None:
         self._clip = _load_openai_clip("clip_vit_l14", self.device)
         self._head = torch.nn.Linear(768, 1)
-        self._head.load_state_dict(torch.load(weights.weight_path("laion_aesthetic"), map_location="cpu"))
+        self._head.load_state_dict(torch.load(weights.weight_path("laion_aesthetic"), map_location="cpu",
+                                              weights_only=True))
         self._head.eval().to(self.device)
 
     @torch.no_grad()
@@ -245,8 +257,7 @@ class ImagingQuality(_VBenchModel):
 
     name = "imaging_quality"
 
-    def __init__(self, device: str | torch.device = "cpu"):
-        super().__init__(device)
+    def _build(self) -> None:
         from pyiqa.archs.musiq_arch import MUSIQ
 
         self._model = MUSIQ(pretrained_model_path=str(weights.weight_path("musiq_spaq")))
@@ -291,8 +302,7 @@ class DynamicDegree(_VBenchModel):
 
     name = "dynamic_degree"
 
-    def __init__(self, device: str | torch.device = "cpu"):
-        super().__init__(device)
+    def _build(self) -> None:
         from torchvision.models.optical_flow import Raft_Large_Weights, raft_large
 
         self._model = raft_large(weights=Raft_Large_Weights.C_T_V1, progress=False).eval().to(self.device)

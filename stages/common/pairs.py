@@ -2,7 +2,7 @@
 
 Written by the data preparation stages (``splat``, ``masks``, ``reinsert``, ``degrade``; paper
 sections 4.1-4.4 and supplement B), read by ``train``, ``infer`` and ``evaluate``. The layout is
-binding (``notes/interfaces.md``)::
+binding (``docs/interfaces.md``)::
 
     <folder>/pairs.json
     <folder>/<split>/<scene>/input/00000.png ...   the degraded video at the target's size (uint8 RGB)
@@ -31,7 +31,6 @@ from typing import Any, Self
 import numpy as np
 
 from stages.common import video
-from stages.common.video import swap_in  # the folder swap every stage output uses; here for pairs writers
 
 __all__ = [
     "APPLICATIONS",
@@ -41,7 +40,6 @@ __all__ = [
     "load_manifest",
     "load_pairs",
     "read_pair",
-    "swap_in",
 ]
 
 PAIRS_FILE = "pairs.json"
@@ -173,7 +171,7 @@ class PairsWriter:
             "task": self.task, "application": self.application, "fps": self.fps,
             "pairs": sorted(self.pairs, key=lambda pair: (SPLITS.index(pair["split"]), pair["scene"])),
         })
-        swap_in(self._build, self.folder)
+        video.swap_in(self._build, self.folder)
         self._build = None
         return self.folder / PAIRS_FILE
 

@@ -92,7 +92,8 @@ def params_from_mapping(section: str, cls: type[T], values: dict[str, Any], sour
     except ParamsError:
         raise
     except (ValueError, TypeError) as err:
-        raise ParamsError(f"{source}: {err}") from err
+        where = f"{section}: " if "." in section else ""  # a nested entry's checks do not know its key
+        raise ParamsError(f"{source}: {where}{err}") from err
 
 
 def _field_names(cls: type) -> list[str]:
@@ -101,7 +102,7 @@ def _field_names(cls: type) -> list[str]:
 
 def _convert(value: Any, annotation: Any, key: str, source: str) -> Any:
     """Return ``value`` if it is an instance of ``annotation`` (lists become tuples), else raise."""
-    ok, converted = _match(value, annotation)
+    ok, converted = _match(value, annotation, key, source)
     if ok:
         return converted
     hint = ""
@@ -119,7 +120,8 @@ def _accepts(annotation: Any, kind: type) -> bool:
                if typing.get_origin(annotation) in (typing.Union, types.UnionType))
 
 
-def _match(value: Any, annotation: Any) -> tuple[bool, Any]:
+def _match(value: Any, annotation: Any, key: str = "", source: str = "params") -> tuple[bool, Any]:
+    """``(ok, converted)``; a nested dataclass that does not fit raises its own ParamsError (naming ``key``)."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if annotation is type(None):
         return value is None, value
@@ -135,23 +137,27 @@ def _match(value: Any, annotation: Any) -> tuple[bool, Any]:
         return isinstance(value, str), value
     if origin in (typing.Union, types.UnionType):
         for arg in args:
-            ok, converted = _match(value, arg)
+            ok, converted = _match(value, arg, key, source)
             if ok:
                 return True, converted
         return False, value
     if origin is typing.Literal:
         return any(value == arg and type(value) is type(arg) for arg in args), value
+    if dataclasses.is_dataclass(annotation):  # a nested entry (train.methods.<name>), checked like a section
+        if not isinstance(value, dict):
+            return False, value
+        return True, params_from_mapping(key, annotation, value, source)
     if origin is dict:
         if not isinstance(value, dict):
             return False, value
         key_type, value_type = args or (Any, Any)
         items = {}
-        for key, item in value.items():
-            ok_key, key = (True, key) if key_type is Any else _match(key, key_type)
-            ok_item, item = (True, item) if value_type is Any else _match(item, value_type)
+        for name, item in value.items():
+            ok_key, name = (True, name) if key_type is Any else _match(name, key_type)
+            ok_item, item = (True, item) if value_type is Any else _match(item, value_type, f"{key}.{name}", source)
             if not (ok_key and ok_item):
                 return False, value
-            items[key] = item
+            items[name] = item
         return True, items
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
@@ -164,7 +170,7 @@ def _match(value: Any, annotation: Any) -> tuple[bool, Any]:
             item_types = (args[0] if args else Any,) * len(value)
         items = []
         for item, item_type in zip(value, item_types):
-            ok, converted = (True, item) if item_type is Any else _match(item, item_type)
+            ok, converted = (True, item) if item_type is Any else _match(item, item_type, key, source)
             if not ok:
                 return False, value
             items.append(converted)
@@ -184,6 +190,8 @@ def _describe(annotation: Any) -> str:
         return " or ".join(_describe(arg) for arg in args)
     if origin is typing.Literal:
         return "one of " + ", ".join(repr(arg) for arg in args)
+    if dataclasses.is_dataclass(annotation):
+        return f"a mapping of the keys {_field_names(annotation)}"
     plural = {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}
     if origin is dict:
         if not args:

@@ -53,7 +53,6 @@ __all__ = [
     "num_sh_bases",
     "numeric_metrics",
     "plot_frame_pairs",
-    "psnr",
     "random_points",
     "rasterize",
     "read_colmap_points",
@@ -476,12 +475,6 @@ def ssim(images: Tensor, targets: Tensor, window: int = 11, sigma: float = 1.5) 
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     value = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
     return value.mean()
-
-
-def psnr(frames: np.ndarray, reference: np.ndarray) -> np.ndarray:  # [T, H, W, 3] uint8 x2 -> [T] dB
-    diff = frames.astype(np.float64) / 255 - reference.astype(np.float64) / 255
-    mse = np.maximum((diff ** 2).reshape(len(diff), -1).mean(axis=1), 1e-12)
-    return 10 * np.log10(1.0 / mse)
 
 
 # ----------------------------------------------------------------------------------------------------------

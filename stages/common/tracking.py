@@ -35,7 +35,7 @@ __all__ = ["TELEMETRY_OFF", "Tracker", "disable_telemetry", "execution_id", "rep
 
 log = logging.getLogger(__name__)
 
-# Every tool the pipeline runs phones home unless told not to (see ENVIRONMENT.md, "Pipeline tools").
+# Every tool the pipeline runs phones home unless told not to (docs/pipeline.md, "Telemetry").
 # MLflow accepts DO_NOT_TRACK=true only, not 1.
 TELEMETRY_OFF = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

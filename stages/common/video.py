@@ -9,8 +9,8 @@ mp4 is encoded and decoded through ffmpeg-python with the ffmpeg executable bund
 (``imageio_ffmpeg.get_ffmpeg_exe()``): no system ffmpeg is assumed. Containers are probed with PyAV
 (its own ffmpeg libraries; there is no ffprobe to call). Every writer is atomic: it
 writes to a temporary name in the destination folder and renames with ``os.replace``, so a failure
-never leaves a half-written file or folder behind (:func:`temp_sibling`, :func:`temp_folder` and
-:func:`write_json` give the other stages the same guarantee).
+never leaves a half-written file or folder behind (:func:`staged_outputs`, :func:`temp_sibling`,
+:func:`temp_folder` and :func:`write_json` give the other stages the same guarantee).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +42,8 @@ __all__ = [
     "read_frames",
     "read_image",
     "read_video",
+    "staged_outputs",
+    "swap_in",
     "temp_folder",
     "temp_sibling",
     "to_tensor",
@@ -119,6 +123,58 @@ def swap_in(built: Path, target: Path) -> None:
     os.replace(built, target)
     if old is not None:
         shutil.rmtree(old)
+
+
+@contextmanager
+def staged_outputs(*targets: str | os.PathLike) -> Iterator[tuple[Path, ...]]:
+    """Build a stage's output folders aside and swap each into place at the end; on an exception, none.
+
+    A target that lies inside another one (``plots`` defaulting to ``<out>/videos``) is built inside
+    that one's build folder, so it arrives with it; only the outermost targets are swapped.
+
+    .. warning::
+        The swaps happen one folder after another: each folder is atomic, the set of them is not.
+        An exception raised inside the block (``KeyboardInterrupt`` included) swaps nothing.
+
+    Args:
+        targets: the folders to (re)create; each may exist (it is replaced) or not.
+
+    Yields:
+        One fresh, empty build folder per target, in the order given: write into these.
+
+    Raises:
+        MediaError: a target exists and is not a folder, or is given twice.
+    """
+    targets = tuple(Path(target) for target in targets)
+    resolved = [target.resolve() for target in targets]
+    for target, where in zip(targets, resolved):
+        if target.exists() and not target.is_dir():
+            raise MediaError(f"{target} exists and is not a folder; remove it or choose another path.")
+        if resolved.count(where) > 1:
+            raise MediaError(f"staged_outputs: {target} is given twice.")
+    outer = {where: target for target, where in zip(targets, resolved)
+             if not any(other in where.parents for other in resolved)}
+    builds: dict[Path, Path] = {}  # outer target -> its build folder
+    try:
+        for where, target in outer.items():
+            builds[where] = temp_folder(target)
+        yield tuple(_build_of(where, builds) for where in resolved)
+        for where, built in builds.items():
+            swap_in(built, outer[where])
+    except BaseException:  # Ctrl-C too: a build folder left behind would hold half an output
+        for built in builds.values():
+            shutil.rmtree(built, ignore_errors=True)
+        raise
+
+
+def _build_of(where: Path, builds: dict[Path, Path]) -> Path:
+    """The build folder standing for the resolved target ``where``: its own, or a place in an outer one."""
+    if where in builds:
+        return builds[where]
+    outer = next(folder for folder in builds if folder in where.parents)
+    inside = builds[outer] / where.relative_to(outer)
+    inside.mkdir(parents=True, exist_ok=True)
+    return inside
 
 
 def write_json(path: str | os.PathLike, data) -> Path:

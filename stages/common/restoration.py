@@ -1,4 +1,4 @@
-"""The model the ``train`` stage trains and the ``infer`` stage runs: build it, save it, load it.
+"""The model the ``train`` stage trains and the ``infer`` stage runs: build it, save it, load it, run it.
 
 A model is a :class:`chopgrad.restoration.Restorer` (Wan transformer + fixed text condition,
 paper supplement C.2) and the project's causal VAE (``data/vae``), frozen except where the spec
@@ -25,19 +25,23 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 import chopgrad
-from chopgrad import restoration
+import chopgrad.restoration
+from stages.common.video import from_tensor, to_tensor
 
-__all__ = ["MODEL_FILE", "SPEC_FILE", "Model", "build_model", "check_vae_folder", "load_model", "roundtrip_model",
-           "save_model"]
+__all__ = ["MODEL_FILE", "SPEC_FILE", "Model", "build_model", "check_vae_folder", "load_model", "restore_video",
+           "roundtrip_model", "save_model", "spatial_factor"]
 
 SPEC_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
@@ -59,12 +63,17 @@ def check_vae_folder(path: str | os.PathLike) -> Path:
     return folder
 
 
+def spatial_factor(vae_config: dict) -> int:
+    """Pixels per latent pixel of a Wan VAE config (as :class:`chopgrad.adapters.WanDecoder` reads it)."""
+    return 2 ** (len(vae_config["dim_mult"]) - 1) * (vae_config.get("patch_size") or 1)
+
+
 @dataclass
 class Model:
     """A restorer and its VAE, on one device."""
 
     spec: dict
-    restorer: restoration.Restorer | None  # None: the VAE round trip (z = z_hat), see roundtrip_model
+    restorer: chopgrad.restoration.Restorer | None  # None: the VAE round trip (z = z_hat), see roundtrip_model
     vae: nn.Module  # diffusers AutoencoderKLWan
     skip: nn.Module | None = None  # chopgrad.skip.SkipDecoder around vae, when the spec asks for it
 
@@ -104,29 +113,27 @@ class Model:
         """The restored latents ``z = z_hat - v`` (``z_hat`` itself for the VAE round trip)."""
         return z_hat if self.restorer is None else self.restorer(z_hat, text)
 
-    def decoder(self, video: Tensor | None = None, tiles: tuple[int, int] = (1, 1), halo: int = 2):
+    def decoder(self, video: Tensor | None = None):
         """The decoder ChopGrad drives (:class:`chopgrad.CausalDecoder`), LoRA included.
 
         Args:
             video: the degraded input ``[B, 3, T, H, W]`` whose latents are decoded next; the skip
                 decoder takes its skip features from it (ignored without skip connections).
-            tiles, halo: what the coming ``decode_loss`` / ``decode`` call gets (the skip decoder
-                must know them).
         """
         if self.skip is None:
             return chopgrad.wrap_decoder(self.vae)
         if video is None:
             raise ValueError("this model's decoder has skip connections: pass the degraded input video")
-        return self.skip.bind(video, tiles=tuple(tiles), halo=halo)
+        return self.skip.bind(video)
 
     @torch.no_grad()
     def encode(self, video: Tensor) -> Tensor:  # [B, 3, T, H, W] in [-1, 1] -> normalised [B, C, t, h, w]
         """Posterior mean of the frozen encoder, normalised with the VAE's latents_mean/std."""
         latents = self.vae.encode(video).latent_dist.mode()
-        return restoration.normalize_latents(latents, self.spec["latents_mean"], self.spec["latents_std"])
+        return chopgrad.restoration.normalize_latents(latents, self.spec["latents_mean"], self.spec["latents_std"])
 
     def to_decoder(self, latents: Tensor) -> Tensor:  # normalised [B, C, t, h, w] -> what vae.decode takes
-        return restoration.denormalize_latents(latents, self.spec["latents_mean"], self.spec["latents_std"])
+        return chopgrad.restoration.denormalize_latents(latents, self.spec["latents_mean"], self.spec["latents_std"])
 
 
 def _trainable(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -154,9 +161,9 @@ def _transformer(spec: dict) -> nn.Module:
     source = spec["transformer"]
     dtype = getattr(torch, source.get("dtype", "float32"))
     if source["source"] == "small":
-        model = restoration.small_transformer(**source["config"], seed=source["seed"])
+        model = chopgrad.restoration.small_transformer(**source["config"], seed=source["seed"])
         return model if dtype == torch.float32 else model.to(dtype)
-    return restoration.load_transformer(source["path"], torch_dtype=dtype)
+    return chopgrad.restoration.load_transformer(source["path"], torch_dtype=dtype)
 
 
 def build_model(spec: dict, vae_dir: str | os.PathLike, text_embedding: Tensor | None = None,
@@ -195,7 +202,7 @@ def build_model(spec: dict, vae_dir: str | os.PathLike, text_embedding: Tensor |
         skip.fusion.requires_grad_(True)
     if text_embedding is None:
         text_embedding = torch.zeros(spec["text"]["shape"])
-    restorer = restoration.Restorer(transformer, text_embedding, timestep=spec["timestep"]).to(device)
+    restorer = chopgrad.restoration.Restorer(transformer, text_embedding, timestep=spec["timestep"]).to(device)
     return Model(spec, restorer, vae, skip)
 
 
@@ -273,3 +280,41 @@ def describe(model: Model) -> dict[str, Any]:
     return {"transformer_parameters": count(model.transformer.parameters()),
             "trainable_parameters": count(model.transformer_trainable().values())
             + count(model.decoder_trainable().values())}
+
+
+@torch.no_grad()
+def restore_video(model: Model, frames: np.ndarray, text: Tensor | None = None, tiles: tuple[int, int] = (1, 1),
+                  halo: int = 2, autocast: bool = False) -> tuple[np.ndarray, dict]:
+    """Run a model on a whole video: [T, H, W, 3] uint8 -> [T, H, W, 3] uint8, and the seconds per part.
+
+    The video is padded (last frame repeated; edges replicated) to 1 + 4k frames and to sides that
+    are multiples of the model's size multiple, and the output cut back to the input's size.
+    ``autocast``: the transformer under bf16 autocast, as training runs it (on CUDA only).
+    """
+    device = next(model.vae.parameters()).device
+    count, height, width = frames.shape[:3]
+    multiple = model.size_multiple
+    padded_count = 1 + 4 * math.ceil((count - 1) / 4)
+    video = to_tensor(frames)[None]  # [1, 3, T, H, W]
+    if padded_count > count:
+        video = torch.cat([video, video[:, :, -1:].expand(-1, -1, padded_count - count, -1, -1)], dim=2)
+    pad_h, pad_w = (-height) % multiple, (-width) % multiple
+    if pad_h or pad_w:
+        video = torch.nn.functional.pad(video[0], (0, pad_w, 0, pad_h), mode="replicate")[None]
+    video = video.to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    timings, start = {}, time.perf_counter()
+    z_hat = model.encode(video)
+    sync()
+    timings["encode_seconds"] = time.perf_counter() - start
+    start = time.perf_counter()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast and device.type == "cuda"):
+        z = model.restore(z_hat, text)
+    z = z.to(z_hat.dtype)
+    sync()
+    timings["transformer_seconds"] = time.perf_counter() - start
+    start = time.perf_counter()
+    out = chopgrad.decode(model.decoder(video), model.to_decoder(z), tiles=tiles, halo=halo)
+    sync()
+    timings["decode_seconds"] = time.perf_counter() - start
+    return from_tensor(out[0, :, :count, :height, :width]), timings

@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install test repro bench clean
+.PHONY: install test test-fast repro bench clean
 
 install: .venv/.installed
 
@@ -27,6 +27,11 @@ install: .venv/.installed
 # Two workers on two cores, one torch thread each: more threads oversubscribe the CPU.
 test: install
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup
+
+# The inner loop: everything but the tests marked slow (the tiny pipeline run, multi-process and
+# subprocess benchmarks, interrupted-and-resumed training); about 2 minutes. Add a path or -k to narrow it.
+test-fast: install
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow" $(ARGS)
 
 # The main job: the DVC pipeline (pipeline stages in dvc.yaml, values in params.yaml) on the
 # embedded default data; a second run with nothing changed does nothing.

@@ -16,7 +16,7 @@ SplatAD scene      the ``splat`` stage's 3DGS of the scene   ``load_scene_gaussi
 actor boxes        labelled 3D boxes of ``objects.json``     ``scenes.ObjectBox`` (centre, size, yaw)
 TRELLIS asset      a few-view gsplat fit of the object's     ``AssetGenerator(views: AssetViews, box)
                    masked frames: ``asset_views`` views,       -> Gaussians`` (any frame; world here)
-                   ``asset_steps`` steps, no densification
+                   ``asset_iterations`` iterations, no densification
 Orient-Anything    PCA of the asset Gaussians' centres on    ``OrientationEstimator(Gaussians)
                    the ground plane (opacity-weighted)         -> (yaw, confidence)``
 =================  =======================================  ===========================================
@@ -65,7 +65,7 @@ class Params:
     box_margin: float  # metres around the labelled box inside which Gaussian centres count as the object's
     min_visible_pixels: int  # a frame shows an object when its mask covers at least this many pixels
     asset_views: int  # views the asset is reconstructed from (the paper's TRELLIS: a few object crops)
-    asset_steps: int  # optimisation steps of the asset (low fidelity on purpose)
+    asset_iterations: int  # optimiser updates of the asset (low fidelity on purpose)
     asset_points: int  # random initial Gaussians in the box
     asset_lr_scale: float  # gsplat's learning rates times this (the asset's schedule is ~300x shorter)
     asset_alpha_weight: float  # weight of the silhouette (rendered alpha vs mask) L1 term
@@ -79,7 +79,7 @@ class Params:
     threads: int  # torch CPU threads (0: torch's default)
 
     def __post_init__(self):
-        for name in ("asset_views", "asset_steps", "asset_points"):
+        for name in ("asset_views", "asset_iterations", "asset_points"):
             if getattr(self, name) < 1:
                 raise ValueError(f"reinsert.{name} must be >= 1, got {getattr(self, name)}")
         if self.asset_points < 4:
@@ -146,9 +146,9 @@ def few_view_asset(params: Params, device: torch.device) -> AssetGenerator:
         init = gs.init_gaussians(points, rgb, sh_degree=0, generator=generator)
         scale = params.asset_lr_scale
         config = gs.TrainConfig(
-            steps=params.asset_steps, sh_degree=0, means_lr=1.6e-4 * scale, scales_lr=5e-3 * scale,
+            iterations=params.asset_iterations, sh_degree=0, means_lr=1.6e-4 * scale, scales_lr=5e-3 * scale,
             quats_lr=1e-3 * scale, opacities_lr=5e-2 * min(scale, 2.0), sh0_lr=2.5e-3 * scale,
-            refine_start_iter=params.asset_steps + 1, refine_stop_iter=params.asset_steps + 1,
+            refine_start_iter=params.asset_iterations + 1, refine_stop_iter=params.asset_iterations + 1,
             alpha_weight=params.asset_alpha_weight, seed=params.seed)
         extent = float(np.linalg.norm(box.size))  # lengths relative to the object, not the scene
         asset, _ = gs.train({k: v.to(device) for k, v in init.items()}, views.images.to(device),

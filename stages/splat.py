@@ -18,7 +18,7 @@ Outputs (built under temporary names and swapped in at the end):
 - ``--plots``: ``videos/<scene>.mp4`` (render | ground truth), ``frames.png`` (held-out frames) and
   ``training.png`` (loss and Gaussian count).
 
-The embedded ``params.yaml`` values are a schedule sized for one CPU thread (300 steps, learning rates
+The embedded ``params.yaml`` values are a schedule sized for one CPU thread (300 iterations, learning rates
 x10); gsplat's and the paper's full schedule is given next to each value there.
 
     python -m stages.splat --params params.yaml --scenes data/scenes --out data/splat \
@@ -49,7 +49,7 @@ FPS = 24  # the pairs' nominal frame rate (DL3DV videos are 30 fps, sub-sampled;
 @dataclass(frozen=True)
 class Params:
     every: int  # k: reconstruct from frames 0, k, 2k, ... (paper: every 50th frame)
-    steps: int  # optimisation steps per scene (gsplat / paper: 30000)
+    iterations: int  # optimiser updates per scene (gsplat / paper: 30000)
     sh_degree: int  # highest spherical-harmonics degree (gsplat: 3)
     sh_degree_interval: int  # one more SH degree every this many steps (gsplat: 1000)
     init_num_points: int  # random initialisation, when a scene has no SfM points (gsplat: 100000)
@@ -76,7 +76,7 @@ class Params:
     threads: int  # torch CPU threads (0: torch's default)
 
     def __post_init__(self):
-        for name in ("every", "steps", "sh_degree_interval", "init_num_points", "refine_every", "reset_every"):
+        for name in ("every", "iterations", "sh_degree_interval", "init_num_points", "refine_every", "reset_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"splat.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.sh_degree <= 4:
@@ -102,7 +102,7 @@ class Params:
 
     def train_config(self) -> gs.TrainConfig:
         return gs.TrainConfig(
-            steps=self.steps, sh_degree=self.sh_degree, sh_degree_interval=self.sh_degree_interval,
+            iterations=self.iterations, sh_degree=self.sh_degree, sh_degree_interval=self.sh_degree_interval,
             ssim_lambda=self.ssim_lambda, means_lr=self.means_lr, scales_lr=self.scales_lr,
             quats_lr=self.quats_lr, opacities_lr=self.opacities_lr, sh0_lr=self.sh0_lr, shN_lr=self.shN_lr,
             refine_start_iter=self.refine_start_iter, refine_stop_iter=self.refine_stop_iter,
@@ -169,7 +169,7 @@ def reconstruct(entry: gs.SceneEntry, scene: scenes.Scene, frames: np.ndarray, p
     viewmats, Ks = cameras(scene)
     images = torch.from_numpy(frames[train_ids]).float().div(255).to(device)
     scale = gs.scene_scale(scene.camtoworlds[train_ids])
-    bar = tqdm(total=params.steps, desc=f"splat {entry.name}", unit="step", leave=False)
+    bar = tqdm(total=params.iterations, desc=f"splat {entry.name}", unit="it", leave=False)
 
     def progress(step: int, loss: float, count: int) -> None:
         bar.update(1)
@@ -188,7 +188,7 @@ def reconstruct(entry: gs.SceneEntry, scene: scenes.Scene, frames: np.ndarray, p
         "num_gaussians": len(trained["means"]), "train_views": len(train_ids), "heldout_frames": len(heldout_ids),
         "train_psnr": round(float(psnr[train_ids].mean()), 4),
         "heldout_psnr": round(float(psnr[heldout_ids].mean()), 4) if len(heldout_ids) else None,
-        "final_loss": round(float(np.mean(history["loss"][-max(1, params.steps // 20):])), 5),
+        "final_loss": round(float(np.mean(history["loss"][-max(1, params.iterations // 20):])), 5),
         "scene_scale": round(scale, 5), "seconds": round(time.perf_counter() - started, 2),
     }
     metadata = {"scene": entry.name, "split": entry.split, "sh_degree": params.sh_degree, "every": params.every,

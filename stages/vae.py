@@ -22,7 +22,7 @@ and standard deviation measured on the training clips are stored in the config a
     project: the training amplifies floating-point differences between CPU kernels): compare
     ``test_psnr`` with ``test_psnr_mean_colour`` (each test clip replaced by its own mean colour) in
     ``metrics/vae.json``. The VAE is then a working causal-cache decoder for the
-    later stages but a weak reconstructor; longer runs (``dvc exp run -S vae.steps=...``) or real
+    later stages but a weak reconstructor; longer runs (``dvc exp run -S vae.iterations=...``) or real
     weights (``source: pretrained``) are the way to a better one.
 
 ``source: pretrained`` copies a local diffusers folder (e.g. the ``vae/`` folder of
@@ -67,10 +67,10 @@ class Params:
     clip_frames: int  # frames per training clip: 1 + 4k, the unit the causal encoder consumes
     crop: tuple[int, int]  # training crop [height, width] in pixels, multiples of the spatial factor
     batch_size: int  # clips per optimisation step
-    steps: int  # optimisation steps
+    iterations: int  # optimiser updates
     lr: float  # AdamW peak learning rate
     betas: tuple[float, float]  # AdamW betas (LDM's autoencoders use 0.5, 0.9)
-    warmup_steps: int  # linear warm-up of the learning rate, then constant
+    warmup_iterations: int  # linear warm-up of the learning rate, then constant
     kl_weight: float  # KL weight against an L1 summed over pixels (Wan/LDM recipe: 1e-6)
     grad_clip: float  # max gradient norm; the first steps of a fresh VAE are spiky
     eval_frames: int  # frames (1 + 4k) of each held-out scene reconstructed for the PSNR
@@ -85,8 +85,8 @@ class Params:
         if self.source == "pretrained":
             check_pretrained(self.pretrained_path)
             return  # the training knobs are not read
-        if min(self.base_dim, self.z_dim, self.num_res_blocks, self.batch_size, self.steps) < 1:
-            raise ValueError("vae.base_dim, z_dim, num_res_blocks, batch_size and steps must be >= 1")
+        if min(self.base_dim, self.z_dim, self.num_res_blocks, self.batch_size, self.iterations) < 1:
+            raise ValueError("vae.base_dim, z_dim, num_res_blocks, batch_size and iterations must be >= 1")
         if not self.dim_mult or min(self.dim_mult) < 1:
             raise ValueError(f"vae.dim_mult must be a non-empty list of positive integers, "
                              f"got {list(self.dim_mult)}")
@@ -103,8 +103,8 @@ class Params:
             raise ValueError("vae.lr and vae.grad_clip must be > 0 and vae.kl_weight >= 0")
         if not all(0 <= beta < 1 for beta in self.betas):
             raise ValueError(f"vae.betas must be in [0, 1), got {list(self.betas)}")
-        if not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(f"vae.warmup_steps must be in [0, steps), got {self.warmup_steps}")
+        if not 0 <= self.warmup_iterations < self.iterations:
+            raise ValueError(f"vae.warmup_iterations must be in [0, iterations), got {self.warmup_iterations}")
 
     @property
     def spatial_factor(self) -> int:
@@ -211,12 +211,12 @@ def train(vae, videos: list[np.ndarray], params: Params) -> list[float]:
     optimizer = torch.optim.AdamW(vae.parameters(), lr=params.lr, betas=params.betas, weight_decay=0.0)
 
     def lr_factor(step: int) -> float:  # linear warm-up, then constant
-        return min(1.0, (step + 1) / params.warmup_steps) if params.warmup_steps else 1.0
+        return min(1.0, (step + 1) / params.warmup_iterations) if params.warmup_iterations else 1.0
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     vae.train()
     losses, start = [], time.perf_counter()
-    for step in range(params.steps):
+    for step in range(params.iterations):
         clips = sample_clips(videos, params, generator)  # [B, 3, T, H, W]
         posterior = vae.encode(clips).latent_dist
         recon = vae.decode(posterior.sample(generator=generator)).sample  # [B, 3, T, H, W]
@@ -229,8 +229,8 @@ def train(vae, videos: list[np.ndarray], params: Params) -> list[float]:
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
-        if step % max(1, params.steps // 10) == 0 or step == params.steps - 1:
-            log.info("step %d/%d  loss %.4f  %.1f s", step + 1, params.steps, losses[-1],
+        if step % max(1, params.iterations // 10) == 0 or step == params.iterations - 1:
+            log.info("iteration %d/%d  loss %.4f  %.1f s", step + 1, params.iterations, losses[-1],
                      time.perf_counter() - start)
     return losses
 

@@ -422,6 +422,7 @@ def stage_inputs(tmp_path_factory) -> tuple[Path, Path]:
     return root / "vae", root / "scenes"
 
 
+@pytest.mark.slow
 def test_stage_writes_the_summary_raw_results_and_five_figures(stage_inputs, tmp_path, monkeypatch):
     from stages import analysis as stage
 

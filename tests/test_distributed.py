@@ -24,7 +24,7 @@ import chopgrad
 from chopgrad import distributed, lora
 
 # One xdist worker takes the module: the torchrun fixture (about 20 s) runs once.
-pytestmark = pytest.mark.xdist_group("distributed")
+pytestmark = [pytest.mark.xdist_group("distributed"), pytest.mark.slow]  # 2-process torchrun runs
 STEPS = 3
 WORLD = 2
 

@@ -249,6 +249,7 @@ def test_stand_ins_stay_out_of_the_users_caches(evaluated, stand_in_home):
     assert (stand_in_home / "torch" / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth").is_file()
 
 
+@pytest.mark.slow
 def test_fid_and_fvd_run_in_the_stage_on_stand_ins(tmp_path, homes, stand_in_home):
     make_project(tmp_path, tasks=("driving",), methods=("chopgrad_d1", "per_frame"), test_scenes=1)
     params = make_params([tmp_path / "pairs" / "driving"], metrics=["psnr", "fid", "fvd"], model_frames=2,

@@ -122,7 +122,7 @@ def test_repo_vae_section_loads():
         ({"eval_frames": 0}, "vae.eval_frames must be 1 + 4k"),
         ({"crop": [60, 64]}, "vae.crop must be multiples of the spatial factor 8"),
         ({"temporal_downsample": [False, True]}, "vae.temporal_downsample needs one entry per downsampling"),
-        ({"warmup_steps": 10_000}, "vae.warmup_steps must be in [0, steps)"),
+        ({"warmup_iterations": 10_000}, "vae.warmup_iterations must be in [0, iterations)"),
         ({"source": "download"}, "vae.source must be one of 'train', 'pretrained'"),
         ({"lr": "1e-3x"}, "vae.lr must be a number"),
     ],

@@ -102,7 +102,7 @@ def test_orientation_estimate_and_axis_conventions():
 # The stage
 
 
-TINY = stage.Params(box_margin=0.05, min_visible_pixels=4, asset_views=2, asset_steps=5, asset_points=40,
+TINY = stage.Params(box_margin=0.05, min_visible_pixels=4, asset_views=2, asset_iterations=5, asset_points=40,
                     asset_lr_scale=10.0, asset_alpha_weight=1.0, max_yaw_error_deg=90.0, min_confidence=0.0,
                     scene_dir=None, image_dir=None, device="cpu", sample_videos=1, seed=0, threads=1)
 
@@ -111,7 +111,7 @@ def tiny_params(**changes) -> stage.Params:
     return dataclasses.replace(TINY, **changes)
 
 
-SPLAT = splat.Params(every=4, steps=6, sh_degree=1, sh_degree_interval=3, init_num_points=150, init_extent=3.0,
+SPLAT = splat.Params(every=4, iterations=6, sh_degree=1, sh_degree_interval=3, init_num_points=150, init_extent=3.0,
                      init_opacity=0.1, init_scale=1.0, ssim_lambda=0.2, means_lr=1.6e-3, scales_lr=5e-2,
                      quats_lr=1e-2, opacities_lr=0.1, sh0_lr=2.5e-2, shN_lr=1.25e-3, refine_start_iter=100,
                      refine_stop_iter=100, refine_every=3, reset_every=100, grow_grad2d=2e-4, scene_dir=None,

@@ -188,7 +188,7 @@ def test_training_lowers_the_loss_and_densification_changes_the_count():
     generator = torch.Generator().manual_seed(2)
     points, rgb = gs.random_points(np.array([-1.2] * 3), np.array([1.2] * 3), 200, generator)
     init = gs.init_gaussians(points, rgb, sh_degree=1, generator=generator)
-    config = gs.TrainConfig(steps=60, sh_degree=1, sh_degree_interval=30, refine_start_iter=10, refine_stop_iter=50,
+    config = gs.TrainConfig(iterations=60, sh_degree=1, sh_degree_interval=30, refine_start_iter=10, refine_stop_iter=50,
                             refine_every=10, reset_every=1000, means_lr=1.6e-3, scales_lr=5e-2, quats_lr=1e-2,
                             opacities_lr=0.1, sh0_lr=2.5e-2, shN_lr=1.25e-3)
     trained, history = gs.train(init, images, viewmats, Ks, config, gs.scene_scale(c2w))
@@ -206,7 +206,7 @@ def test_training_is_deterministic_given_the_seed():
     images, viewmats, Ks, c2w = target_views(count=2)
     points, rgb = gs.random_points(np.array([-1.2] * 3), np.array([1.2] * 3), 120, torch.Generator().manual_seed(5))
     init = gs.init_gaussians(points, rgb, sh_degree=0, generator=torch.Generator().manual_seed(5))
-    config = gs.TrainConfig(steps=12, sh_degree=0, refine_start_iter=3, refine_every=4, grow_grad2d=1e-5, seed=3)
+    config = gs.TrainConfig(iterations=12, sh_degree=0, refine_start_iter=3, refine_every=4, grow_grad2d=1e-5, seed=3)
     first, history = gs.train(init, images, viewmats, Ks, config, gs.scene_scale(c2w))
     torch.manual_seed(123)  # the global generator's state does not matter
     second, _ = gs.train(init, images, viewmats, Ks, config, gs.scene_scale(c2w))
@@ -307,7 +307,7 @@ def test_sfm_points_map_colmap_through_applied_transform(tmp_path):
 
 
 TINY = stage.Params(
-    every=4, steps=12, sh_degree=1, sh_degree_interval=6, init_num_points=150, init_extent=3.0, init_opacity=0.1,
+    every=4, iterations=12, sh_degree=1, sh_degree_interval=6, init_num_points=150, init_extent=3.0, init_opacity=0.1,
     init_scale=1.0, ssim_lambda=0.2, means_lr=1.6e-3, scales_lr=5e-2, quats_lr=1e-2, opacities_lr=0.1, sh0_lr=2.5e-2,
     shN_lr=1.25e-3, refine_start_iter=3, refine_stop_iter=10, refine_every=3, reset_every=100, grow_grad2d=2e-4,
     scene_dir=None, image_dir=None, device="cpu", sample_videos=1, seed=0, threads=1)
@@ -396,7 +396,7 @@ def write_dl3dv_scene(folder: Path, with_colmap: bool, frames: int = 6) -> None:
 def test_stage_reads_a_dl3dv_scene_folder_from_params(tmp_path, with_colmap):
     scene = tmp_path / "0a1b2c3d"
     write_dl3dv_scene(scene, with_colmap)
-    params = tiny_params(every=2, steps=4, scene_dir=str(scene), sample_videos=0)
+    params = tiny_params(every=2, iterations=4, scene_dir=str(scene), sample_videos=0)
     result = stage.run(params, tmp_path / "unused", tmp_path / "splat", tmp_path / "m.json", tmp_path / "plots")
     measures = result["metrics"]["scenes"]["0a1b2c3d"]
     assert measures["split"] == "test" and measures["train_views"] == 3

@@ -317,6 +317,7 @@ def _weights(folder: Path) -> dict:
     return {task.name: load_file(str(task / restoration.MODEL_FILE)) for task in sorted(folder.iterdir())}
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_and_ends_with_the_same_weights(tmp_path, inputs, weight_home):
     changes = {"tasks": ["nvs", "sr"], "iterations": 4, "checkpoint_every": 2}
     straight = run_stage(tmp_path / "straight", inputs, weight_home, **changes)
@@ -417,6 +418,7 @@ def test_the_mirage_schedule_trains_each_phase_s_weights_in_turn(tmp_path, input
         assert torch.equal(value, end[name]), name
 
 
+@pytest.mark.slow
 def test_a_mirage_run_killed_at_the_phase_switch_resumes_to_the_same_weights(tmp_path, inputs, weight_home):
     straight = run_stage(tmp_path / "straight", inputs, weight_home, **MIRAGE)
 

@@ -1,4 +1,4 @@
-"""The vae stage's run() on a tiny hand-made scene set, with a tiny VAE and a few steps."""
+"""The vae stage's run() on a tiny hand-made scene set, with a tiny VAE and a few iterations."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from stages.common import scenes, video
 
 TINY = vae.Params(
     source="train", pretrained_path=None, base_dim=4, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1,
-    temporal_downsample=(False, True, True), clip_frames=5, crop=(16, 16), batch_size=1, steps=3, lr=1e-3,
-    betas=(0.5, 0.9), warmup_steps=1, kl_weight=1e-6, grad_clip=1.0, eval_frames=9, seed=0,
+    temporal_downsample=(False, True, True), clip_frames=5, crop=(16, 16), batch_size=1, iterations=3, lr=1e-3,
+    betas=(0.5, 0.9), warmup_iterations=1, kl_weight=1e-6, grad_clip=1.0, eval_frames=9, seed=0,
     threads=1,
 )
 
@@ -65,7 +65,7 @@ def test_run_saves_a_vae_that_reloads_and_decodes(trained):
     with torch.no_grad():
         frames = model.decode(torch.zeros(1, 4, 3, 2, 3)).sample  # 3 latent frames -> 1 + 4 * 2
     assert frames.shape == (1, 3, 9, 16, 24)
-    assert len(result["losses"]) == TINY.steps and all(np.isfinite(result["losses"]))
+    assert len(result["losses"]) == TINY.iterations and all(np.isfinite(result["losses"]))
 
 
 def test_run_writes_metrics_plots_and_a_sample_video(trained):

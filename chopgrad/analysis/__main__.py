@@ -45,24 +45,23 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def _unit_interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"eps is a relative tolerance and must be in (0, 1) (e.g. 1e-3), got {text}")
-    return value
+def _checked(convert, ok, expected: str):
+    """An argparse type: ``convert`` the text, then refuse values that are not ``ok``, naming ``expected``."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+
+    return parse
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+_unit_interval = _checked(float, lambda v: 0 < v < 1, "a relative tolerance in (0, 1) (e.g. 1e-3)")
+_positive = _checked(int, lambda v: v >= 1, "a positive integer")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -116,30 +116,27 @@ def load_lpips(net: Literal["vgg", "alex"] = "vgg", weights: Literal["official",
     return model.eval().requires_grad_(False).to(device), statuses
 
 
-class PSNR(FrameMetric):
+class _WeightlessPyiqa(FrameMetric):
+    """A pyiqa metric of the same name that needs no weight file, with pyiqa's defaults."""
+
+    def __init__(self, device: str | torch.device = "cpu"):
+        super().__init__(device)
+        self._metric = _pyiqa_metric(self.name, self.device)
+
+    def _score(self, pred: Tensor, gt: Tensor) -> Tensor:
+        return self._metric(pred, gt)
+
+
+class PSNR(_WeightlessPyiqa):
     """PSNR in dB on RGB in [0, 1] (pyiqa ``psnr`` defaults; identical frames give 80 dB)."""
 
     name = "psnr"
 
-    def __init__(self, device: str | torch.device = "cpu"):
-        super().__init__(device)
-        self._metric = _pyiqa_metric("psnr", self.device)
 
-    def _score(self, pred: Tensor, gt: Tensor) -> Tensor:
-        return self._metric(pred, gt)
-
-
-class SSIM(FrameMetric):
+class SSIM(_WeightlessPyiqa):
     """SSIM on the Y channel (pyiqa ``ssim`` defaults, see the module docstring)."""
 
     name = "ssim"
-
-    def __init__(self, device: str | torch.device = "cpu"):
-        super().__init__(device)
-        self._metric = _pyiqa_metric("ssim", self.device)
-
-    def _score(self, pred: Tensor, gt: Tensor) -> Tensor:
-        return self._metric(pred, gt)
 
 
 class LPIPS(FrameMetric):

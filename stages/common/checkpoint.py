@@ -4,7 +4,7 @@ A checkpoint is a flat ``{name: tensor}`` map plus a JSON record, in one safeten
 train stage puts in it the trainable weights, the optimizer states (keyed by parameter name, as
 ``torch.distributed.checkpoint`` gathers them from an FSDP-sharded model), every random-number
 generator the run draws from (torch's global CPU and CUDA generators and the run's own named
-ones, e.g. the clip sampler), the step count and a record of the run (its fingerprint, the loss
+ones, e.g. the clip sampler), the iteration count and a record of the run (its fingerprint, the loss
 history, the seconds spent so far). Restoring all of it makes an interrupted run continue exactly
 as the uninterrupted one would have (on CPU, where kernels are deterministic; ``tests/test_train.py``
 checks that the final weights are identical).

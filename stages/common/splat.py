@@ -485,7 +485,7 @@ def ssim(images: Tensor, targets: Tensor, window: int = 11, sigma: float = 1.5) 
 class TrainConfig:
     """simple_trainer's knobs that the data stages use; defaults are gsplat's (the paper's 30k schedule)."""
 
-    steps: int = 30_000
+    iterations: int = 30_000
     sh_degree: int = 3
     sh_degree_interval: int = 1000  # one more SH degree every this many steps
     ssim_lambda: float = 0.2
@@ -532,7 +532,7 @@ def train(
              "opacities": config.opacities_lr, "sh0": config.sh0_lr, "shN": config.shN_lr}
     optimizers = {k: torch.optim.Adam([{"params": params[k], "lr": rates[k], "name": k}], eps=1e-15)
                   for k in GAUSSIAN_KEYS}
-    decay = torch.optim.lr_scheduler.ExponentialLR(optimizers["means"], gamma=0.01 ** (1.0 / config.steps))
+    decay = torch.optim.lr_scheduler.ExponentialLR(optimizers["means"], gamma=0.01 ** (1.0 / config.iterations))
     strategy = DefaultStrategy(refine_start_iter=config.refine_start_iter,
                                refine_stop_iter=config.refine_stop_iter, refine_every=config.refine_every,
                                reset_every=config.reset_every, grow_grad2d=config.grow_grad2d)
@@ -543,7 +543,7 @@ def train(
     history: dict[str, list] = {"loss": [], "num_gaussians": []}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)  # DefaultStrategy's splits draw from the global generator
-        for step in range(config.steps):
+        for step in range(config.iterations):
             if not order:  # a fresh permutation of the views every epoch, as the trainer's shuffled loader
                 order = torch.randperm(len(images), generator=generator).tolist()
             loss = _train_step(step, order.pop(), params, optimizers, decay, strategy, state, images, viewmats, Ks,

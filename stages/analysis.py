@@ -151,6 +151,25 @@ def _mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 # The stage
 
 
+def _plot(params: Params, folder: Path, vae_name: str, lpips_info: dict | None, clips: int, reference_frames: int, *,
+          locality, grad_tables: dict, agreement, resources: list, spatial) -> None:
+    """The five figures (paper figures 3-7) into ``folder``."""
+    from chopgrad.analysis import plots
+
+    locality, fit, summary = locality
+    stand_in = " (LPIPS: stand-in weights)" if lpips_info and lpips_info["stand_in_weights"] else ""
+    plots.plot_locality(locality, fit, folder / "locality.png", f"{vae_name}: temporal locality over {clips} clips",
+                        summary["fit_distances"][0])
+    frames_of = {"mse": params.frames, "lpips": params.lpips_frames}
+    plots.plot_gradient_error({f"{loss} ({frames_of[loss]} frames)": rows for loss, rows in grad_tables.items()},
+                              folder / "grad_error.png", f"{vae_name}: latent gradient error vs d_trunc{stand_in}")
+    plots.plot_backbone(agreement.table(), folder / "backbone.png",
+                        f"{vae_name}: backbone parameter gradients ({agreement.parameters} parameters)")
+    plots.plot_resources(resources, folder / "resources.png", f"{vae_name}: time and memory (CPU)",
+                         reference_frames=reference_frames, time_key="cpu_seconds")
+    plots.plot_spatial(spatial, folder / "spatial.png", f"{vae_name}: spatial locality")
+
+
 def run(params: Params, vae_dir: str | Path, scenes_dir: str | Path, out_dir: str | Path,
         metrics_path: str | Path, plots_dir: str | Path, progress: bool = True) -> dict:
     """Run the five analyses; write raw results, the summary metrics and the figures atomically.
@@ -159,7 +178,7 @@ def run(params: Params, vae_dir: str | Path, scenes_dir: str | Path, out_dir: st
         ``{"metrics": {...}, "figures": [paths], "metrics_path": path}``.
     """
     from chopgrad import analysis
-    from chopgrad.analysis import models, plots
+    from chopgrad.analysis import models
 
     vae_dir, scenes_dir, out_dir, metrics_path, plots_dir = map(Path, (vae_dir, scenes_dir, out_dir, metrics_path,
                                                                        plots_dir))
@@ -238,19 +257,8 @@ def run(params: Params, vae_dir: str | Path, scenes_dir: str | Path, out_dir: st
     with video.staged_outputs(out_dir, plots_dir) as (build, plots_build):
         for name, data in raw.items():
             video.write_json(build / f"{name}.json", analysis.json_safe(data))
-        vae_name = f"VAE {vae_dir.name}"
-        stand_in = " (LPIPS: stand-in weights)" if lpips_info and lpips_info["stand_in_weights"] else ""
-        plots.plot_locality(locality, fit, plots_build / "locality.png",
-                            f"{vae_name}: temporal locality over {len(videos)} clips", summary["fit_distances"][0])
-        frames_of = {"mse": params.frames, "lpips": params.lpips_frames}
-        plots.plot_gradient_error({f"{loss} ({frames_of[loss]} frames)": rows for loss, rows in grad_tables.items()},
-                                  plots_build / "grad_error.png",
-                                  f"{vae_name}: latent gradient error vs d_trunc{stand_in}")
-        plots.plot_backbone(agreement.table(), plots_build / "backbone.png",
-                            f"{vae_name}: backbone parameter gradients ({agreement.parameters} parameters)")
-        plots.plot_resources(resources, plots_build / "resources.png", f"{vae_name}: time and memory (CPU)",
-                             reference_frames=t, time_key="cpu_seconds")
-        plots.plot_spatial(spatial, plots_build / "spatial.png", f"{vae_name}: spatial locality")
+        _plot(params, plots_build, f"VAE {vae_dir.name}", lpips_info, len(videos), t, locality=(locality, fit, summary),
+              grad_tables=grad_tables, agreement=agreement, resources=resources, spatial=spatial)
     video.write_json(metrics_path, analysis.json_safe(metrics))
     log.info("analysis done in %.1f s: %s", time.perf_counter() - started,
              ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))

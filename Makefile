@@ -33,9 +33,17 @@ test: install
 test-fast: install
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow" $(ARGS)
 
+# The library's core tests (engine, adapters, protocol, memory) on Python 3.10 with torch and diffusers
+# at the lowest versions pyproject.toml admits (requirements-lowest.txt), in .venv-lowest/.
+.PHONY: test-lowest
+test-lowest:
+	.ci/lowest
+
 # The main job: the DVC pipeline (pipeline stages in dvc.yaml, values in params.yaml) on the
-# embedded default data; a second run with nothing changed does nothing.
+# embedded default data; a second run with nothing changed does nothing. Every stage's params are
+# checked first: `dvc repro` removes a stage's outputs before the stage could reject a param.
 repro: install
+	$(PY) -m stages.common.check --params params.yaml
 	$(PY) -m dvc repro
 
 # The core benchmark of docs/benchmark.md (about 7 minutes on 2 CPU cores).

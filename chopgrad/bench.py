@@ -2,13 +2,17 @@
 
     python -m chopgrad.bench --decoder wan-tiny --frames 17,33,65 --d-trunc 0,1,2 --json out.json
 
-For each configuration (full backprop, exact recompute mode, ChopGrad at each ``d_trunc``) and
-frame count it measures ``peak_bytes``, the working memory of the call above what was allocated
-before it: on CUDA from ``torch.cuda.max_memory_allocated``; on CPU the peak resident memory of a
+For each configuration (a mode, below) and frame count it measures ``peak_bytes``, the working
+memory of the call above what was allocated before it: on CUDA from ``torch.cuda.max_memory_allocated``; on CPU the peak resident memory of a
 fresh process that runs only that configuration, minus its resident memory just before the call
 (Linux: ``/proc/self/status``, with the peak reset through ``/proc/self/clear_refs``; the child
 runs with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed memory leaves the resident set). Time is
 the wall time of the call after one warm-up call, in a second fresh process on CPU.
+
+Modes (``--modes``), each one ``decode_loss`` call (:data:`MODES`): ``full`` (``d_trunc=None``),
+``exact`` (``d_trunc=None, recompute=True``), ``chopgrad`` (Algorithm 1 at each ``--d-trunc``),
+``chopgrad_release`` (supplement D's blocks: each ``--d-trunc`` with each ``--release-every``) and
+``chopgrad_recompute`` (each ``--d-trunc`` with ``recompute=True``: one step's activations at a time).
 
 Decoders have random weights (memory and time do not depend on their values):
 ``wan-tiny`` (``AutoencoderKLWan(base_dim=8)``), ``cogvideox-tiny`` and ``wan2.1`` (the real Wan 2.1
@@ -30,21 +34,34 @@ import torch
 
 import chopgrad
 
-__all__ = ["Config", "build_decoder", "main", "measure", "run"]
+__all__ = ["MODES", "Config", "build_decoder", "decode_kwargs", "main", "measure", "run"]
 
 DECODERS = ("wan-tiny", "cogvideox-tiny", "wan2.1")
+MODES = ("full", "exact", "chopgrad", "chopgrad_release", "chopgrad_recompute")
 
 
 @dataclass(frozen=True)
 class Config:
     decoder: str
-    mode: str  # "full" | "exact" | "chopgrad"
+    mode: str  # one of MODES
     d_trunc: int | None
     frames: int
     height: int
     width: int
     device: str
     dtype: str
+    release_every: int | None = None  # steps per block (chopgrad modes); None without truncation
+
+
+def decode_kwargs(config: Config) -> dict:
+    """The ``decode_loss`` keyword arguments of ``config.mode``."""
+    return {
+        "full": {"d_trunc": None},
+        "exact": {"d_trunc": None, "recompute": True},
+        "chopgrad": {"d_trunc": config.d_trunc},
+        "chopgrad_release": {"d_trunc": config.d_trunc, "release_every": config.release_every},
+        "chopgrad_recompute": {"d_trunc": config.d_trunc, "recompute": True},
+    }[config.mode]
 
 
 def build_decoder(name: str, device: str, dtype: torch.dtype):
@@ -101,9 +118,7 @@ def measure(config: Config, warmup: bool = False) -> dict:
     target = (torch.rand(1, 3, config.frames, config.height, config.width, generator=generator) * 2 - 1).to(
         device, dtype
     )
-    kwargs = {"full": {"d_trunc": None}, "exact": {"d_trunc": None, "recompute": True}}.get(
-        config.mode, {"d_trunc": config.d_trunc}
-    )
+    kwargs = decode_kwargs(config)
 
     def mse(pred, tgt):
         return torch.nn.functional.mse_loss(pred.float(), tgt.float())
@@ -126,8 +141,9 @@ def measure(config: Config, warmup: bool = False) -> dict:
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() - before if device.type == "cuda" else _rss_bytes("VmHWM") - before
     row = asdict(config)
-    del row["dtype"]
-    row.update(peak_bytes=int(peak), seconds=round(seconds, 4), device=_device_name(device), dtype=config.dtype)
+    del row["dtype"], row["release_every"]
+    row.update(peak_bytes=int(peak), seconds=round(seconds, 4), device=_device_name(device), dtype=config.dtype,
+               release_every=config.release_every)
     return row
 
 
@@ -184,7 +200,8 @@ def run(configs: list[Config], fresh_process: bool = True, threads: int | None =
     for index, config in enumerate(configs, 1):
         row = _measure_in_fresh_process(config, threads) if fresh_process else measure(config, warmup=True)
         progress(
-            f"[{index}/{len(configs)}] {row['mode']:8s} d_trunc={row['d_trunc']!s:4s} frames={row['frames']:4d}"
+            f"[{index}/{len(configs)}] {row['mode']:18s} d_trunc={row['d_trunc']!s:4s} "
+            f"release_every={row['release_every']!s:4s} frames={row['frames']:4d}"
             f"  peak {row['peak_bytes'] / 2**20:9.1f} MiB  {row['seconds']:8.3f} s"
         )
         rows.append(row)
@@ -193,46 +210,62 @@ def run(configs: list[Config], fresh_process: bool = True, threads: int | None =
 
 def markdown_table(rows: list[dict]) -> str:
     lines = [
-        "| decoder | mode | d_trunc | frames | HxW | peak MiB | seconds | device |",
-        "|---|---|---|---|---|---|---|---|",
+        "| decoder | mode | d_trunc | frames | HxW | peak MiB | seconds | device | release_every |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         d = "-" if r["d_trunc"] is None else r["d_trunc"]
+        s = "-" if r.get("release_every") is None else r["release_every"]
         lines.append(
             f"| {r['decoder']} | {r['mode']} | {d} | {r['frames']} | {r['height']}x{r['width']} | "
-            f"{r['peak_bytes'] / 2**20:.1f} | {r['seconds']:.3f} | {r['device']} |"
+            f"{r['peak_bytes'] / 2**20:.1f} | {r['seconds']:.3f} | {r['device']} | {s} |"
         )
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Memory and time against frames; with a single frame count, against ``d_trunc`` (the paper's
+    figure 13), the modes without truncation drawn as horizontal lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (mem_ax, time_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    labels = sorted({_label(r) for r in rows})
-    for label in labels:
-        series = sorted((r for r in rows if _label(r) == label), key=lambda r: r["frames"])
-        frames = [r["frames"] for r in series]
-        mem_ax.plot(frames, [r["peak_bytes"] / 2**20 for r in series], marker="o", label=label)
-        time_ax.plot(frames, [r["seconds"] for r in series], marker="o", label=label)
+    by_d_trunc = len({r["frames"] for r in rows}) == 1
+    series_of = (lambda r: _label(r).split(" d_trunc=")[0] + _blocks(r)) if by_d_trunc else _label
+    x_of = (lambda r: r["d_trunc"]) if by_d_trunc else (lambda r: r["frames"])
+    for label in sorted({series_of(r) for r in rows}):
+        series = [r for r in rows if series_of(r) == label]
+        for ax, value in ((mem_ax, lambda r: r["peak_bytes"] / 2**20), (time_ax, lambda r: r["seconds"])):
+            if by_d_trunc and series[0]["d_trunc"] is None:  # full / exact: one value, a reference line
+                ax.axhline(value(series[0]), linestyle="--", color="gray" if label == "exact" else "black",
+                           label=label)
+            else:
+                series.sort(key=x_of)
+                ax.plot([x_of(r) for r in series], [value(r) for r in series], marker="o", label=label)
     first = rows[0]
     for ax, ylabel in ((mem_ax, "peak working memory (MiB)"), (time_ax, "seconds, decode_loss + backward")):
-        ax.set_xlabel("frames")
+        ax.set_xlabel("d_trunc" if by_d_trunc else "frames")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    mem_ax.legend()
-    fig.suptitle(f"{first['decoder']} {first['height']}x{first['width']} on {first['device']}")
+    mem_ax.legend(fontsize=7)
+    frames = f", {first['frames']} frames" if by_d_trunc else ""
+    fig.suptitle(f"{first['decoder']} {first['height']}x{first['width']}{frames} on {first['device']}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def _blocks(row: dict) -> str:
+    return f" release_every={row['release_every']}" if row["mode"] == "chopgrad_release" else ""
+
+
 def _label(row: dict) -> str:
-    return f"chopgrad d_trunc={row['d_trunc']}" if row["mode"] == "chopgrad" else row["mode"]
+    if row["d_trunc"] is None:
+        return row["mode"]
+    return f"{row['mode']} d_trunc={row['d_trunc']}{_blocks(row)}"
 
 
 def _decoder_name(text: str) -> str:
@@ -248,12 +281,23 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _configs(args: argparse.Namespace, modes: list[str]) -> list[Config]:
+    return [
+        Config(args.decoder, mode, d, frames, args.height, args.width, args.device, args.dtype, s)
+        for mode in modes
+        for d in (args.d_trunc if mode.startswith("chopgrad") else [None])
+        for s in (args.release_every if mode == "chopgrad_release" else [None if d is None else 1])
+        for frames in args.frames
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m chopgrad.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--decoder", type=_decoder_name, default="wan-tiny", help=f"one of {', '.join(DECODERS)} or a local diffusers VAE folder")
     parser.add_argument("--frames", type=_ints, default=[17, 33, 65], help="pixel frame counts, e.g. 17,33,65")
-    parser.add_argument("--d-trunc", type=_ints, default=[0, 1, 2], help="truncation distances for chopgrad")
-    parser.add_argument("--modes", default="full,exact,chopgrad", help="any of full,exact,chopgrad")
+    parser.add_argument("--d-trunc", type=_ints, default=[0, 1, 2], help="truncation distances for the chopgrad modes")
+    parser.add_argument("--release-every", type=_ints, default=[2], help="steps per block for chopgrad_release, e.g. 2,4")
+    parser.add_argument("--modes", default="full,exact,chopgrad", help=f"any of {','.join(MODES)}")
     parser.add_argument("--height", type=int, default=64)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -283,24 +327,20 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = set(modes) - {"full", "exact", "chopgrad"}
+    unknown = set(modes) - set(MODES)
     if unknown:
-        parser.error(f"unknown mode(s) {sorted(unknown)}: choose from full, exact, chopgrad")
+        parser.error(f"unknown mode(s) {sorted(unknown)}: choose from {', '.join(MODES)}")
     if any(d < 0 for d in args.d_trunc):
         parser.error("--d-trunc values must be >= 0")
+    if any(s < 1 for s in args.release_every):
+        parser.error("--release-every values must be >= 1 (decode steps per block)")
     decoder = build_decoder(args.decoder, "cpu", torch.float32)
     for frames in args.frames:  # fail before any measurement on a frame count the decoder cannot make
         try:
             chopgrad.num_latent_frames(decoder, frames)
         except ValueError as error:
             parser.error(f"--frames {frames}: {error}")
-    configs = [
-        Config(args.decoder, mode, d, frames, args.height, args.width, args.device, args.dtype)
-        for mode in modes
-        for d in (args.d_trunc if mode == "chopgrad" else [None])
-        for frames in args.frames
-    ]
-    rows = run(configs, fresh_process=args.device == "cpu", threads=args.threads)  # CUDA: in process
+    rows = run(_configs(args, modes), fresh_process=args.device == "cpu", threads=args.threads)  # CUDA: in process
     print(markdown_table(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,22 @@ carried back through the caches of at most ``d_trunc`` earlier steps. The graph 
 released as soon as no later loss term can reach it, so at most ``d_trunc + 1`` step graphs are
 alive at once and peak memory does not depend on the number of frames.
 
+Supplement D's time-memory trade, ``release_every=s``: the loss terms of each block of ``s``
+consecutive steps are backpropagated together, through the block and the ``d_trunc`` steps
+before it, and graphs are released once per block. The ``k``-th step of a block (``k = 0 ..
+s - 1``) thus reaches back ``d_trunc + k`` steps; at most ``d_trunc + s`` step graphs are alive,
+and a step is backpropagated ``(d_trunc + s) / s`` times on average instead of ``d_trunc + 1``.
+``s = 1`` is Algorithm 1. Supplement D's own modification, *delayed eviction* (backpropagate only
+when a graph must be evicted), is always on and changes no gradient: the first blocks, whose
+truncation point is the initial cache (a constant anyway), are merged into one sweep, so with
+``s = 1`` the first backward runs at step ``d_trunc`` and a step is backpropagated ``(T - D)(D + 1)``
+times in all instead of about ``T (D + 1) - D (D + 1) / 2`` (``T`` steps; one sweep when ``D >= T - 1``).
+
+``recompute=True`` (beyond the paper) gives exactly the same gradients while holding, for each
+step of the window, only the cache entering it: the sweep replays each step's graph when it
+reaches it, so the activations of one step are alive at a time. With ``d_trunc=None`` it is the
+exact gradient of a reverse sweep over all steps, holding every step's cache.
+
 .. note:: **How gradients are delivered (read once, referred to elsewhere).**
    The truncated gradient is not the gradient of any single forward graph, so
    :func:`decode_loss` computes it eagerly, step by step, with ``torch.autograd.grad`` on
@@ -14,6 +30,23 @@ alive at once and peak memory does not depend on the number of frames.
    the incoming gradient, to ``latents`` and to every decoder parameter that requires grad.
    ``decode_loss(...).backward()``, ``(decode_loss(...) * w + other).backward()`` and
    optimizers therefore work as usual; double backward (``create_graph=True``) does not.
+
+.. note:: **Sweeps, retained graphs and replays (the autograd subtlety of the schedules).**
+   A *sweep* visits the window newest step first and backpropagates, through each step's graph
+   in one ``torch.autograd.grad`` call, that step's pending loss term together with the adjoint
+   of the cache leaving it. Adjoints of different loss terms are summed before they cross a step,
+   which is only right when all those terms share one truncation point: that is why a block's
+   terms (one truncation point, ``block start - d_trunc``) take one sweep, while Algorithm 1,
+   where every term has its own, needs a sweep per step. Summing first is exact in real
+   arithmetic; in floating point it rounds differently from term-by-term passes (by about the
+   precision of the decoder's lowest-precision op: Wan upsamples in float32). A graph that a
+   later sweep crosses again is backpropagated with ``retain_graph=True``; the others without,
+   which frees their buffers at once. ``recompute`` never retains: the step is replayed from
+   its cache (and the replay's output stands in for the held cache entering the next step),
+   which requires ``decoder.step`` to be a pure function of (latents, cache, parameters): no
+   dropout or other randomness in training mode, no in-place change of the cache (the protocol
+   forbids it), or the replayed graph is not the one that produced the loss and the gradient is
+   silently wrong.
 """
 
 from __future__ import annotations
@@ -103,6 +136,20 @@ def _check_common(decoder: Any, latents: Any, d_trunc: Any, tiles: Any, halo: An
     return decoder
 
 
+def _check_schedule(d_trunc: int | None, release_every: Any, recompute: Any) -> None:
+    if isinstance(release_every, bool) or not isinstance(release_every, numbers.Integral) or release_every < 1:
+        raise ValueError(
+            f"release_every must be an integer >= 1 (decode steps per block; 1 is Algorithm 1), got {release_every!r}"
+        )
+    if d_trunc is None and release_every != 1:
+        raise ValueError(
+            f"release_every={release_every} needs an integer d_trunc: with d_trunc=None the whole video is one "
+            "block already; drop release_every, or pass d_trunc"
+        )
+    if not isinstance(recompute, bool):
+        raise TypeError(f"recompute must be True or False, got {recompute!r}")
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -152,6 +199,37 @@ def detach_cache(cache: Any, requires_grad: bool) -> tuple[Any, list[int], list[
     return tree_unflatten(leaves, spec), positions, grad_leaves
 
 
+@dataclass(frozen=True)
+class _Schedule:
+    """When the truncated loop backpropagates, releases and replays step graphs (module docstring)."""
+
+    d_trunc: int  # a block's loss terms treat the cache entering step ``block start - d_trunc`` as a constant
+    release_every: int  # steps per block: their loss terms are backpropagated together, in one sweep
+    recompute: bool  # hold each windowed step's entering cache, not its graph; replay it in the sweep
+
+    def block_stop(self, index: int, steps: int) -> int:
+        """The first step after the block that holds step ``index``."""
+        return min((index // self.release_every + 1) * self.release_every, steps)
+
+    def cache_grad(self, index: int) -> bool:
+        """Whether some loss term reaches through the cache entering step ``index``."""
+        return self.d_trunc > 0 or index % self.release_every != 0
+
+
+@dataclass
+class _Pass:
+    """One tile's decode: what every step needs, and where its gradients accumulate."""
+
+    decoder: CausalDecoder
+    latents: Tensor  # [B, C, t, h', w'], this tile's latents (detached)
+    target: Tensor  # [B, 3, T, H, W], the whole frame (each step crops its interior)
+    loss_fn: LossFn
+    plan: list[tuple[slice, slice]]  # step_frames(decoder, t)
+    place: _Placement
+    params: list[Tensor]  # trainable decoder parameters
+    acc: _Accumulator
+
+
 @dataclass
 class _StepGraph:
     """One decode step's graph, kept alive while later loss terms may still reach it."""
@@ -161,6 +239,16 @@ class _StepGraph:
     cache_positions: list[int]  # positions (in the flattened cache) of ...
     cache_leaves: list[Tensor]  # ... the detached cache leaves entering this step
     cache_out: list[Any]  # flattened cache leaving this step (tensors carry the step's graph)
+    loss: Tensor | None  # this step's loss term, until a sweep has backpropagated it
+
+
+@dataclass
+class _Held:
+    """A step inside the window: its graph, or (``recompute``) the cache to replay it from."""
+
+    index: int  # the step's position in the decode loop
+    cache_in: Any  # detached cache entering the step; None unless recompute
+    graph: _StepGraph | None  # recompute: None, but for a sweep's newest step until the sweep crosses it
 
 
 class _Accumulator:
@@ -186,7 +274,7 @@ def _vjp(outputs: list[Tensor], grad_outputs: list[Tensor | None], inputs: list[
     return torch.autograd.grad(outs, inputs, grads, retain_graph=retain, allow_unused=True)
 
 
-# ----------------------------------------------------------------------------- the three modes
+# ----------------------------------------------------------------------------- the modes
 
 
 def _step_loss(loss_fn: LossFn, frames: Tensor, target: Tensor, place: _Placement, share: float) -> Tensor:
@@ -196,88 +284,119 @@ def _step_loss(loss_fn: LossFn, frames: Tensor, target: Tensor, place: _Placemen
     return value.reshape(()) * (share * place.weight)
 
 
-def _truncated(decoder, latents, target, loss_fn, plan, place, d_trunc, params, acc) -> Tensor:
-    """Algorithm 1: each step's loss term is backpropagated through at most ``d_trunc`` earlier steps."""
-    want_latents = acc.latents is not None
-    total_frames = plan[-1][1].stop
-    window: list[_StepGraph] = []
-    cache, total = decoder.init_cache(tile=place.tile), latents.new_zeros(())
-    for latent_slice, frame_slice in plan:
-        step_latents = latents[:, :, latent_slice].detach().requires_grad_(want_latents)
-        cache_in, positions, leaves = detach_cache(cache, requires_grad=d_trunc > 0)
-        frames, cache = decoder.step(step_latents, cache_in)
-        share = (frame_slice.stop - frame_slice.start) / total_frames
-        loss = _step_loss(loss_fn, frames, target[:, :, frame_slice], place, share)
-        total = total + loss.detach()
-        window.append(_StepGraph(latent_slice, step_latents, positions, leaves, tree_flatten(cache)[0]))
-        del frames
-        # Backpropagate this step's term through the window, newest step first.
-        outputs, grad_outputs = [loss], [None]
-        for back in range(len(window)):
-            graph = window[-1 - back]
-            last = back == d_trunc or back == len(window) - 1
-            wanted = [graph.latents] * want_latents + ([] if last else graph.cache_leaves) + params
-            grads = _vjp(outputs, grad_outputs, wanted, retain=back < d_trunc)
-            acc.add(graph.latent_slice, grads[0] if want_latents else None, grads[len(wanted) - len(params):])
-            if last:
-                break
-            cache_grads = grads[want_latents : want_latents + len(graph.cache_leaves)]
-            previous = window[-2 - back]
-            outputs = [previous.cache_out[p] for p, g in zip(graph.cache_positions, cache_grads) if g is not None]
-            grad_outputs = [g for g in cache_grads if g is not None]
-            if not outputs:
-                break
-        if len(window) > d_trunc:
-            window.pop(0)  # no later term can reach it: release its graph
+def _run_step(run: _Pass, index: int, cache: Any, cache_grad: bool, live: bool, with_loss: bool = True):
+    """Decode step ``index`` from ``cache``. With ``live`` its graph is built from fresh leaves (the
+    latents, and the cache when ``cache_grad``); without, it runs under no_grad for its values only.
+
+    Returns ``(graph, detached cache entering the step, cache leaving it)``.
+    """
+    latent_slice, frame_slice = run.plan[index]
+    step_latents = run.latents[:, :, latent_slice].detach().requires_grad_(live and run.acc.latents is not None)
+    cache_in, positions, leaves = detach_cache(cache, requires_grad=live and cache_grad)
+    with torch.set_grad_enabled(live):
+        frames, cache_out = run.decoder.step(step_latents, cache_in)
+        loss = None
+        if with_loss:
+            share = (frame_slice.stop - frame_slice.start) / run.plan[-1][1].stop
+            loss = _step_loss(run.loss_fn, frames, run.target[:, :, frame_slice], run.place, share)
+    graph = _StepGraph(latent_slice, step_latents, positions, leaves, tree_flatten(cache_out)[0], loss)
+    return graph, cache_in, cache_out
+
+
+def _truncated(run: _Pass, schedule: _Schedule) -> Tensor:
+    """Algorithm 1 and supplement D: decode step by step; at the end of each block, sweep its loss
+    terms back through the window (the block and the ``d_trunc`` steps before it), then release
+    the graphs (or, with ``recompute``, the caches) that no later block reaches."""
+    steps, window = len(run.plan), []
+    cache, total, pending = run.decoder.init_cache(tile=run.place.tile), run.latents.new_zeros(()), 0
+    for index in range(steps):
+        stop = schedule.block_stop(index, steps)
+        # A block whose successor still truncates at the initial cache (a constant anyway) merges
+        # with it: same gradient, one sweep fewer (supplement D's delayed eviction).
+        sweep = index + 1 == stop and (stop == steps or stop > schedule.d_trunc)
+        live = sweep or not schedule.recompute  # recompute: only a sweep's newest step keeps its graph
+        cache, loss = _advance(run, schedule, window, index, cache, live)
+        total = total + loss
+        if sweep:
+            keep_from = stop - schedule.d_trunc  # the next block's window starts here
+            retain_from = steps if schedule.recompute or stop == steps else keep_from
+            _sweep(run, schedule, window, pending, retain_from)
+            window, pending = [held for held in window if held.index >= keep_from], stop
     return total
 
 
-def _full(decoder, latents, target, loss_fn, plan, place, params, acc) -> Tensor:
+def _advance(run: _Pass, schedule: _Schedule, window: list[_Held], index: int, cache: Any, live: bool):
+    """Decode step ``index`` into ``window``; return the cache leaving it and its loss value."""
+    graph, cache_in, cache_out = _run_step(run, index, cache, schedule.cache_grad(index), live)
+    if schedule.recompute:  # hold the entering cache, and the graph only until the sweep crosses it
+        window.append(_Held(index, cache_in, graph if live else None))
+        cache_out = detach_cache(cache_out, requires_grad=False)[0]  # else its graph would keep cache_in alive
+    else:
+        window.append(_Held(index, None, graph))
+    return cache_out, graph.loss.detach()
+
+
+def _sweep(run: _Pass, schedule: _Schedule, window: list[_Held], pending: int, retain_from: int) -> None:
+    """Backpropagate the loss terms of steps ``>= pending`` through ``window``, newest step first,
+    carrying one summed cache adjoint (see the note on sweeps); graphs of steps ``>= retain_from``
+    are kept for the next sweep."""
+    adjoint: list[tuple[int, Tensor]] = []  # (position in the flattened cache leaving the step, gradient)
+    for position in reversed(range(len(window))):
+        held, oldest = window[position], position == 0
+        graph = held.graph
+        if graph is None:  # recompute
+            graph = _replay(run, schedule, window, position, pending)
+        held.graph = None if schedule.recompute else graph
+        adjoint = _cross(run, graph, adjoint, oldest, retain=held.index >= retain_from)
+        if oldest or (not adjoint and window[position - 1].index < pending):
+            break  # the truncation point, or nothing older is reached
+
+
+def _replay(run: _Pass, schedule: _Schedule, window: list[_Held], position: int, pending: int) -> _StepGraph:
+    """Rebuild the graph of ``window[position]`` from the cache that entered it.
+
+    The replay recomputes, bit for bit, the cache entering the next step in the window: that one
+    is held once, from the replay, instead of twice while the replay runs.
+    """
+    held, newer = window[position], window[position + 1] if position + 1 < len(window) else None
+    if newer is not None:
+        newer.cache_in = None
+    cache_grad, with_loss = schedule.cache_grad(held.index), held.index >= pending
+    graph, _, cache_out = _run_step(run, held.index, held.cache_in, cache_grad, True, with_loss)
+    if newer is not None:
+        newer.cache_in = detach_cache(cache_out, requires_grad=False)[0]
+    return graph
+
+
+def _cross(run: _Pass, graph: _StepGraph, adjoint: list, oldest: bool, retain: bool) -> list[tuple[int, Tensor]]:
+    """One step of a sweep: backpropagate the step's pending loss term and the adjoint of the cache
+    leaving it; accumulate the gradients; return the adjoint of the cache entering it."""
+    want_latents = run.acc.latents is not None
+    losses = [graph.loss] if graph.loss is not None else []
+    outputs = losses + [graph.cache_out[p] for p, _ in adjoint]
+    grad_outputs = [None] * len(losses) + [g for _, g in adjoint]
+    leaves = [] if oldest else graph.cache_leaves  # the oldest step's entering cache is the truncation point
+    wanted = [graph.latents] * want_latents + leaves + run.params
+    grads = _vjp(outputs, grad_outputs, wanted, retain=retain)
+    graph.loss = None  # backpropagated: no later sweep takes this term again
+    run.acc.add(graph.latent_slice, grads[0] if want_latents else None, grads[len(wanted) - len(run.params) :])
+    cache_grads = grads[want_latents : want_latents + len(leaves)]
+    return [(p, g) for p, g in zip(graph.cache_positions, cache_grads) if g is not None]
+
+
+def _full(run: _Pass) -> Tensor:
     """Plain backpropagation through the untruncated loop (memory grows with the video)."""
-    want_latents = acc.latents is not None
-    leaf = latents.detach().requires_grad_(want_latents)
-    total_frames = plan[-1][1].stop
-    cache, total = decoder.init_cache(tile=place.tile), latents.new_zeros(())
-    for latent_slice, frame_slice in plan:
-        frames, cache = decoder.step(leaf[:, :, latent_slice], cache)
+    want_latents = run.acc.latents is not None
+    leaf = run.latents.detach().requires_grad_(want_latents)
+    total_frames = run.plan[-1][1].stop
+    cache, total = run.decoder.init_cache(tile=run.place.tile), run.latents.new_zeros(())
+    for latent_slice, frame_slice in run.plan:
+        frames, cache = run.decoder.step(leaf[:, :, latent_slice], cache)
         share = (frame_slice.stop - frame_slice.start) / total_frames
-        total = total + _step_loss(loss_fn, frames, target[:, :, frame_slice], place, share)
-    grads = _vjp([total], [None], [leaf] * want_latents + params, retain=False)
-    acc.add(slice(None), grads[0] if want_latents else None, grads[want_latents:])
+        total = total + _step_loss(run.loss_fn, frames, run.target[:, :, frame_slice], run.place, share)
+    grads = _vjp([total], [None], [leaf] * want_latents + run.params, retain=False)
+    run.acc.add(slice(None), grads[0] if want_latents else None, grads[want_latents:])
     return total.detach()
-
-
-def _recompute(decoder, latents, target, loss_fn, plan, place, params, acc) -> Tensor:
-    """Exact gradient holding only the per-step caches: a forward sweep, then a reverse sweep
-    that recomputes each step's graph and carries the cache adjoint backwards."""
-    want_latents = acc.latents is not None
-    total_frames = plan[-1][1].stop
-    caches, cache = [], decoder.init_cache(tile=place.tile)
-    with torch.no_grad():
-        for latent_slice, _ in plan:
-            caches.append(cache)
-            _, cache = decoder.step(latents[:, :, latent_slice], cache)
-    del cache
-    total, outputs_adjoint = latents.new_zeros(()), None  # adjoint of the cache leaving the step
-    for index in reversed(range(len(plan))):
-        (latent_slice, frame_slice), cache_entering = plan[index], caches[index]
-        caches[index] = None  # recomputed below; not needed again
-        step_latents = latents[:, :, latent_slice].detach().requires_grad_(want_latents)
-        cache_in, positions, leaves = detach_cache(cache_entering, requires_grad=True)
-        frames, cache_out = decoder.step(step_latents, cache_in)
-        share = (frame_slice.stop - frame_slice.start) / total_frames
-        loss = _step_loss(loss_fn, frames, target[:, :, frame_slice], place, share)
-        total = total + loss.detach()
-        outputs, grad_outputs = [loss], [None]
-        if outputs_adjoint is not None:
-            flat_out = tree_flatten(cache_out)[0]
-            outputs += [flat_out[p] for p, g in outputs_adjoint if g is not None]
-            grad_outputs += [g for _, g in outputs_adjoint if g is not None]
-        wanted = [step_latents] * want_latents + leaves + params
-        grads = _vjp(outputs, grad_outputs, wanted, retain=False)
-        acc.add(latent_slice, grads[0] if want_latents else None, grads[len(wanted) - len(params):])
-        outputs_adjoint = list(zip(positions, grads[want_latents : want_latents + len(leaves)]))
-    return total
 
 
 class _DeliverGradients(torch.autograd.Function):
@@ -310,6 +429,7 @@ def decode_loss(
     tiles: tuple[int, int] = (1, 1),
     *,
     halo: int = 2,
+    release_every: int = 1,
     recompute: bool = False,
 ) -> Tensor:
     """Decode ``latents`` step by step and return the pixel loss, with ChopGrad gradients.
@@ -325,13 +445,28 @@ def decode_loss(
             ``[B, 3, T_s, H', W']`` (one tile's interior when ``tiles`` is not ``(1, 1)``).
         d_trunc: truncation distance ``D >= 0``: step ``s``'s loss term reaches the latents of
             steps ``s - D .. s``, i.e. the cache entering step ``s - D`` is a constant. ``0``: each
-            term reaches only its own step. ``None``: full backpropagation (exact).
+            term reaches only its own step (with ``release_every=1``; see there for blocks).
+            ``None``: full backpropagation (exact).
         tiles: ``(rows, cols)`` spatial tiles, decoded and backpropagated one at a time, each from
             ``decoder.init_cache(tile=...)`` with its :class:`~chopgrad.Tile`;
             each count must divide the latent height and width.
         halo: latent pixels of context decoded around each tile (the loss sees only the interior).
-        recompute: with ``d_trunc=None``, compute the exact gradient holding only the per-step
-            caches (a reverse sweep that recomputes each step), not every step's activations.
+        release_every: steps per block, ``s >= 1`` (supplement D's time-memory trade). The loss
+            terms of each block of ``s`` consecutive steps (steps ``b s .. b s + s - 1``) are
+            backpropagated together, in one sweep through the block and the ``d_trunc`` steps
+            before it, and graphs are released once per block: the ``k``-th step of a block
+            reaches back ``d_trunc + k`` steps (the cache entering step ``b s - d_trunc`` is a
+            constant for the whole block). ``1`` is Algorithm 1. At most ``d_trunc + s`` step
+            graphs are alive; a step is backpropagated ``(d_trunc + s) / s`` times on average, not
+            ``d_trunc + 1``. Needs an integer ``d_trunc``.
+        recompute: hold, for each step in the window, the cache entering it instead of its graph,
+            and replay the step when the sweep reaches it: the same gradient as without (for
+            every ``d_trunc`` and ``release_every``; ``d_trunc=None`` gives the exact gradient), with
+            the activations of one step at a time plus ``d_trunc + release_every + 1`` caches (those
+            entering the window's steps and the one leaving it; every step's cache with
+            ``d_trunc=None``). It costs one step forward per step
+            backpropagated (the newest step of a sweep reuses its forward). See the note on sweeps
+            and replays in the module docstring.
 
     Returns:
         A scalar: ``sum_tiles sum_s (T_s / T) * loss_fn(pred_s, target_s) / n_tiles``, which for a
@@ -351,8 +486,7 @@ def decode_loss(
     _check_target(decoder, latents, target)
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(pred, target) -> scalar, got {type(loss_fn).__name__}")
-    if recompute and d_trunc is not None:
-        raise ValueError("recompute=True computes the exact gradient: use it with d_trunc=None")
+    _check_schedule(d_trunc, release_every, recompute)
 
     params = [p for p in decoder.parameters() if p.requires_grad]
     grad_needed = torch.is_grad_enabled() and (latents.requires_grad or bool(params))
@@ -368,11 +502,11 @@ def decode_loss(
     for place in layout:
         tile_latents = latents.detach()[..., place.tile.rows, place.tile.cols]
         acc = _Accumulator(tile_latents if latent_grad is not None else None, params)
-        if d_trunc is None:
-            run = _recompute if recompute else _full
-            value = run(decoder, tile_latents, target, loss_fn, plan, place, params, acc)
-        else:
-            value = _truncated(decoder, tile_latents, target, loss_fn, plan, place, d_trunc, params, acc)
+        run = _Pass(decoder, tile_latents, target, loss_fn, plan, place, params, acc)
+        if d_trunc is None and not recompute:
+            value = _full(run)
+        else:  # d_trunc=None with recompute: one block, truncated nowhere (the exact gradient)
+            value = _truncated(run, _Schedule(len(plan) if d_trunc is None else d_trunc, release_every, recompute))
         total += value.double()
         if latent_grad is not None:
             latent_grad[..., place.tile.rows, place.tile.cols] += acc.latents

@@ -301,9 +301,13 @@ def index_vsr_set(root: str | Path, lq_dir: str | None, scale: int) -> list[VsrV
             gt_size, lq_size = video.read_image(gt[0]).shape[:2], video.read_image(lq[0]).shape[:2]
         except video.MediaError as error:
             raise DegradeError(f"{root}: video {name!r}: {error}") from error
-        if len(gt) != len(lq):
-            raise DegradeError(f"{root}: video {name!r} has mismatched frame counts: {len(gt)} GT frames but "
-                               f"{len(lq)} {lq_dir} frames; every HR frame needs its LR frame.")
+        try:  # paired by name, not position: a frame missing on one side must not shift the others
+            video.match_frames({"GT": entry.gt, lq_dir: entry.lq})
+        except video.MediaError as error:
+            what = (f"mismatched frame counts: {len(gt)} GT frames but {len(lq)} {lq_dir} frames"
+                    if len(gt) != len(lq) else "mismatched frame names")
+            raise DegradeError(f"{root}: video {name!r} has {what}; {error} Every HR frame needs its LR "
+                               "frame.") from error
         if gt_size != (lq_size[0] * scale, lq_size[1] * scale):
             raise DegradeError(f"{root}: video {name!r}: GT frames are {gt_size[1]}x{gt_size[0]}, {lq_dir} frames "
                                f"{lq_size[1]}x{lq_size[0]}; with degrade.scale {scale} GT must be exactly {scale}x "
@@ -315,7 +319,7 @@ def index_vsr_set(root: str | Path, lq_dir: str | None, scale: int) -> list[VsrV
 def iter_vsr_set(root: str | Path, lq_dir: str | None, scale: int) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """A VSR test set in the folder-of-frames layout, one video at a time (they need not fit in memory).
 
-    Frames are ``*.png`` sorted by the number in their names. The whole layout is checked first
+    Frames are ``*.png`` in natural order, GT and LR paired by name. The whole layout is checked first
     (:func:`index_vsr_set`).
 
     Yields:

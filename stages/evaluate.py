@@ -2,7 +2,9 @@
 
 Reads the pairs folders named in ``params.yaml`` (their test pairs: degraded input and ground truth,
 :mod:`stages.common.pairs`), the inference outputs ``data/infer/<method>/<task>/<scene>/`` with their
-``timing.json``, and ``data/train/<method>/<task>/train.json`` (layouts: ``docs/interfaces.md``).
+``timing.json``, and the measured times, which the train and infer stages keep out of their outputs
+so that a rerun leaves those bytes alone: ``metrics/train/<method>.json`` (training seconds per task)
+and ``metrics/infer.json`` (seconds per frame) (layouts: ``docs/interfaces.md``).
 For every (task, method) found, and for the degraded input itself (method ``input``, no model: the
 reference every method should beat), it computes the metrics of :mod:`chopgrad.metrics` named in
 ``params.yaml`` (conventions: ``docs/evaluation.md``), the inference seconds per frame and the
@@ -34,8 +36,8 @@ method of a task must then hold the same N per video, and all metrics of that ta
 included, are computed on those first N frames, as the paper evaluates on the first frames its
 models restored (supplement C.2: the first 294; C.3: the first N of training length).
 
-    python -m stages.evaluate --params params.yaml --infer data/infer --train data/train \
-        --metrics metrics/evaluate.json --tables results/tables
+    python -m stages.evaluate --params params.yaml --infer data/infer --train-metrics metrics/train \
+        --infer-metrics metrics/infer.json --metrics metrics/evaluate.json --tables results/tables
 """
 
 from __future__ import annotations
@@ -134,21 +136,33 @@ class TaskPlan:
     lengths: dict[str, int] = field(default_factory=dict)  # scene -> frames evaluated (the first N)
     outputs: dict[str, Path] = field(default_factory=dict)  # method -> data/infer/<method>/<task>
     timing: dict[str, dict] = field(default_factory=dict)  # method -> timing.json
-    training: dict[str, dict] = field(default_factory=dict)  # method -> train.json
+    seconds_per_frame: dict[str, float] = field(default_factory=dict)  # method -> metrics/infer.json's
+    train_seconds: dict[str, float] = field(default_factory=dict)  # method -> metrics/train/<method>.json's
 
 
-def _read_json(path: Path, keys: tuple[str, ...], fix: str) -> dict:
+def _read_json(path: Path, fix: str) -> dict:
     if not path.is_file():
         raise EvaluateError(f"{path} is missing; {fix}")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise EvaluateError(f"{path} is not valid JSON ({error}); {fix}") from error
-    bad = [k for k in keys if not isinstance(data.get(k), (int, float)) or isinstance(data.get(k), bool)
-           or not math.isfinite(data[k]) or data[k] < 0]
-    if bad:
-        raise EvaluateError(f"{path}: {', '.join(bad)} must be non-negative numbers; {fix}")
+    if not isinstance(data, dict):
+        raise EvaluateError(f"{path} holds no JSON object; {fix}")
     return data
+
+
+def _seconds(data: dict, keys: tuple[str, ...], path: Path, fix: str) -> float:
+    """The number at ``data[keys[0]][keys[1]]...``, checked: finite and non-negative."""
+    value = data
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    where = ".".join(keys)
+    if value is None:
+        raise EvaluateError(f"{path} has no {where}; {fix}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise EvaluateError(f"{path}: {where} must be a non-negative number, got {value!r}; {fix}")
+    return float(value)
 
 
 def _check_output(folder: Path, pair: dict, method: str) -> int:
@@ -163,11 +177,22 @@ def _check_output(folder: Path, pair: dict, method: str) -> int:
         raise EvaluateError(f"{where}: {folder} holds {len(paths)} frames of {first.shape[0]}x{first.shape[1]}; "
                             f"the target has {pair['frames']} frames of {pair['height']}x{pair['width']} "
                             "(a prediction has its target's size and at most its frame count).")
+    targets = [path.stem for path in video.list_frames(pair["target"])[: len(paths)]]
+    if [path.stem for path in paths] != targets:  # scored by name, frame k against target frame k
+        wrong = [path.name for path, stem in zip(paths, targets) if path.stem != stem]
+        raise EvaluateError(f"{where}: {folder} holds {', '.join(wrong[:5])}, which the target's first "
+                            f"{len(paths)} frames ({targets[0]} ... {targets[-1]}) lack; a prediction is "
+                            "named like its target's frames (re-run `infer`).")
     return len(paths)
 
 
-def plan(params: Params, infer_dir: str | os.PathLike, train_dir: str | os.PathLike) -> dict[str, TaskPlan]:
-    """Every (task, method) to evaluate, validated: EvaluateError/PairsError naming the problem and fix."""
+def plan(params: Params, infer_dir: str | os.PathLike, train_metrics: str | os.PathLike,
+         infer_metrics: str | os.PathLike) -> dict[str, TaskPlan]:
+    """Every (task, method) to evaluate, validated: EvaluateError/PairsError naming the problem and fix.
+
+    ``train_metrics``: the folder of the train stages' ``<method>.json``; ``infer_metrics``: the infer
+    stage's metrics file.
+    """
     tasks: dict[str, TaskPlan] = {}
     for folder in map(Path, params.pairs):
         manifest = load_manifest(folder)
@@ -180,12 +205,15 @@ def plan(params: Params, infer_dir: str | os.PathLike, train_dir: str | os.PathL
                                 f"{manifest['task']!r}; list one pairs folder per task")
         tasks[manifest["task"]] = TaskPlan(manifest["task"], folder, float(manifest["fps"]), test)
 
-    infer_dir, train_dir = Path(infer_dir), Path(train_dir)
+    infer_dir, train_metrics, infer_metrics = Path(infer_dir), Path(train_metrics), Path(infer_metrics)
     method_dirs = sorted(p for p in infer_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) \
         if infer_dir.is_dir() else []
     if not method_dirs:
         raise EvaluateError(f"no inference outputs in {infer_dir} (expected {infer_dir}/<method>/<task>/); "
                             "run the `infer` stage first")
+    infer_fix = "the infer stage writes it (re-run `infer`)"
+    timed = _read_json(infer_metrics, infer_fix)
+    trained: dict[str, dict] = {}  # method -> metrics/train/<method>.json, read once
     for method_dir in method_dirs:
         method = method_dir.name
         if method == INPUT:
@@ -205,11 +233,14 @@ def plan(params: Params, infer_dir: str | os.PathLike, train_dir: str | os.PathL
                         f"{method} on {pair['scene']}: {length} frames, but another method of task {task.task!r} "
                         f"has {task.lengths[pair['scene']]}; every method must restore the same first frames")
             task.outputs[method] = task_dir
-            task.timing[method] = _read_json(task_dir / "timing.json", ("seconds_per_frame",),
-                                             "the infer stage writes it (re-run `infer`)")
+            task.timing[method] = _read_json(task_dir / "timing.json", infer_fix)
+            task.seconds_per_frame[method] = _seconds(timed, (method, task.task, "seconds_per_frame"), infer_metrics,
+                                                      infer_fix)
             if task.timing[method].get("reference") is not True:  # a reference (vae_roundtrip) trains nothing
-                task.training[method] = _read_json(train_dir / method / task.task / "train.json", ("train_seconds",),
-                                                   "the train stage writes it (re-run `train`)")
+                path, fix = train_metrics / f"{method}.json", f"the train stage writes it (re-run `train@{method}`)"
+                if method not in trained:
+                    trained[method] = _read_json(path, fix)
+                task.train_seconds[method] = _seconds(trained[method], ("tasks", task.task, "train_seconds"), path, fix)
     for task in tasks.values():  # only the input to score: every frame
         for pair in task.pairs:
             task.lengths.setdefault(pair["scene"], pair["frames"])
@@ -366,11 +397,9 @@ def evaluate_task(task: TaskPlan, scorer: Scorer, names: list[str], reasons: dic
                 cells[name] = {"value": scorer.score(name, task, preds, targets),
                                "stand_in": bool(model is not None and _stand_in(model))}
         if method != INPUT:
-            cells["inference_seconds_per_frame"] = {"value": float(task.timing[method]["seconds_per_frame"]),
-                                                    "stand_in": False}
-            if method in task.training:
-                cells["train_hours"] = {"value": float(task.training[method]["train_seconds"]) / 3600,
-                                        "stand_in": False}
+            cells["inference_seconds_per_frame"] = {"value": task.seconds_per_frame[method], "stand_in": False}
+            if method in task.train_seconds:
+                cells["train_hours"] = {"value": task.train_seconds[method] / 3600, "stand_in": False}
         rows[method] = cells
         log.info("evaluated %s on %s in %.1f s", method, task.task, time.perf_counter() - start)
     return rows
@@ -426,15 +455,15 @@ def _metrics_json(results: dict) -> dict:
     return {**values, "stand_in_metrics": ",".join(stand_in)}
 
 
-def run(params: Params, infer_dir: str | os.PathLike, train_dir: str | os.PathLike,
-        metrics_path: str | os.PathLike, tables_dir: str | os.PathLike) -> dict:
+def run(params: Params, infer_dir: str | os.PathLike, train_metrics: str | os.PathLike,
+        infer_metrics: str | os.PathLike, metrics_path: str | os.PathLike, tables_dir: str | os.PathLike) -> dict:
     """Evaluate every (task, method) and write the metrics JSON and the tables (see the module docstring).
 
     Returns:
         ``{"results": {task: {method: {column: cell}}}, "tables": [paths], "metrics": path,
         "stand_in": bool}``.
     """
-    tasks = plan(params, infer_dir, train_dir)
+    tasks = plan(params, infer_dir, train_metrics, infer_metrics)
     names = {name: task_metrics(name, params) for name in tasks}
     static = {name: _reasons(task, params, None, names[name]) for name, task in tasks.items()}
     needed = [m for m in params.metrics if any(m in names[t] and m not in static[t] for t in tasks)]
@@ -481,7 +510,9 @@ def _log_method_runs(parent, results: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = cli.stage_parser(__doc__, STAGE)
     parser.add_argument("--infer", required=True, help="inference outputs: <infer>/<method>/<task>/<scene>/")
-    parser.add_argument("--train", required=True, help="training outputs: <train>/<method>/<task>/train.json")
+    parser.add_argument("--train-metrics", required=True,
+                        help="the train stages' metrics folder: <folder>/<method>.json (metrics/train)")
+    parser.add_argument("--infer-metrics", required=True, help="the infer stage's metrics file (metrics/infer.json)")
     parser.add_argument("--metrics", required=True, help="metrics JSON file (DVC metrics)")
     parser.add_argument("--tables", required=True, help="folder for table{1..6}.{md,csv} and evaluation.json")
     args = parser.parse_args(argv)
@@ -489,7 +520,7 @@ def main(argv: list[str] | None = None) -> None:
     from stages.common.tracking import stage_run
 
     with stage_run(STAGE, params) as tracker:
-        result = run(params, args.infer, args.train, args.metrics, args.tables)
+        result = run(params, args.infer, args.train_metrics, args.infer_metrics, args.metrics, args.tables)
         values = _metrics_json(result["results"])
         values.pop("stand_in_metrics")
         tracker.log_metrics(values)  # task/method/metric

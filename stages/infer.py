@@ -15,10 +15,11 @@ method's gain from the VAE's own reconstruction error. Its ``timing.json`` says 
 
 Outputs (docs/interfaces.md): ``<out>/<method>/<task>/<scene>/00000.png ...`` (uint8, the
 target's H and W; the first ``infer.max_frames`` frames, all when null) and
-``<out>/<method>/<task>/timing.json`` = ``{"method", "task", "seconds_per_frame", "frames",
-"encode_seconds", "transformer_seconds", "decode_seconds", "device", ...}``; a sample
-``input | output | target`` mp4 per model (``sample.mp4``, also in MLflow); ``--metrics`` the
-seconds per frame of every model.
+``<out>/<method>/<task>/timing.json`` = ``{"method", "task", "frames", "scenes", "max_frames", "tiles",
+"reference"}``; a sample ``input | output | target`` mp4 per model (``sample.mp4``, also in MLflow).
+The outputs hold nothing measured, so a rerun writes the same bytes and DVC reruns nothing after it;
+the times (``MEASURED``: seconds per frame, encode / transformer / decode seconds, the device) go to
+``--metrics`` alone, ``{method: {task: {...}}}``, which ``evaluate`` reads for its inference column.
 
     python -m stages.infer --params params.yaml --train data/train --vae data/vae \
         --pairs data/splat/nvs ... --out data/infer --metrics metrics/infer.json
@@ -47,6 +48,8 @@ log = logging.getLogger("stages.infer")
 
 STAGE = "infer"
 ROUNDTRIP = "vae_roundtrip"  # the reference method: the VAE's own reconstruction of the degraded input
+# What a job measures: in --metrics only, never in timing.json (its bytes must not change on a rerun).
+MEASURED = ("seconds_per_frame", "encode_seconds", "transformer_seconds", "decode_seconds", "device")
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,9 @@ def infer_job(params: Params, job: Job, vae_dir: Path, out_dir: Path, device: to
     """Restore every test video of one (method, task); write frames, ``timing.json`` and ``sample.mp4``.
 
     ``text_cache``: prompt embeddings and text encoders shared between jobs (see :func:`_text`).
+
+    Returns:
+        ``timing.json``'s record with the ``MEASURED`` times added.
     """
     if job.model_dir is None:
         model = restoration.roundtrip_model(vae_dir, device)
@@ -191,15 +197,14 @@ def infer_job(params: Params, job: Job, vae_dir: Path, out_dir: Path, device: to
             count = min(params.sample_frames, len(output))
             target = _read(pair["target"], count)
             sample = np.concatenate([degraded[:count], output[:count], target], axis=2)  # input | output | target
-    seconds = sum(totals.values())
-    timing = {"method": job.method, "task": job.task, "seconds_per_frame": seconds / frames, "frames": frames,
-              **{k: round(v, 4) for k, v in totals.items()}, "device": _device_name(device),
-              "scenes": [pair["scene"] for pair in job.pairs], "max_frames": params.max_frames,
-              "tiles": list(params.tiles), "reference": job.model_dir is None}
-    write_json(out_dir / "timing.json", timing)
+    record = {"method": job.method, "task": job.task, "frames": frames, "scenes": [pair["scene"] for pair in job.pairs],
+              "max_frames": params.max_frames, "tiles": list(params.tiles), "reference": job.model_dir is None}
+    write_json(out_dir / "timing.json", record)
     write_video(out_dir / "sample.mp4", sample, fps=job.fps)
-    log.info("%s/%s: %d frames, %.3f s/frame", job.method, job.task, frames, timing["seconds_per_frame"])
-    return timing
+    measured = {"seconds_per_frame": sum(totals.values()) / frames, **{k: round(v, 4) for k, v in totals.items()},
+                "device": _device_name(device)}
+    log.info("%s/%s: %d frames, %.3f s/frame", job.method, job.task, frames, measured["seconds_per_frame"])
+    return {**record, **measured}
 
 
 def _device_name(device: torch.device) -> str:
@@ -215,7 +220,7 @@ def run(params: Params, train_dir: str | Path, vae_dir: str | Path, pairs_dirs: 
     """Run every trained model on its test pairs; write ``out_dir`` (atomically) and ``metrics_path``.
 
     Returns:
-        ``{"metrics": {method: {task: seconds_per_frame}}, "timings": [...], "samples": [paths]}``.
+        ``{"metrics": {method: {task: {"frames", *MEASURED}}}, "timings": [...], "samples": [paths]}``.
     """
     vae_dir, out_dir, metrics_path = map(Path, (vae_dir, out_dir, metrics_path))
     jobs = plan(params, train_dir, vae_dir, pairs_dirs)
@@ -229,7 +234,7 @@ def run(params: Params, train_dir: str | Path, vae_dir: str | Path, pairs_dirs: 
     metrics: dict[str, dict] = {}
     for timing in timings:
         metrics.setdefault(timing["method"], {})[timing["task"]] = {
-            "seconds_per_frame": timing["seconds_per_frame"], "frames": timing["frames"]}
+            "frames": timing["frames"], **{key: timing[key] for key in MEASURED}}
     write_json(metrics_path, metrics)
     return {"metrics": metrics, "timings": timings,
             "samples": [out_dir / t["method"] / t["task"] / "sample.mp4" for t in timings]}
@@ -250,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         result = run(params, args.train, args.vae, args.pairs, args.out, args.metrics)
         tracker.log_metrics({f"{method}/{task}/{key}": value for method, tasks in result["metrics"].items()
-                             for task, values in tasks.items() for key, value in values.items()})
+                             for task, values in tasks.items() for key, value in values.items() if key != "device"})
         tracker.log_metrics({"seconds": time.perf_counter() - started})
         for sample in result["samples"]:
             tracker.log_artifact(sample, f"videos/{sample.parent.parent.name}_{sample.parent.name}")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 import zlib
 from collections.abc import Iterator
@@ -38,6 +37,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from chopgrad.metrics.files import frame_sort_key
 from stages.common import cli, pairs, scenes, video
 
 log = logging.getLogger("stages.masks")
@@ -165,11 +165,6 @@ class RoviClip:
     prompt: str
 
 
-def _natural(text: str) -> list:
-    """Sort key that orders 2 before 10."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
-
-
 def _by_stem(folder: Path) -> dict[str, Path]:
     return {p.stem: p for p in folder.iterdir() if p.suffix in IMAGE_SUFFIXES and not p.name.startswith(".")}
 
@@ -195,7 +190,7 @@ def _rovi_index(root: Path) -> list[dict]:
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise MaskError(f"{path} is not a ROVI annotation file ({error!r}); it needs "
                             "{'videos': {<video>: {'expressions': {<id>: {'exp', 'obj_id'}}}}}.") from error
-        for name in sorted(videos, key=_natural):
+        for name in sorted(videos, key=frame_sort_key):
             entries.extend(_rovi_video(root, split, name, videos[name], path))
     return entries
 
@@ -219,15 +214,15 @@ def _rovi_video(root: Path, split: str, name: str, meta: dict, path: Path) -> li
         if set(images) != set(masks):
             raise MaskError(f"{where}: mismatched frame counts, {len(images)} images in {image_dir} but "
                             f"{len(masks)} masks in {mask_dir} (first difference: "
-                            f"{min(set(images) ^ set(masks), key=_natural)!r}); every frame needs its mask.")
-        frames = sorted(images, key=_natural)
+                            f"{min(set(images) ^ set(masks), key=frame_sort_key)!r}); every frame needs its mask.")
+        frames = sorted(images, key=frame_sort_key)
     if not frames:
         raise MaskError(f"{where} has no frames.")
     expressions = meta.get("expressions")
     if not isinstance(expressions, dict) or not expressions:
         raise MaskError(f"{where} has no expressions; ROVI gives each object a text prompt.")
     prompts: dict[int, str] = {}
-    for key in sorted(expressions, key=_natural):  # the first expression of each object is its prompt
+    for key in sorted(expressions, key=frame_sort_key):  # the first expression of each object is its prompt
         expression = expressions[key]
         try:
             obj_id, text = int(expression["obj_id"]), str(expression["exp"]).strip()

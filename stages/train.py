@@ -29,8 +29,11 @@ that is interrupted resumes from the last one when started again with the same i
 removed once the stage has written its outputs.
 
 Outputs, per task: ``<out>/<task>/`` with ``config.json`` + ``model.safetensors`` (the model,
-``stages.common.restoration.load_model``), ``train.json``, ``sample.mp4`` (input | output | target);
-``--metrics`` gathers the ``train.json`` records (layouts: docs/interfaces.md).
+``stages.common.restoration.load_model``), ``train.json``, ``sample.mp4`` (input | output | target).
+They hold only what the inputs and params determine, so a rerun writes the same bytes and DVC reruns
+nothing after it; what the run measured (seconds, throughput, peak memory, device, the iteration it
+resumed from) goes to ``--metrics`` alone, beside each task's ``train.json`` record (layouts:
+docs/interfaces.md).
 
     python -m stages.train --params params.yaml --method chopgrad_d1 --vae data/vae \
         --pairs data/splat/nvs data/masks/inpaint_box ... --out data/train/chopgrad_d1 \
@@ -469,7 +472,7 @@ def train_task(params: Params, method: str, task: Task, vae_dir: Path, checkpoin
             stop runs here).
 
     Returns:
-        The task's record (also written to ``out_dir / "train.json"``) with its loss ``history``.
+        The task's record: ``train.json``'s, what the run measured (:func:`_measured`) and its loss ``history``.
     """
     total = sum(count for _, count in phases(params, method))
     run = _start(params, method, task, vae_dir, checkpoint_path, info)
@@ -498,11 +501,12 @@ def train_task(params: Params, method: str, task: Task, vae_dir: Path, checkpoin
 
 def _finish(params: Params, method: str, task: Task, run: _Run, out_dir: Path, losses: dict,
             info: distributed.DistInfo) -> dict:
-    """Write the task's model, ``train.json`` and sample video; its record with the history."""
+    """Write the task's model, ``train.json`` and sample video; its record with the measurements and history."""
     model = run.model
     transformer_state = distributed.full_model_state_dict(
         model.transformer, trainable_only=model.spec["transformer"]["source"] != "small")
     summary = _summary(params, method, task, run, losses.get(task.application), info)
+    measured = _measured(params, run, info)
     summary.update(restoration.describe(model))
     model.restorer.eval()
     sample = sample_video(model, task.train[0], params.sample_frames)  # every rank: the FSDP forward is a collective
@@ -511,7 +515,7 @@ def _finish(params: Params, method: str, task: Task, run: _Run, out_dir: Path, l
         restoration.save_model(out_dir, model.spec, restoration.model_state(model, transformer_state))
         write_json(out_dir / "train.json", summary)
         write_video(out_dir / "sample.mp4", sample, fps=task.fps)
-    return {**summary, "history": run.record["history"]}
+    return {**summary, **measured, "history": run.record["history"]}
 
 
 def _mean_tail(history: list[dict], key: str) -> float:
@@ -520,29 +524,39 @@ def _mean_tail(history: list[dict], key: str) -> float:
 
 
 def _summary(params: Params, method: str, task: Task, run: _Run, pixel_loss, info: distributed.DistInfo) -> dict:
-    """The task's ``train.json`` record (docs/interfaces.md), from the run's record of iterations."""
+    """The task's ``train.json`` record (docs/interfaces.md), from the run's record of iterations: what the
+    inputs and params determine, nothing measured (:func:`_measured`)."""
     spec_method, history = method_of(params, method), run.record["history"]
     last = [h for h in history if h["phase"] == phases(params, method)[-1][0]]
     first = [h for h in history if h["phase"] == "reconstruction"]
-    seconds = max(run.record["seconds"], 1e-9)
     mirage = params.schedule == "mirage"
     return {
         "method": method, "task": task.name, "application": task.application,
-        "iterations": params.iterations * spec_method.iterations_factor, "resumed_from_iteration": run.resumed_from,
+        "iterations": params.iterations * spec_method.iterations_factor,
         "schedule": params.schedule, "reconstruction_iterations": params.reconstruction_iterations if mirage else 0,
         "final_reconstruction_loss": _mean_tail(first, "loss") if first else None,
-        "train_seconds": round(run.record["seconds"], 3),
-        "seconds_per_iteration": round(seconds / max(1, len(history)), 4),
-        "clip_frames_per_second": round(params.clip_frames * info.world_size * len(history) / seconds, 3),
         "final_loss": _mean_tail(last, "loss"), "final_latent_loss": _mean_tail(last, "latent"),
         "final_pixel_loss": _mean_tail(last, "pixel") if spec_method.decode else None,
-        **training.peak_memory(info.device), "device": str(info.device), "world_size": info.world_size,
+        "world_size": info.world_size,
         "d_trunc": spec_method.d_trunc, "decoding": spec_method.decode,
         "latent_weight": loss_table(params, task.application)[0] if spec_method.decode else 1.0,
         "pixel_losses": dict(pixel_loss.loss_weights) if pixel_loss is not None and spec_method.decode else {},
         "stand_in_weights": bool(pixel_loss is not None and spec_method.decode
                                  and any(status != "official" for status in pixel_loss.weights.values())),
         "clip_frames": params.clip_frames, "crop": list(params.crop), "tiles": list(params.tiles),
+    }
+
+
+def _measured(params: Params, run: _Run, info: distributed.DistInfo) -> dict:
+    """What this run of a task measured, for ``--metrics`` only: wall-clock seconds (those before an
+    interruption included), throughput, peak memory, the device, the iteration it resumed from. None of
+    it goes into ``train.json``, whose bytes must not change when the same inputs run again."""
+    history, seconds = run.record["history"], max(run.record["seconds"], 1e-9)
+    return {
+        "train_seconds": round(run.record["seconds"], 3),
+        "seconds_per_iteration": round(seconds / max(1, len(history)), 4),
+        "clip_frames_per_second": round(params.clip_frames * info.world_size * len(history) / seconds, 3),
+        **training.peak_memory(info.device), "device": str(info.device), "resumed_from_iteration": run.resumed_from,
     }
 
 

@@ -176,9 +176,9 @@ def test_fit_errors():
 
 
 # Wan's covering truncation matches plain backprop to ~1e-7 in float64, not to round-off: diffusers'
-# WanUpsample computes in float32, and truncated mode sends each loss term's cotangent through it
-# separately (rounded to float32 each time) where plain backprop sends their sum once. The same
-# tolerance as tests/test_engine.py::test_full_and_covering_truncation_equal_plain_autograd.
+# WanUpsample computes in float32, and the truncated sweeps group the loss terms' cotangents
+# differently from plain backprop's one sum, so the float32 roundings differ. The same tolerance as
+# tests/test_engine.py::test_full_and_covering_truncation_equal_plain_autograd.
 @pytest.mark.parametrize("name, tol", [("recurrent", 1e-12), ("wan", 1e-6)])
 def test_gradient_error_vanishes_when_d_trunc_covers_all_steps(name, tol):
     if name == "wan":

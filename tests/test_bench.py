@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-KEYS = {"decoder", "mode", "d_trunc", "frames", "height", "width", "peak_bytes", "seconds", "device", "dtype"}
+KEYS = {"decoder", "mode", "d_trunc", "release_every", "frames", "height", "width", "peak_bytes", "seconds", "device", "dtype"}
 
 
 def _bench(*args, check=True):
@@ -27,6 +27,7 @@ def test_bench_writes_rows_table_and_plot(tmp_path):
         assert set(row) == KEYS
         assert row["peak_bytes"] > 0 and row["seconds"] > 0 and row["device"].startswith("cpu")
     assert "| cogvideox-tiny | chopgrad | 1 | 9 | 32x32 |" in out.stdout
+    assert [r["release_every"] for r in rows] == [None, 1]
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -35,7 +36,9 @@ def test_bench_writes_rows_table_and_plot(tmp_path):
     [
         (["--frames", "16"], "cannot produce 16 frames: the nearest frame counts it decodes to are 13 or 17"),
         (["--modes", "fast"], "unknown mode"),
+        (["--modes", "chopgrad,release"], "choose from full, exact, chopgrad, chopgrad_release, chopgrad_recompute"),
         (["--d-trunc", "-1"], "must be >= 0"),
+        (["--modes", "chopgrad_release", "--release-every", "2,0"], "--release-every values must be >= 1"),
         (["--decoder", "sd-vae"], "invalid choice"),
     ],
 )
@@ -59,3 +62,51 @@ def test_tiling_error_shrinks_as_the_halo_grows(tmp_path):
     assert rows[0]["rms"] > rows[1]["rms"] > 0
     assert rows[2]["rms"] == 0  # a halo as large as the latent: every tile sees all of it
     assert "| 2x2 | 0 |" in out.stdout
+
+
+def test_new_modes_measure_in_process():
+    from chopgrad import bench
+
+    configs = [
+        bench.Config("cogvideox-tiny", "chopgrad_release", 1, 25, 16, 16, "cpu", "float64", release_every=2),
+        bench.Config("cogvideox-tiny", "chopgrad_recompute", 1, 25, 16, 16, "cpu", "float64", release_every=1),
+    ]
+    assert [bench.decode_kwargs(c) for c in configs] == [
+        {"d_trunc": 1, "release_every": 2}, {"d_trunc": 1, "recompute": True}
+    ]
+    rows = bench.run(configs, fresh_process=False, progress=lambda line: None)
+    assert [(r["mode"], r["d_trunc"], r["release_every"]) for r in rows] == [
+        ("chopgrad_release", 1, 2), ("chopgrad_recompute", 1, 1)
+    ]
+    assert all(set(r) == KEYS and r["seconds"] > 0 for r in rows)
+    table = bench.markdown_table(rows)
+    assert "| cogvideox-tiny | chopgrad_release | 1 | 25 | 16x16 |" in table and table.endswith("| 1 |")
+
+
+@pytest.mark.slow  # fresh measurement processes
+def test_bench_cli_runs_the_new_modes(tmp_path):
+    _bench(
+        "--decoder", "cogvideox-tiny", "--frames", "9", "--d-trunc", "1", "--release-every", "2,3",
+        "--modes", "chopgrad_release,chopgrad_recompute", "--height", "16", "--width", "16",
+        "--json", str(tmp_path / "rows.json"),
+    )
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [(r["mode"], r["release_every"]) for r in rows] == [
+        ("chopgrad_release", 2), ("chopgrad_release", 3), ("chopgrad_recompute", 1)
+    ]
+
+
+def test_plot_draws_against_frames_or_against_d_trunc(tmp_path):
+    from chopgrad import bench
+
+    def row(mode, d_trunc, frames, s=None):
+        return {"decoder": "wan-tiny", "mode": mode, "d_trunc": d_trunc, "frames": frames, "height": 64, "width": 64,
+                "peak_bytes": 2**20 * (1 + (d_trunc or 9)), "seconds": 0.1 * frames, "device": "cpu",
+                "release_every": s}
+
+    by_frames = [row("chopgrad", 1, f) for f in (17, 33)] + [row("full", None, f) for f in (17, 33)]
+    figure_13 = [row("full", None, 93)] + [row("chopgrad", d, 93) for d in (0, 1, 2)] + \
+                [row("chopgrad_release", d, 93, 2) for d in (0, 1, 2)]
+    for name, rows in (("frames.png", by_frames), ("d_trunc.png", figure_13)):
+        bench.plot(rows, tmp_path / name)
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"

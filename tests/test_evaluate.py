@@ -1,7 +1,7 @@
 """Stage ``evaluate``, its weights policy helper and the paper tables, on small fake stage outputs.
 
-The fake ``data/infer`` / ``data/train`` / pairs folders are written here in the documented layout
-(``docs/interfaces.md``: the contract between the stages), not produced by the train/infer stages.
+The fake ``data/infer``, pairs folders and train / infer metrics files are written here in the documented
+layout (``docs/interfaces.md``: the contract between the stages), not produced by the train/infer stages.
 """
 
 from __future__ import annotations
@@ -41,9 +41,10 @@ def _noisy(frames: np.ndarray, sigma: float, rng) -> np.ndarray:
 
 
 def make_project(root: Path, tasks=TASKS, methods=METHODS, test_scenes=2) -> list[str]:
-    """Pairs folders, inference outputs, timing.json and train.json in the documented layout."""
+    """Pairs folders, inference outputs with timing.json, and the train and infer metrics files (the measured
+    seconds) in the documented layout."""
     rng = np.random.default_rng(0)
-    folders = []
+    folders, trained, timed = [], {}, {}
     for task in tasks:
         folder = root / "pairs" / task
         with PairsWriter(folder, task, fps=24) as writer:
@@ -61,14 +62,21 @@ def make_project(root: Path, tasks=TASKS, methods=METHODS, test_scenes=2) -> lis
             for index in range(1, test_scenes + 1):
                 target = video.read_frames(folder / "test" / f"scene_{index}" / "target")
                 video.write_frames(out / f"scene_{index}", _noisy(target, 4 + 6 * rank, rng), prefix="", start=0)
+            scenes = [f"scene_{index}" for index in range(1, test_scenes + 1)]
             (out / "timing.json").write_text(json.dumps({
-                "method": method, "task": task, "seconds_per_frame": 0.5 + rank, "frames": FRAMES,
-                "encode_seconds": 0.1, "transformer_seconds": 0.2, "decode_seconds": 0.3, "device": "cpu"}))
-            train = root / "train" / method / task
-            train.mkdir(parents=True)
-            (train / "train.json").write_text(json.dumps({
-                "method": method, "task": task, "steps": 4, "train_seconds": 360.0 * (rank + 1),
-                "seconds_per_step": 90.0, "final_loss": 0.1, "peak_memory_bytes": None}))
+                "method": method, "task": task, "frames": FRAMES, "scenes": scenes, "max_frames": None,
+                "tiles": [1, 1], "reference": False}))
+            timed.setdefault(method, {})[task] = {
+                "frames": FRAMES, "seconds_per_frame": 0.5 + rank, "encode_seconds": 0.1, "transformer_seconds": 0.2,
+                "decode_seconds": 0.3, "device": "cpu"}
+            record = trained.setdefault(method, {"method": method, "world_size": 1, "seconds": 1.0, "tasks": {}})
+            record["tasks"][task] = {
+                "method": method, "task": task, "iterations": 4, "final_loss": 0.1, "train_seconds": 360.0 * (rank + 1),
+                "seconds_per_iteration": 90.0, "peak_memory_bytes": None, "device": "cpu"}
+    (root / "metrics" / "train").mkdir(parents=True)
+    for method, record in trained.items():
+        (root / "metrics" / "train" / f"{method}.json").write_text(json.dumps(record))
+    (root / "metrics" / "infer.json").write_text(json.dumps(timed))
     return folders
 
 
@@ -102,8 +110,8 @@ def stand_in_home(tmp_path_factory) -> Path:
 
 
 def run_stage(project: Path, out: Path, params: evaluate.Params) -> dict:
-    return evaluate.run(params, project / "infer", project / "train", out / "metrics" / "evaluate.json",
-                        out / "tables")
+    return evaluate.run(params, project / "infer", project / "metrics" / "train", project / "metrics" / "infer.json",
+                        out / "metrics" / "evaluate.json", out / "tables")
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +180,7 @@ def test_temporal_flickering_uses_every_frame(evaluated, project):
 
 def test_a_reference_method_needs_no_training_and_follows_the_input(tmp_path, homes):
     folders = make_project(tmp_path, tasks=("nvs",), methods=("latent_mse", "vae_roundtrip"))
-    shutil.rmtree(tmp_path / "train" / "vae_roundtrip")  # infer's reference: nothing trained
+    (tmp_path / "metrics" / "train" / "vae_roundtrip.json").unlink()  # infer's reference: nothing trained
     timing = tmp_path / "infer" / "vae_roundtrip" / "nvs" / "timing.json"
     timing.write_text(json.dumps({**json.loads(timing.read_text()), "reference": True}))
     result = run_stage(tmp_path, tmp_path / "out", make_params(folders, metrics=["psnr"]))
@@ -182,8 +190,9 @@ def test_a_reference_method_needs_no_training_and_follows_the_input(tmp_path, ho
     table = tmp_path / "out" / "tables" / "table2.md"
     assert [r[1] for r in _md_rows(table)[1:] if r[2] == "ours"] == ["input", "vae_roundtrip", "latent_mse"]
     assert "`vae_roundtrip` is that input encoded and decoded by the frozen VAE" in table.read_text()
-    timing.write_text(json.dumps({**json.loads(timing.read_text()), "reference": False}))  # then it needs train.json
-    with pytest.raises(evaluate.EvaluateError, match="vae_roundtrip/nvs/train.json is missing"):
+    timing.write_text(json.dumps({**json.loads(timing.read_text()), "reference": False}))  # then it needs training
+    with pytest.raises(evaluate.EvaluateError, match=r"train/vae_roundtrip.json is missing; the train stage writes it "
+                                                     r"\(re-run `train@vae_roundtrip`\)"):
         run_stage(tmp_path, tmp_path / "out2", make_params(folders, metrics=["psnr"]))
 
 
@@ -295,6 +304,19 @@ def _resize(root):
     video.write_frames(folder, np.zeros((FRAMES, HEIGHT, WIDTH + 8, 3), np.uint8), prefix="", start=0)
 
 
+def _edit(path: Path, keys: tuple[str, ...], value) -> None:
+    """Set (or with ``None`` remove) ``data[keys[0]]...[keys[-1]]`` of a JSON file."""
+    data = json.loads(path.read_text())
+    inner = data
+    for key in keys[:-1]:
+        inner = inner[key]
+    if value is None:
+        del inner[keys[-1]]
+    else:
+        inner[keys[-1]] = value
+    path.write_text(json.dumps(data))
+
+
 def _only_train(root):
     with PairsWriter(root / "pairs" / "nvs", "nvs") as writer:
         writer.add("scene_0", "train", np.zeros((2, 8, 8, 3), np.uint8), np.zeros((2, 8, 8, 3), np.uint8))
@@ -310,8 +332,16 @@ def _only_train(root):
     (_only_train, "has no test pairs: nothing to evaluate for task 'nvs'"),
     (lambda r: shutil.rmtree(r / "infer"), "no inference outputs in"),
     (lambda r: (r / "infer" / "my_method" / "nvs" / "timing.json").unlink(), "timing.json is missing"),
-    (lambda r: (r / "train" / "per_frame" / "sr" / "train.json").write_text('{"train_seconds": "long"}'),
-     "train_seconds must be non-negative numbers"),
+    (lambda r: _edit(r / "metrics" / "train" / "per_frame.json", ("tasks", "sr", "train_seconds"), "long"),
+     "per_frame.json: tasks.sr.train_seconds must be a non-negative number, got 'long'; the train stage writes it"),
+    (lambda r: _edit(r / "metrics" / "train" / "latent_mse.json", ("tasks", "nvs"), None),
+     "latent_mse.json has no tasks.nvs.train_seconds; the train stage writes it (re-run `train@latent_mse`)"),
+    (lambda r: (r / "metrics" / "train" / "my_method.json").unlink(), "my_method.json is missing; the train stage"),
+    (lambda r: _edit(r / "metrics" / "infer.json", ("chopgrad_d1", "sr", "seconds_per_frame"), -1.0),
+     "infer.json: chopgrad_d1.sr.seconds_per_frame must be a non-negative number, got -1.0; the infer stage"),
+    (lambda r: _edit(r / "metrics" / "infer.json", ("my_method",), None),
+     "infer.json has no my_method.inpaint_objects.seconds_per_frame; the infer stage"),
+    (lambda r: (r / "metrics" / "infer.json").write_text("{"), "infer.json is not valid JSON"),
     (lambda r: shutil.copytree(r / "infer" / "per_frame", r / "infer" / "input"), "reserved for the degraded input"),
     (lambda r: (r / "pairs" / "sr" / "pairs.json").unlink(), "pairs.json not found"),
 ])
@@ -475,7 +505,8 @@ def test_main_logs_one_nested_mlflow_run_per_method_and_task(project, tmp_path, 
     (tmp_path / "params.yaml").write_text(json.dumps(params))  # JSON is YAML
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     evaluate.main(["--params", str(tmp_path / "params.yaml"), "--infer", str(project / "infer"),
-                   "--train", str(project / "train"), "--metrics", str(tmp_path / "m.json"),
+                   "--train-metrics", str(project / "metrics" / "train"),
+                   "--infer-metrics", str(project / "metrics" / "infer.json"), "--metrics", str(tmp_path / "m.json"),
                    "--tables", str(tmp_path / "tables")])
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("chopgrad").experiment_id])

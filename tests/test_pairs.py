@@ -131,5 +131,26 @@ def test_load_pairs_names_missing_files(tmp_path):
         pairs.load_pairs(folder)
     (folder / "test/b/mask").mkdir()
     video.write_image(folder / "test/b/mask/00000.png", box_mask()[0])
-    with pytest.raises(pairs.PairsError, match="holds 1 frames"):
+    with pytest.raises(pairs.PairsError, match=r"mask/ lacks 00001, 00002 \(present in .*input/\)"):
         pairs.load_pairs(folder)
+    for name in ("00001.png", "00002.png"):  # the names are right, the count is not
+        video.write_image(folder / "test/b/mask" / name, box_mask()[0])
+    (folder / "test/b/mask/00003.png").write_bytes((folder / "test/b/mask/00000.png").read_bytes())
+    for key in ("input", "target"):
+        (folder / f"test/b/{key}/00003.png").write_bytes((folder / f"test/b/{key}/00000.png").read_bytes())
+    with pytest.raises(pairs.PairsError, match="holds 4 frames, pairs.json says 3"):
+        pairs.load_pairs(folder)
+
+
+def test_frames_are_paired_by_name_not_position(tmp_path):
+    """One target frame missing and another added: same count, but input k would meet target k + 1."""
+    folder = tmp_path / "inpaint_box"
+    write_inpainting(folder)
+    target = folder / "test/b/target"
+    (target / "00001.png").rename(target / "00003.png")
+    with pytest.raises(pairs.PairsError, match=r"pair 'b': .*target/ lacks 00001 \(present in .*input/\); "
+                                               r".*target/ has 00003, which .*input/ lacks"):
+        pairs.load_pairs(folder)
+    (pair,) = pairs.load_pairs(folder, split="test", check_frames=False)
+    with pytest.raises(pairs.PairsError, match="target/ lacks 00001"):
+        pairs.read_pair(pair)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,3 +189,110 @@ def test_telemetry_is_off_on_import_unless_the_user_says_otherwise():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                          check=True)
     assert json.loads(out.stdout) == {**tracking.TELEMETRY_OFF, "DO_NOT_TRACK": "false"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Outages (docs/faults.md): found in seconds, one message, the user's choice of local / skip / stop
+
+DOWN = "http://127.0.0.1:9"  # the discard port: nothing listens, the connection is refused at once
+
+
+@pytest.fixture
+def down(database, monkeypatch):
+    """MLFLOW_TRACKING_URI at a dead server; the repository's local store is the module's database."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", DOWN)
+    monkeypatch.setenv("DVC_ROOT", str(database[2]))  # <root>/mlflow.db: the store made once for the module
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    monkeypatch.delenv(tracking.OUTAGE_ENV, raising=False)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "outage")
+    monkeypatch.setenv("CHOPGRAD_EXECUTION_ID", "exec-down")
+    return database[0]
+
+
+def test_an_unreachable_server_is_found_in_seconds_and_the_run_kept_locally(down, caplog):
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="stages.common.tracking"), \
+            stage_run("demo", Knobs(1, (1, 1), None)) as tracker:
+        tracker.log_metrics({"psnr": 30.0})
+    assert time.monotonic() - started < 30  # MLflow's own retries: about 4 minutes
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"MLflow server {DOWN} is unreachable (" in warning and "Connection refused" in warning
+    assert "CHOPGRAD_TRACKING_OUTAGE=local: recording stage demo in the local store" in warning
+    run = the_run(down, "demo")
+    assert run.info.status == "FINISHED" and run.data.metrics == {"psnr": 30.0}
+    assert run.data.tags["chopgrad.intended_tracking_uri"] == DOWN
+
+
+def test_an_outage_can_skip_tracking_or_stop_the_stage(down, monkeypatch, caplog):
+    monkeypatch.setenv(tracking.OUTAGE_ENV, "skip")
+    with caplog.at_level(logging.WARNING, logger="stages.common.tracking"), \
+            stage_run("skipped", Knobs(1, (1, 1), None)) as tracker:
+        tracker.log_metrics({"x": 1.0})
+    assert not tracker.active and "stage skipped runs untracked" in caplog.text
+    monkeypatch.setenv(tracking.OUTAGE_ENV, "stop")
+    ran = []
+    with pytest.raises(tracking.TrackingUnavailableError, match=r"unreachable .* stage stopped stops"), \
+            stage_run("stopped", Knobs(1, (1, 1), None)):
+        ran.append(True)
+    assert not ran
+    monkeypatch.setenv(tracking.OUTAGE_ENV, "retry")
+    with pytest.raises(ValueError, match="CHOPGRAD_TRACKING_OUTAGE='retry'; choose one of local, skip, stop"):
+        tracking.outage_choice()
+
+
+def test_the_params_check_stops_on_an_outage_only_when_asked(monkeypatch):
+    from stages.common import check
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", DOWN)
+    monkeypatch.setenv(tracking.OUTAGE_ENV, "local")
+    assert check.check(REPO / "params.yaml", ["scenes"]) == []
+    monkeypatch.setenv(tracking.OUTAGE_ENV, "stop")
+    (problem,) = check.check(REPO / "params.yaml", ["scenes"])
+    assert f"MLflow server {DOWN} is unreachable" in problem and "CHOPGRAD_TRACKING_OUTAGE=stop" in problem
+
+
+def test_a_server_that_never_answers_is_given_up_after_the_timeout():
+    with socket.socket() as listener:  # accepts connections (the kernel's backlog), never replies
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        started = time.monotonic()
+        problem = tracking.server_problem(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=0.5)
+    assert problem == "no answer within 0.5 s" and time.monotonic() - started < 5
+    assert tracking.server_problem("sqlite:///x.db") is None
+
+
+class DeadClient:
+    """An MLflow client whose server went away: every call fails as MLflow's REST client does."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def log_batch(self, *args, **kwargs):
+        import requests
+        from mlflow.exceptions import MlflowException
+
+        self.calls += 1
+        try:
+            raise requests.exceptions.ConnectionError("[Errno 111] Connection refused")
+        except requests.exceptions.ConnectionError as error:
+            raise MlflowException(f"API request to {DOWN}/api failed with exception {error}")
+
+    set_terminated = log_batch
+
+
+def test_a_server_lost_mid_run_costs_one_call_then_tracking_stops(caplog):
+    client = DeadClient()
+    tracker = tracking.Tracker(client, "run-1")
+    with caplog.at_level(logging.WARNING, logger="stages.common.tracking"):
+        tracker.log_metrics({"a": 1.0})
+        tracker.log_curve("loss", [0, 1], [1.0, 0.5])
+        tracker.log_metrics({"b": 2.0})
+    assert client.calls == 1 and not tracker.active
+    assert "the server stopped answering" in caplog.text and "no more tracking for run run-1" in caplog.text
+
+
+def test_an_interrupted_stage_is_marked_killed(store):
+    client, _ = store
+    with pytest.raises(KeyboardInterrupt), stage_run("interrupted", Knobs(1, (1, 1), None)):
+        raise KeyboardInterrupt
+    assert the_run(client, "interrupted").info.status == "KILLED"

@@ -8,6 +8,7 @@ stand-ins written into a temporary weight home (``weights: stand_in``).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -348,11 +349,32 @@ def test_an_interrupted_run_resumes_and_ends_with_the_same_weights(tmp_path, inp
         assert expected[task].keys() == got[task].keys()
         for name in expected[task]:
             assert torch.equal(expected[task][name], got[task][name]), (task, name)
-    record = json.loads((tmp_path / "resumed" / "out" / "chopgrad_d1" / "sr" / "train.json").read_text())
-    assert record["iterations"] == 4 and record["peak_memory_bytes"] is None and record["peak_rss_bytes"] > 0
-    assert (tmp_path / "resumed" / "out" / "chopgrad_d1" / "sr" / "sample.mp4").is_file()
+    assert file_md5s(tmp_path / "resumed" / "out") == file_md5s(tmp_path / "straight" / "out")  # train.json too
     metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
-    assert set(metrics["tasks"]) == {"nvs", "sr"}
+    assert set(metrics["tasks"]) == {"nvs", "sr"} and metrics["tasks"]["sr"]["resumed_from_iteration"] == 2
+    assert metrics["tasks"]["sr"]["peak_memory_bytes"] is None and metrics["tasks"]["sr"]["peak_rss_bytes"] > 0
+
+
+def file_md5s(folder: Path) -> dict[str, str]:
+    """md5 of every file under ``folder`` by relative path: what DVC hashes a folder output by."""
+    return {path.relative_to(folder).as_posix(): hashlib.md5(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_a_rerun_with_the_same_inputs_writes_the_same_bytes(tmp_path, inputs, weight_home):
+    # DVC hashes the outputs: a measured time inside one would rerun infer and evaluate after every train run.
+    runs = [run_stage(tmp_path / name, inputs, weight_home, tasks=["nvs", "sr"], iterations=2) for name in "ab"]
+    first, second = (file_md5s(tmp_path / name / "out") for name in "ab")
+    assert first == second
+    assert {"chopgrad_d1/nvs/train.json", "chopgrad_d1/sr/sample.mp4", "chopgrad_d1/sr/model.safetensors"} <= set(first)
+    record = json.loads((tmp_path / "a" / "out" / "chopgrad_d1" / "nvs" / "train.json").read_text())
+    measured = {"train_seconds", "seconds_per_iteration", "clip_frames_per_second", "peak_memory_bytes",
+                "peak_rss_bytes", "device", "resumed_from_iteration"}
+    assert not measured & set(record) and record["final_loss"] > 0  # the losses stay: deterministic on CPU
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert measured <= set(metrics["tasks"]["nvs"]) and metrics["tasks"]["nvs"]["train_seconds"] > 0
+    assert {k: v for k, v in metrics["tasks"]["nvs"].items() if k not in measured} == record  # and the times
+    assert runs[0]["tasks"]["sr"]["train_seconds"] == metrics["tasks"]["sr"]["train_seconds"]
 
 
 def test_a_checkpoint_of_other_params_is_not_resumed(tmp_path, inputs, weight_home):

@@ -255,3 +255,37 @@ def test_tensor_conversions_reject_bad_input():
         video.from_tensor(torch.zeros(3, 2, 4, 4, dtype=torch.uint8))
     with pytest.raises(MediaError, match="dtype uint8"):
         video.to_tensor(np.zeros((2, 4, 4, 3), np.float32))
+
+
+def test_match_frames_pairs_folders_by_name(tmp_path):
+    for folder, numbers in (("input", (0, 1, 2, 3)), ("target", (0, 1, 2, 3)), ("mask", (0, 2, 3, 4))):
+        (tmp_path / folder).mkdir()
+        for number in numbers:
+            cv2.imwrite(str(tmp_path / folder / f"{number:05d}.png"), np.zeros((4, 4, 3), np.uint8))
+    listed = video.match_frames({"input": tmp_path / "input", "target": tmp_path / "target"})
+    assert [p.name for p in listed["target"]] == ["00000.png", "00001.png", "00002.png", "00003.png"]
+    with pytest.raises(MediaError, match=r"mask/ lacks 00001 \(present in .*input/\); .*mask/ has 00004, which"):
+        video.match_frames({"input": tmp_path / "input", "mask": tmp_path / "mask"})
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, 255), min_size=1, max_size=64))
+def test_16_bit_pixels_come_back_as_their_8_bit_levels(levels):
+    from chopgrad.metrics.files import pixels_to_uint8
+
+    eight = np.array(levels, np.uint8)
+    assert (pixels_to_uint8(eight.astype(np.uint16) * 257) == eight).all()  # 257 k -> k, 65535 -> 255
+    full = np.arange(0, 65536, 7, dtype=np.uint16)
+    assert (pixels_to_uint8(full) == np.round(full / 65535 * 255)).all()
+    if 0 < eight.max():
+        with pytest.raises(ValueError, match="8-bit values stored in a 16-bit file"):
+            pixels_to_uint8(eight.astype(np.uint16))
+
+
+def test_a_16_bit_colour_png_reads_as_its_8_bit_levels_not_black(tmp_path):
+    rgb = np.random.default_rng(3).integers(0, 256, (5, 7, 3)).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / "deep.png"), rgb[..., ::-1].astype(np.uint16) * 257)
+    np.testing.assert_array_equal(video.read_image(tmp_path / "deep.png"), rgb)
+    cv2.imwrite(str(tmp_path / "shallow.png"), rgb[..., ::-1].astype(np.uint16))
+    with pytest.raises(MediaError, match=r"shallow\.png is a 16-bit image .* Re-save it as 8-bit"):
+        video.read_image(tmp_path / "shallow.png")

@@ -2,9 +2,12 @@
 
     python -m chopgrad.metrics PRED GT --metrics psnr,ssim,lpips_vgg [--json out.json] [--fps 24]
 
-PRED and GT are each a folder of frames (PNG/JPEG, sorted by name: one video), a video file (read
-with PyAV: one video), or a folder of video files (sorted by name: one video each, all of the same
-size and length). GT may be left out when only no-reference (VBench) metrics are asked for.
+PRED and GT are each a folder of frames (PNG/JPEG: one video), a video file (read with PyAV: one
+video), or a folder of video files (one video each, all of the same size and length). GT may be left
+out when only no-reference (VBench) metrics are asked for. Files are taken in natural order
+(``2.png`` before ``10.png``, as the pipeline reads them: :mod:`chopgrad.metrics.files`), and PRED
+and GT folders must hold the same names: frames and videos are paired by name, never by position.
+16-bit images are scaled to 8 bits (65535 -> 255); one holding only 8-bit values is refused.
 
 Every frame is scored (no sampling). Metrics with pretrained weights need their files where
 ``python -m chopgrad.weights status`` says; a missing one is reported before any video is read.
@@ -23,15 +26,46 @@ import torch
 
 from chopgrad import weights
 from chopgrad.metrics import METRICS, evaluate
+from chopgrad.metrics.files import frame_sort_key, match_frame_names, pixels_to_uint8
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".avi", ".webm"}
 
 
-def _read_frames(folder: Path, files: list[Path]) -> np.ndarray:
+def _read_image(path: Path) -> np.ndarray:  # [H, W, 3] uint8
     from PIL import Image
 
-    frames = [np.asarray(Image.open(path).convert("RGB")) for path in files]
+    with Image.open(path) as image:
+        if image.mode.startswith("I"):  # 16-bit (or 32-bit integer) grey: exact values, scaled here
+            grey = np.asarray(image)
+            if grey.dtype != np.uint16:
+                if grey.min() < 0 or grey.max() > 65535:
+                    raise ValueError(f"{path}: grey values outside 0..65535; only 8- and 16-bit images are read")
+                grey = grey.astype(np.uint16)
+            return np.repeat(pixels_to_uint8(grey, str(path))[..., None], 3, axis=-1)
+        if _png_bit_depth(path) == 16:  # Pillow keeps only the high byte of 16-bit colour
+            return _read_deep_colour(path)
+        return np.asarray(image.convert("RGB"))
+
+
+def _png_bit_depth(path: Path) -> int | None:
+    """The bit depth in a PNG's header (None for other files)."""
+    with open(path, "rb") as handle:
+        head = handle.read(25)
+    return head[24] if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" else None
+
+
+def _read_deep_colour(path: Path) -> np.ndarray:  # [H, W, 3] uint8
+    """A 16-bit colour PNG through PyAV's PNG decoder, which keeps all 16 bits."""
+    import av
+
+    with av.open(str(path)) as container:
+        frame = next(container.decode(video=0))
+    return pixels_to_uint8(frame.to_ndarray(format="rgb48le"), str(path))
+
+
+def _read_frames(folder: Path, files: list[Path]) -> np.ndarray:
+    frames = [_read_image(path) for path in files]
     sizes = {frame.shape for frame in frames}
     if len(sizes) > 1:
         raise ValueError(f"frames in {folder} differ in size: {sorted(sizes)}")
@@ -48,6 +82,14 @@ def _read_video_file(path: Path) -> np.ndarray:
     return np.stack(frames)  # [T, H, W, 3] uint8
 
 
+def _listing(path: Path) -> tuple[list[Path], list[Path]]:
+    """The frame files and the video files of a folder, in natural order."""
+    files = sorted((p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")),
+                   key=lambda p: frame_sort_key(p.name))
+    return ([p for p in files if p.suffix.lower() in IMAGE_SUFFIXES],
+            [p for p in files if p.suffix.lower() in VIDEO_SUFFIXES])
+
+
 def load_videos(path: str | Path) -> tuple[torch.Tensor, float | None]:
     """Read ``path`` as ``[B, 3, T, H, W]`` uint8, with the frame rate when it is a video file."""
     path = Path(path)
@@ -62,9 +104,7 @@ def load_videos(path: str | Path) -> tuple[torch.Tensor, float | None]:
             fps = float(rate) if rate else None
         videos = [_read_video_file(path)]
     elif path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file())
-        images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-        video_files = [p for p in files if p.suffix.lower() in VIDEO_SUFFIXES]
+        images, video_files = _listing(path)
         if images and video_files:
             raise ValueError(f"{path} mixes frames and video files; give one kind")
         if images:
@@ -79,6 +119,25 @@ def load_videos(path: str | Path) -> tuple[torch.Tensor, float | None]:
     if len(shapes) > 1:
         raise ValueError(f"videos in {path} differ in length or size: {sorted(shapes)}")
     return torch.from_numpy(np.stack(videos)).permute(0, 4, 1, 2, 3).contiguous(), fps  # [B, 3, T, H, W]
+
+
+def check_names(pred: str | Path, gt: str | Path) -> None:
+    """Two folders must hold the same frame (or video) names: they are paired by name, not position.
+
+    Raises:
+        ValueError: naming the files one folder has and the other lacks.
+    """
+    pred, gt = Path(pred), Path(gt)
+    if not (pred.is_dir() and gt.is_dir()):
+        return
+    listed = {folder: _listing(folder) for folder in (pred, gt)}  # (frames, videos) each
+    names = {folder: [p.name for p in images + videos] for folder, (images, videos) in listed.items()}
+    try:
+        match_frame_names({f"pred {pred}/": names[pred], f"gt {gt}/": names[gt]})
+    except ValueError as error:
+        kind = "frames" if listed[pred][0] else "videos"
+        counts = f"{len(names[pred])} vs {len(names[gt])} {kind}; " if len(names[pred]) != len(names[gt]) else ""
+        raise ValueError(f"pred and gt differ: {counts}{error}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         files = sorted({f for name in names for f in weights.METRIC_WEIGHTS.get(name, ())})
         weights.require(files, purpose=f"metrics {', '.join(names)}")  # before reading any video
+        if args.gt:
+            check_names(args.pred, args.gt)  # before reading any frame
         pred, fps = load_videos(args.pred)
         gt = load_videos(args.gt)[0] if args.gt else None
         results = evaluate(pred, gt, names, device=args.device, fps=args.fps or fps)

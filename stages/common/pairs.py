@@ -222,24 +222,32 @@ def _check_entry(entry: Any, index: int, application: str, folder: Path, path: P
         if not frame_dir.is_dir():
             raise PairsError(f"{where}: the {key} frame folder {folder / value} is missing; re-run the stage "
                              "that wrote this pairs folder.")
-        if check_frames:
-            _check_folder(frame_dir, key, entry, where)
         resolved[key] = folder / value
+    if check_frames:
+        _check_folders(resolved, where)
     return resolved
 
 
-def _check_folder(frame_dir: Path, key: str, entry: dict, where: str) -> None:
-    """Frame count of the folder, and the size of its first frame, against the entry."""
+def _frame_folders(pair: dict) -> dict[str, Path]:
+    return {key: pair[key] for key in FOLDER_KEYS if pair[key] is not None}
+
+
+def _check_folders(pair: dict, where: str) -> None:
+    """Frame names alike in every folder of the pair, their count and the first frame's size as the entry says."""
     try:
-        paths = video.list_frames(frame_dir)
-        first = video.read_image(paths[0], labels=key == "mask")
+        listed = video.match_frames(_frame_folders(pair))
     except video.MediaError as error:
-        raise PairsError(f"{where}: {key}: {error}") from error
-    if len(paths) != entry["frames"]:
-        raise PairsError(f"{where}: {frame_dir} holds {len(paths)} frames, pairs.json says {entry['frames']}.")
-    if key != "lowres" and first.shape[:2] != (entry["height"], entry["width"]):
-        raise PairsError(f"{where}: {key} frames are {first.shape[1]}x{first.shape[0]}, pairs.json says "
-                         f"{entry['width']}x{entry['height']}.")
+        raise PairsError(f"{where}: {error}") from error
+    for key, paths in listed.items():
+        if len(paths) != pair["frames"]:
+            raise PairsError(f"{where}: {pair[key]} holds {len(paths)} frames, pairs.json says {pair['frames']}.")
+        try:
+            first = video.read_image(paths[0], labels=key == "mask")
+        except video.MediaError as error:
+            raise PairsError(f"{where}: {key}: {error}") from error
+        if key != "lowres" and first.shape[:2] != (pair["height"], pair["width"]):
+            raise PairsError(f"{where}: {key} frames are {first.shape[1]}x{first.shape[0]}, pairs.json says "
+                             f"{pair['width']}x{pair['height']}.")
 
 
 def load_manifest(folder: str | os.PathLike, check_frames: bool = True) -> dict:
@@ -287,8 +295,9 @@ def load_pairs(folder: str | os.PathLike, split: str | None = None, check_frames
     Args:
         folder: the folder holding ``pairs.json`` (e.g. ``data/degrade/sr``).
         split: ``"train"`` or ``"test"`` to keep one split only; None for all.
-        check_frames: also count each frame folder's files and check its first frame's size
-            (one image read per folder; cheap). False checks only that the folders exist.
+        check_frames: also check that the frame folders of a pair hold the same names (frames are
+            paired by name), count them and check the first frame's size (one image read per
+            folder; cheap). False checks only that the folders exist.
 
     Returns:
         One dict per pair with the keys of the format (``scene, split, input, target, mask, prompt,
@@ -297,7 +306,8 @@ def load_pairs(folder: str | os.PathLike, split: str | None = None, check_frames
 
     Raises:
         PairsError: no ``pairs.json``, malformed JSON, an unknown task, a pair with missing or
-            unknown keys, a frame folder missing, outside the folder, or of the wrong length/size.
+            unknown keys, a frame folder missing, outside the folder, or of the wrong length/size,
+            or frame names that differ between a pair's folders (each missing and extra file named).
     """
     if split is not None and split not in SPLITS:
         raise PairsError(f"split must be one of {SPLITS} or None, got {split!r}.")
@@ -313,8 +323,13 @@ def read_pair(pair: dict) -> dict[str, np.ndarray | None]:
         "lowres": [T, h, w, 3] or None}``, all uint8.
 
     Raises:
-        PairsError: the frames on disk disagree with the entry (count or size).
+        PairsError: the frames on disk disagree with the entry (count or size), or the folders hold
+            different frame names (frames are paired by name).
     """
+    try:  # by name, not position: a frame missing in one folder must not shift the others
+        video.match_frames(_frame_folders(pair))
+    except video.MediaError as error:
+        raise PairsError(f"pair {pair['scene']!r}: {error}") from error
     frames = {}
     for key in FOLDER_KEYS:
         if pair[key] is None:

@@ -250,14 +250,22 @@ def init_gaussians(points: Tensor, rgb: Tensor, sh_degree: int, init_opacity: fl
     }
 
 
+METADATA_KEY = "chopgrad"  # the one safetensors metadata entry: the whole record as sorted JSON
+
+
 def save_gaussians(path: str | Path, gaussians: dict[str, Tensor], metadata: dict | None = None) -> Path:
-    """Write Gaussians as safetensors (float32), with ``metadata`` as JSON strings."""
+    """Write Gaussians as safetensors (float32), with ``metadata`` as one JSON string.
+
+    One entry, its keys sorted: safetensors keeps its metadata in a Rust ``HashMap``, whose order
+    changes from process to process, so several entries would make a rerun's file differ byte for
+    byte (and DVC rerun every stage after it) although the tensors are identical.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {key: gaussians[key].detach().to("cpu", torch.float32).contiguous() for key in GAUSSIAN_KEYS}
-    save_file(tensors, str(path), metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
+    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(metadata or {}, sort_keys=True)})
     return path
 
 
@@ -270,11 +278,13 @@ def load_gaussians(path: str | Path) -> tuple[dict[str, Tensor], dict]:
         raise FileNotFoundError(f"Gaussians not found: {path}; run the splat stage first.")
     with safe_open(str(path), framework="pt") as handle:
         missing = set(GAUSSIAN_KEYS) - set(handle.keys())
-        if missing:
-            raise ValueError(f"{path} lacks the tensors {sorted(missing)}; it is not a splat stage output.")
+        stored = handle.metadata() or {}
+        if missing or METADATA_KEY not in stored:
+            lacking = sorted(missing) + ([f"metadata {METADATA_KEY!r}"] if METADATA_KEY not in stored else [])
+            raise ValueError(f"{path} lacks {', '.join(lacking)}; it is not a splat stage output of this "
+                             "version (re-run the splat stage).")
         tensors = {key: handle.get_tensor(key) for key in GAUSSIAN_KEYS}
-        metadata = {k: json.loads(v) for k, v in (handle.metadata() or {}).items()}
-    return tensors, metadata
+    return tensors, json.loads(stored[METADATA_KEY])
 
 
 # ----------------------------------------------------------------------------------------------------------

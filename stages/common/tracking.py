@@ -15,7 +15,22 @@ Where runs go:
 .. warning::
     Tracking is a side record. A tracking failure (server down, disk full, a bad URI) is logged
     as a warning and the stage carries on: it never changes or removes a stage's outputs. Only an
-    exception raised by the stage itself fails the stage (and marks the MLflow run FAILED).
+    exception raised by the stage itself fails the stage (and marks the MLflow run FAILED; KILLED
+    when SIGTERM or Ctrl-C stopped it, see ``stages/common/cli.py``).
+
+An unreachable server (``http://...``) is found by one probe of at most :data:`PROBE_TIMEOUT`
+seconds before the run starts, instead of MLflow's retries (about 4 minutes per call by default).
+What happens then is ``CHOPGRAD_TRACKING_OUTAGE`` (:data:`OUTAGE_ENV`):
+
+* ``local`` (default): the run goes to the repository's SQLite store instead, tagged
+  ``chopgrad.intended_tracking_uri`` (copy it over later, or compare it there);
+* ``skip``: the stage runs untracked;
+* ``stop``: the stage fails at once (:class:`TrackingUnavailableError`); ``python -m
+  stages.common.check`` (``make repro``) checks it before DVC removes any output.
+
+A server that stops answering during a run costs one call's short retries (:data:`HTTP_DEFAULTS`,
+unless the ``MLFLOW_HTTP_REQUEST_*`` variables are set), then tracking stops for that run with one
+warning. docs/faults.md lists every fault the pipeline handles.
 """
 
 from __future__ import annotations
@@ -31,7 +46,21 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TELEMETRY_OFF", "Tracker", "disable_telemetry", "execution_id", "repo_root", "stage_run"]
+__all__ = [
+    "OUTAGE_CHOICES",
+    "OUTAGE_ENV",
+    "PROBE_TIMEOUT",
+    "TELEMETRY_OFF",
+    "Tracker",
+    "TrackingUnavailableError",
+    "disable_telemetry",
+    "execution_id",
+    "outage_choice",
+    "repo_root",
+    "server_problem",
+    "stage_run",
+    "unreachable_server",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +75,20 @@ TELEMETRY_OFF = {
 
 EXPERIMENT = "chopgrad"
 EXECUTION_ID_ENV = "CHOPGRAD_EXECUTION_ID"
+OUTAGE_ENV = "CHOPGRAD_TRACKING_OUTAGE"
+OUTAGE_CHOICES = ("local", "skip", "stop")
+PROBE_TIMEOUT = 5.0  # seconds to wait for a tracking server's first answer
+# MLflow retries a failed HTTP call 7 times with backoff factor 2 and a 120 s timeout: minutes per call.
+# A side record is not worth that; the user's own MLFLOW_HTTP_REQUEST_* values win.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The tracking server cannot be reached and ``CHOPGRAD_TRACKING_OUTAGE=stop`` says to stop."""
 
 
 def disable_telemetry() -> None:
@@ -55,6 +98,8 @@ def disable_telemetry() -> None:
 
 
 disable_telemetry()
+for _key, _value in HTTP_DEFAULTS.items():
+    os.environ.setdefault(_key, _value)
 
 
 def repo_root() -> Path:
@@ -88,6 +133,62 @@ def _dvc_ancestor() -> str | None:
             if any(Path(arg).name == "dvc" for arg in cmdline[:3]):
                 return f"dvc-{proc.pid}-{int(proc.create_time())}"
     return None
+
+
+def outage_choice() -> str:
+    """``CHOPGRAD_TRACKING_OUTAGE``: what to do when the tracking server is unreachable."""
+    choice = os.environ.get(OUTAGE_ENV, "local").strip().lower() or "local"
+    if choice not in OUTAGE_CHOICES:
+        raise ValueError(f"{OUTAGE_ENV}={os.environ[OUTAGE_ENV]!r}; choose one of {', '.join(OUTAGE_CHOICES)} "
+                         "(local: record in the repository's store, skip: no tracking, stop: fail the stage).")
+    return choice
+
+
+def server_problem(uri: str, timeout: float = PROBE_TIMEOUT) -> str | None:
+    """Why the tracking server at ``uri`` cannot be reached, or None (also for non-HTTP stores).
+
+    One request, no retries: any HTTP answer (even 404 or 401) means a server is there; a refused
+    connection, an unknown host or no answer within ``timeout`` seconds is reported.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return None
+    import requests
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=timeout)
+    except requests.exceptions.Timeout:
+        return f"no answer within {timeout:g} s"
+    except requests.exceptions.RequestException as err:
+        return _reason(err)
+    return None
+
+
+def unreachable_server() -> str | None:
+    """The configured tracking server and why it cannot be reached; None when it answers (or is a local store)."""
+    uri = _store(None)[0]
+    problem = server_problem(uri)
+    return f"MLflow server {uri} is unreachable ({problem})" if problem else None
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """``err`` and the errors it was raised from or during, outermost first (at most 16)."""
+    chain = [err]
+    while len(chain) < 16 and (chain[-1].__cause__ or chain[-1].__context__) is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    return chain
+
+
+def _reason(err: BaseException) -> str:
+    """The innermost cause of a connection error, e.g. '[Errno 111] Connection refused'."""
+    return str(_chain(err)[-1])
+
+
+def _is_outage(err: BaseException) -> bool:
+    """Whether ``err`` (or an error it came from) is a lost connection rather than a refused call."""
+    import requests
+
+    lost = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError)
+    return any(isinstance(seen, lost) or type(seen).__name__ == "MaxRetryError" for seen in _chain(err))
 
 
 class Tracker:
@@ -171,6 +272,11 @@ class Tracker:
         try:
             fn()
         except Exception as err:  # noqa: BLE001 -- see the module warning: tracking never fails a stage
+            if _is_outage(err):  # each further call would wait through its retries again
+                log.warning("MLflow tracking: the server stopped answering (could not %s: %s); no more "
+                            "tracking for run %s", what, err, self.run_id)
+                self.run_id = None
+                return
             log.warning("MLflow tracking: could not %s: %s", what, err)
 
 
@@ -195,40 +301,76 @@ def stage_run(stage: str, params: Any, *, tracking_uri: str | None = None,
 
 @contextlib.contextmanager
 def _closing(tracker: Tracker) -> Iterator[None]:
-    """End ``tracker``'s run FINISHED, or FAILED when the block raises (the exception goes on)."""
+    """End ``tracker``'s run FINISHED; KILLED when the block is interrupted (Ctrl-C, or SIGTERM
+    through ``stages.common.cli``), FAILED when it raises anything else (the exception goes on)."""
     try:
         yield
-    except BaseException:
-        tracker._call("mark the run FAILED", lambda: tracker._client.set_terminated(tracker.run_id, "FAILED"))
+    except BaseException as err:
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        tracker._call(f"mark the run {status}", lambda: tracker._client.set_terminated(tracker.run_id, status))
         raise
     tracker._call("finish the run", lambda: tracker._client.set_terminated(tracker.run_id, "FINISHED"))
 
 
 def _start(stage: str, params: Any, tracking_uri: str | None, experiment: str | None) -> Tracker:
+    uri, artifact_root = _store(tracking_uri)
+    tags = {}
+    problem = server_problem(uri)
+    if problem:
+        if _on_outage(stage, uri, problem) == "skip":
+            return Tracker(None, None)
+        tags, (uri, artifact_root) = {"chopgrad.intended_tracking_uri": uri}, _local_store()
+    run = None
     try:
         from mlflow import MlflowClient
         from mlflow.entities import Param
 
-        uri, artifact_root = _store(tracking_uri)
         client = MlflowClient(uri)
         experiment_id = _experiment_id(client, experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME")
                                        or EXPERIMENT, artifact_root)
-        run = client.create_run(experiment_id, run_name=stage, tags=_tags(stage))
+        run = client.create_run(experiment_id, run_name=stage, tags={**_tags(stage), **tags})
         flat = _flatten(dataclasses.asdict(params)) if dataclasses.is_dataclass(params) else {}
         client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in flat.items()])
     except Exception as err:  # noqa: BLE001 -- see the module warning
         log.warning("MLflow tracking is off for stage %s: %s", stage, err)
         return Tracker(None, None)
+    except KeyboardInterrupt:  # stopped while the run was being opened: not left RUNNING
+        if run is not None:
+            Tracker(client, run.info.run_id)._call("mark the run KILLED",
+                                                   lambda: client.set_terminated(run.info.run_id, "KILLED"))
+        raise
     log.info("MLflow run %s (%s) in %s", run.info.run_id, stage, uri)
     return Tracker(client, run.info.run_id)
+
+
+def _on_outage(stage: str, uri: str, problem: str) -> str:
+    """Say once that the server is unreachable and what happens (``CHOPGRAD_TRACKING_OUTAGE``); the choice.
+
+    Raises:
+        TrackingUnavailableError: the choice is ``stop``.
+    """
+    choice = outage_choice()
+    consequence = {"local": f"recording stage {stage} in the local store {_local_store()[0]} instead",
+                   "skip": f"stage {stage} runs untracked", "stop": f"stage {stage} stops"}[choice]
+    message = (f"MLflow server {uri} is unreachable ({problem}); {OUTAGE_ENV}={choice}: {consequence} "
+               f"(choices: {', '.join(OUTAGE_CHOICES)}; docs/faults.md).")
+    if choice == "stop":
+        raise TrackingUnavailableError(message)
+    log.warning("%s", message)
+    return choice
+
+
+def _local_store() -> tuple[str, str]:
+    """The repository's own store: ``<repo>/mlflow.db``, artifacts in ``<repo>/mlartifacts/``."""
+    root = repo_root()
+    return f"sqlite:///{root / 'mlflow.db'}", (root / "mlartifacts").as_uri()
 
 
 def _store(tracking_uri: str | None) -> tuple[str, str | None]:
     """The tracking URI and, for a local store, where artifacts of a new experiment go."""
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        root = repo_root()
-        return f"sqlite:///{root / 'mlflow.db'}", (root / "mlartifacts").as_uri()
+        return _local_store()
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         return uri, (db.parent / "mlartifacts").as_uri()

@@ -10,7 +10,13 @@ mp4 is encoded and decoded through ffmpeg-python with the ffmpeg executable bund
 (its own ffmpeg libraries; there is no ffprobe to call). Every writer is atomic: it
 writes to a temporary name in the destination folder and renames with ``os.replace``, so a failure
 never leaves a half-written file or folder behind (:func:`staged_outputs`, :func:`temp_sibling`,
-:func:`temp_folder` and :func:`write_json` give the other stages the same guarantee).
+:func:`temp_folder` and :func:`write_json` give the other stages the same guarantee). What a
+``kill -9`` leaves of those temporary names is removed by the next write to the same path
+(:func:`remove_stale_temps`).
+
+Frame folders are ordered and paired by the library's rules (:mod:`chopgrad.metrics.files`, shared
+with ``python -m chopgrad.metrics``): natural order of names, frames of two folders paired by name,
+16-bit images scaled to 8 bits or refused.
 """
 
 from __future__ import annotations
@@ -32,16 +38,20 @@ import imageio_ffmpeg
 import numpy as np
 import torch
 
+from chopgrad.metrics.files import frame_sort_key, match_frame_names, pixels_to_uint8
+
 __all__ = [
     "MediaError",
     "MediaNotFoundError",
     "VideoInfo",
     "from_tensor",
     "list_frames",
+    "match_frames",
     "probe_video",
     "read_frames",
     "read_image",
     "read_video",
+    "remove_stale_temps",
     "staged_outputs",
     "swap_in",
     "temp_folder",
@@ -103,6 +113,29 @@ def temp_sibling(path: Path, suffix: str = "") -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
 
 
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Remove the temporary siblings of ``path`` (:func:`temp_sibling` names) left by a killed writer.
+
+    A ``kill -9`` (or a power cut) ends a writer before it can clean up; the next run writing ``path``
+    calls this first. Two writers of one path at a time are not supported anyway (DVC runs a stage
+    once at a time), so any such sibling is a leftover.
+
+    Returns:
+        The paths removed.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{12}}\.tmp(\.[^/]*)?")
+    stale = [child for child in path.parent.iterdir() if pattern.fullmatch(child.name)]
+    for child in stale:
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+    return stale
+
+
 def temp_folder(folder: Path) -> Path:
     """Create a fresh folder next to ``folder`` (same file system, so os.replace is atomic)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -130,7 +163,8 @@ def staged_outputs(*targets: str | os.PathLike) -> Iterator[tuple[Path, ...]]:
     """Build a stage's output folders aside and swap each into place at the end; on an exception, none.
 
     A target that lies inside another one (``plots`` defaulting to ``<out>/videos``) is built inside
-    that one's build folder, so it arrives with it; only the outermost targets are swapped.
+    that one's build folder, so it arrives with it; only the outermost targets are swapped. Build
+    folders a killed run left next to a target are removed first (:func:`remove_stale_temps`).
 
     .. warning::
         The swaps happen one folder after another: each folder is atomic, the set of them is not.
@@ -154,6 +188,8 @@ def staged_outputs(*targets: str | os.PathLike) -> Iterator[tuple[Path, ...]]:
             raise MediaError(f"staged_outputs: {target} is given twice.")
     outer = {where: target for target, where in zip(targets, resolved)
              if not any(other in where.parents for other in resolved)}
+    for target in outer.values():
+        remove_stale_temps(target)
     builds: dict[Path, Path] = {}  # outer target -> its build folder
     try:
         for where, target in outer.items():
@@ -181,6 +217,7 @@ def write_json(path: str | os.PathLike, data) -> Path:
     """Write ``data`` as indented JSON, atomically; the folder is created if needed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     tmp = temp_sibling(path)
     try:
         with open(tmp, "x") as handle:
@@ -205,7 +242,8 @@ def write_video(
     """Encode frames as an H.264 mp4, atomically.
 
     Even sizes are stored as yuv420p (plays in every browser, e.g. the MLflow UI); odd sizes, which
-    4:2:0 chroma cannot hold, as yuv444p so the read-back shape is always exact.
+    4:2:0 chroma cannot hold, as yuv444p so the read-back shape is always exact. The same frames and
+    settings give the same bytes on any machine (one encoder thread, no version string).
 
     Args:
         path: destination ``.mp4``; its folder is created if needed. An existing file is replaced.
@@ -225,11 +263,14 @@ def write_video(
     height, width = frames.shape[1:3]
     pix_fmt = "yuv420p" if height % 2 == 0 and width % 2 == 0 else "yuv444p"
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     tmp = temp_sibling(path, ".mp4")
     stream = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{width}x{height}", framerate=fps)
+    # One x264 thread and bit-exact muxing: the bytes depend on the frames and settings only, not on
+    # the machine's core count or the ffmpeg build, so a rerun leaves DVC's hash (and every stage after) alone.
     stream = ffmpeg.output(
         stream, str(tmp), format="mp4", vcodec="libx264", pix_fmt=pix_fmt, crf=int(crf),
-        movflags="+faststart", loglevel="error",
+        movflags="+faststart", threads=1, fflags="+bitexact", loglevel="error",
     )
     try:
         ffmpeg.run(
@@ -331,8 +372,10 @@ def read_image(path: str | os.PathLike, labels: bool = False) -> np.ndarray:
 
     Args:
         path: an image OpenCV can read (PNG, JPEG, ...).
-        labels: False for colour (``uint8`` ``[H, W, 3]`` RGB, grey is expanded and alpha dropped);
-            True for a single-channel label image, returned unchanged (``uint8``/``uint16`` ``[H, W]``).
+        labels: False for colour (``uint8`` ``[H, W, 3]`` RGB, grey is expanded and alpha dropped;
+            16-bit images scaled to 8 bits, or refused when they hold 8-bit values:
+            :func:`chopgrad.metrics.files.pixels_to_uint8`); True for a single-channel label image,
+            returned unchanged (``uint8``/``uint16`` ``[H, W]``).
 
     Returns:
         The image array.
@@ -340,13 +383,18 @@ def read_image(path: str | os.PathLike, labels: bool = False) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise MediaNotFoundError(f"Image not found: {path}.")
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED if labels else cv2.IMREAD_COLOR)
+    # IMREAD_COLOR alone would shift 16-bit pixels right by 8 bits: 8-bit values in a 16-bit file read as 0.
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED if labels else cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
     if image is None:
         raise MediaError(f"Image {path} is corrupt or not an image (OpenCV could not decode it).")
     if labels:
         if image.ndim != 2:
             raise MediaError(f"Label image {path} has {image.shape[2]} channels; label images must have one.")
         return image
+    try:
+        image = pixels_to_uint8(image, f"Image {path}")
+    except ValueError as error:
+        raise MediaError(str(error)) from error
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
@@ -358,7 +406,8 @@ def _frame_number(path: Path) -> int:
 
 
 def list_frames(folder: str | os.PathLike, pattern: str = "*.png") -> list[Path]:
-    """The frame files of a folder, sorted by the last number in their names (frame_2 before frame_10).
+    """The frame files of a folder in natural order (frame_2 before frame_10), the order
+    ``python -m chopgrad.metrics`` reads them in (:func:`chopgrad.metrics.files.frame_sort_key`).
 
     Raises:
         MediaNotFoundError: the folder does not exist.
@@ -368,15 +417,37 @@ def list_frames(folder: str | os.PathLike, pattern: str = "*.png") -> list[Path]
     if not folder.is_dir():
         raise MediaNotFoundError(f"Frame folder not found: {folder}.")
     paths = sorted((p for p in folder.glob(pattern) if p.is_file() and not p.name.startswith(".")),
-                   key=lambda p: (_frame_number(p), p.name))
+                   key=lambda p: frame_sort_key(p.name))
     if not paths:
         raise MediaError(f"Frame folder {folder} is empty: no files match {pattern!r}.")
-    numbers = [_frame_number(p) for p in paths]
-    for before, after, number, following in zip(paths, paths[1:], numbers, numbers[1:]):
-        if number == following:
-            raise MediaError(f"Frames {before.name} and {after.name} in {folder} have the same number "
-                             f"{number}.")
+    numbers = [_frame_number(p) for p in paths]  # every name holds one
+    keys = [frame_sort_key(p.name)[0] for p in paths]  # equal for frame_1.png and frame_01.png
+    for index in range(1, len(paths)):
+        if keys[index] == keys[index - 1]:
+            raise MediaError(f"Frames {paths[index - 1].name} and {paths[index].name} in {folder} have the same "
+                             f"number {numbers[index]}.")
     return paths
+
+
+def match_frames(folders: dict[str, str | os.PathLike], pattern: str = "*.png") -> dict[str, list[Path]]:
+    """The frames of several folders that belong together (input, target, mask), paired by name.
+
+    Args:
+        folders: ``{key: folder}``; every folder must hold the same frame names.
+        pattern: glob of the frame files.
+
+    Returns:
+        ``{key: paths}`` from :func:`list_frames`: the same names, in the same order, in every folder.
+
+    Raises:
+        MediaError: a folder is missing or empty, or the names differ (the missing and extra files named).
+    """
+    listed = {key: list_frames(folder, pattern) for key, folder in folders.items()}
+    try:
+        match_frame_names({f"{folders[key]}/": [p.name for p in paths] for key, paths in listed.items()})
+    except ValueError as error:
+        raise MediaError(str(error)) from error
+    return listed
 
 
 def write_frames(

@@ -186,7 +186,10 @@ def _measure_in_fresh_process(config: Config, threads: int | None = None) -> dic
 
     def child(env: dict, warmup: bool) -> dict:
         argv = [sys.executable, "-m", "chopgrad.bench", "--one", json.dumps(asdict(config))]
-        out = subprocess.run(argv + ["--warmup"] * warmup, check=True, capture_output=True, text=True, env=env)
+        out = subprocess.run(argv + ["--warmup"] * warmup, capture_output=True, text=True, env=env)
+        if out.returncode:  # the child's own message, not a CalledProcessError around it
+            last = (out.stderr.strip().splitlines() or [f"exit code {out.returncode}"])[-1]
+            raise RuntimeError(f"measuring {_label(asdict(config))} at {config.frames} frames failed: {last}")
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     base = dict(os.environ) | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
@@ -340,7 +343,10 @@ def main(argv: list[str] | None = None) -> None:
             chopgrad.num_latent_frames(decoder, frames)
         except ValueError as error:
             parser.error(f"--frames {frames}: {error}")
-    rows = run(_configs(args, modes), fresh_process=args.device == "cpu", threads=args.threads)  # CUDA: in process
+    try:
+        rows = run(_configs(args, modes), fresh_process=args.device == "cpu", threads=args.threads)  # CUDA: in process
+    except RuntimeError as error:  # a measurement's own error, one line
+        parser.exit(1, f"python -m chopgrad.bench: {error}\n")
     print(markdown_table(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

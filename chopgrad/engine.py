@@ -27,9 +27,22 @@ exact gradient of a reverse sweep over all steps, holding every step's cache.
    :func:`decode_loss` computes it eagerly, step by step, with ``torch.autograd.grad`` on
    detached copies of the latents and the cache, while it decodes. It returns the loss value as
    the output of a small autograd node whose backward hands the precomputed gradients, scaled by
-   the incoming gradient, to ``latents`` and to every decoder parameter that requires grad.
+   the incoming gradient, to ``latents``, to every decoder parameter that requires grad and to
+   every leaf that ``loss_fn`` reaches (next note).
    ``decode_loss(...).backward()``, ``(decode_loss(...) * w + other).backward()`` and
    optimizers therefore work as usual; double backward (``create_graph=True``) does not.
+
+.. note:: **The loss side.** Each step's loss term is computed once, when the step is decoded,
+   on a detached copy of the step's frames (cropped to the tile's interior) that takes grad. One
+   ``torch.autograd.grad`` of the term gives its gradient w.r.t. those frames, which the sweeps
+   then carry through the decoder (a replay never calls ``loss_fn`` again), and w.r.t. every other
+   leaf that the term's graph reaches, found through its ``AccumulateGrad`` nodes: a
+   discriminator's parameters, learnable loss weights, a target that requires grad (or the leaves
+   under a non-leaf one). Those gradients do not cross the cache, so truncation does not change
+   them: they equal plain autograd's, the sum over steps of ``d term_s / d leaf``, and are
+   delivered to the leaves themselves (hooks on a non-leaf target do not fire). The graph between
+   those leaves and the loss is retained from step to step, since every step's term crosses it;
+   ``loss_fn``'s own activations are freed as soon as its step's term is differentiated.
 
 .. note:: **Sweeps, retained graphs and replays (the autograd subtlety of the schedules).**
    A *sweep* visits the window newest step first and backpropagates, through each step's graph
@@ -51,7 +64,6 @@ exact gradient of a reverse sweep over all steps, holding every step's cache.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -60,8 +72,8 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from chopgrad.adapters import wrap_decoder
-from chopgrad.protocol import CausalDecoder, Tile, num_frames, step_frames
+from chopgrad.checks import check_latents, check_loss_fn, check_schedule, check_target, check_tiles
+from chopgrad.protocol import CausalDecoder, Tile, step_frames
 
 __all__ = ["decode", "decode_loss"]
 
@@ -96,83 +108,6 @@ def _tile_layout(height: int, width: int, tiles: tuple[int, int], halo: int, sca
         for rows in spans(height, tiles[0])
         for cols in spans(width, tiles[1])
     ]
-
-
-# ----------------------------------------------------------------------------- checks
-
-
-def _check_common(decoder: Any, latents: Any, d_trunc: Any, tiles: Any, halo: Any) -> CausalDecoder:
-    decoder = wrap_decoder(decoder)
-    if not isinstance(latents, Tensor) or latents.dim() != 5:
-        shape = tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__
-        raise ValueError(f"latents must be a tensor [B, C, t, h, w] (what vae.decode takes), got {shape}")
-    if not latents.is_floating_point():
-        raise TypeError(f"latents must be a floating-point tensor, got {latents.dtype}")
-    if latents.shape[1] != decoder.latent_channels:
-        raise ValueError(
-            f"latents have {latents.shape[1]} channels but the decoder expects {decoder.latent_channels}: "
-            "pass latents in the layout [B, C, t, h, w] produced by this VAE's encoder"
-        )
-    if not torch.isfinite(latents).all():
-        raise ValueError("latents contain NaN or Inf values: check the model that produced them")
-    if d_trunc is not None and (
-        isinstance(d_trunc, bool) or not isinstance(d_trunc, numbers.Integral) or d_trunc < 0
-    ):
-        raise ValueError(f"d_trunc must be an integer >= 0 or None (full backpropagation), got {d_trunc!r}")
-    if (
-        not isinstance(tiles, (tuple, list))
-        or len(tiles) != 2
-        or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1 for n in tiles)
-    ):
-        raise ValueError(f"tiles must be two positive integers (rows, cols), got {tiles!r}")
-    height, width = latents.shape[-2:]
-    if height % tiles[0] or width % tiles[1]:
-        raise ValueError(
-            f"tiles={tuple(tiles)} do not divide the latent size {height}x{width}: choose tile counts that "
-            f"divide it (rows from {_divisors(height)}, cols from {_divisors(width)})"
-        )
-    if isinstance(halo, bool) or not isinstance(halo, numbers.Integral) or halo < 0:
-        raise ValueError(f"halo must be an integer >= 0 (latent pixels around each tile), got {halo!r}")
-    return decoder
-
-
-def _check_schedule(d_trunc: int | None, release_every: Any, recompute: Any) -> None:
-    if isinstance(release_every, bool) or not isinstance(release_every, numbers.Integral) or release_every < 1:
-        raise ValueError(
-            f"release_every must be an integer >= 1 (decode steps per block; 1 is Algorithm 1), got {release_every!r}"
-        )
-    if d_trunc is None and release_every != 1:
-        raise ValueError(
-            f"release_every={release_every} needs an integer d_trunc: with d_trunc=None the whole video is one "
-            "block already; drop release_every, or pass d_trunc"
-        )
-    if not isinstance(recompute, bool):
-        raise TypeError(f"recompute must be True or False, got {recompute!r}")
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def _check_target(decoder: CausalDecoder, latents: Tensor, target: Any) -> None:
-    batch, _, frames, height, width = latents.shape
-    scale = decoder.spatial_scale
-    expected = (batch, decoder.out_channels, num_frames(decoder, frames), height * scale, width * scale)
-    if not isinstance(target, Tensor) or tuple(target.shape) != expected:
-        shape = tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__
-        raise ValueError(
-            f"target has shape {shape} but latents of shape {tuple(latents.shape)} decode to {expected} "
-            "[B, out_channels, T, H, W]; use chopgrad.num_latent_frames to match clip lengths"
-        )
-    if not torch.isfinite(target).all():
-        raise ValueError("target contains NaN or Inf values")
-    low, high = decoder.output_range
-    tmin, tmax = float(target.min()), float(target.max())
-    if tmin < low - 1e-3 or tmax > high + 1e-3:
-        raise ValueError(
-            f"target values span [{tmin:.3g}, {tmax:.3g}] but the decoder outputs [{low:g}, {high:g}]: "
-            "rescale the target (uint8 frames: x / 127.5 - 1)"
-        )
 
 
 # ----------------------------------------------------------------------------- cache plumbing
@@ -228,6 +163,13 @@ class _Pass:
     place: _Placement
     params: list[Tensor]  # trainable decoder parameters
     acc: _Accumulator
+    loss_leaves: _LossLeaves  # shared by the tiles
+    loss_grad: bool  # grad mode of the call: the loss side takes grad (see the note on the loss side)
+
+    @property
+    def decoder_grad(self) -> bool:
+        """Whether the latents or some decoder parameter want a gradient (else no step graph is built)."""
+        return self.acc.latents is not None or bool(self.params)
 
 
 @dataclass
@@ -239,7 +181,9 @@ class _StepGraph:
     cache_positions: list[int]  # positions (in the flattened cache) of ...
     cache_leaves: list[Tensor]  # ... the detached cache leaves entering this step
     cache_out: list[Any]  # flattened cache leaving this step (tensors carry the step's graph)
-    loss: Tensor | None  # this step's loss term, until a sweep has backpropagated it
+    pred: Tensor  # [B, 3, T_s, H', W'], the step's frames inside the tile (carrying the step's graph)
+    value: Tensor | None  # the step's loss term (detached); None in a replay
+    pred_grad: Tensor | None  # d(loss term) / d(pred); None in a replay, or if the decoder takes no grad
 
 
 @dataclass
@@ -249,6 +193,7 @@ class _Held:
     index: int  # the step's position in the decode loop
     cache_in: Any  # detached cache entering the step; None unless recompute
     graph: _StepGraph | None  # recompute: None, but for a sweep's newest step until the sweep crosses it
+    pred_grad: Tensor | None  # the gradient of the step's loss term w.r.t. its frames, until a sweep takes it
 
 
 class _Accumulator:
@@ -266,6 +211,45 @@ class _Accumulator:
                 self.params[index] = grad if self.params[index] is None else self.params[index].add_(grad)
 
 
+class _LossLeaves:
+    """The leaves that the loss terms reach besides the frames, and their summed gradients."""
+
+    def __init__(self) -> None:
+        self.tensors: list[Tensor] = []
+        self.grads: list[Tensor] = []
+        self._index: dict[int, int] = {}  # id(tensor) -> position; the tensors are held, so ids stay unique
+
+    def add(self, leaves: list[Tensor], grads: tuple) -> None:
+        for leaf, grad in zip(leaves, grads):
+            if grad is None:
+                continue
+            position = self._index.setdefault(id(leaf), len(self.tensors))
+            if position == len(self.tensors):
+                self.tensors.append(leaf)
+                self.grads.append(grad)
+            else:  # out of place: autograd may hand back an expanded (stride-0) gradient
+                self.grads[position] = self.grads[position] + grad
+
+
+def _leaves_under(term: Tensor, pred: Tensor) -> tuple[list[Tensor], bool]:
+    """The leaves that ``term``'s graph reaches (its ``AccumulateGrad`` nodes) other than the leaf
+    ``pred``, and whether it reaches ``pred``."""
+    leaves, reaches, seen, stack = [], False, set(), [term.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)
+        if leaf is pred:
+            reaches = True
+        elif leaf is not None:
+            leaves.append(leaf)
+        else:
+            stack.extend(child for child, _ in node.next_functions)
+    return leaves, reaches
+
+
 def _vjp(outputs: list[Tensor], grad_outputs: list[Tensor | None], inputs: list[Tensor], retain: bool):
     pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o.requires_grad]
     if not pairs or not inputs:
@@ -277,29 +261,49 @@ def _vjp(outputs: list[Tensor], grad_outputs: list[Tensor | None], inputs: list[
 # ----------------------------------------------------------------------------- the modes
 
 
-def _step_loss(loss_fn: LossFn, frames: Tensor, target: Tensor, place: _Placement, share: float) -> Tensor:
-    value = loss_fn(frames[..., place.crop[0], place.crop[1]], target[..., place.out[0], place.out[1]])
-    if not isinstance(value, Tensor) or value.numel() != 1:
-        raise ValueError("loss_fn(pred, target) must return a scalar tensor (reduce it, e.g. with .mean())")
-    return value.reshape(()) * (share * place.weight)
+def _loss_term(run: _Pass, index: int, pred: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Step ``index``'s loss term on its frames ``pred``: ``(value, d value / d pred)``; the
+    gradients of the other leaves it reaches go to ``run.loss_leaves`` (see the note on the loss side)."""
+    frame_slice = run.plan[index][1]
+    share = (frame_slice.stop - frame_slice.start) / run.plan[-1][1].stop
+    rows, cols = run.place.out
+    with torch.set_grad_enabled(run.loss_grad):
+        leaf = pred.detach().requires_grad_(run.loss_grad)
+        term = run.loss_fn(leaf, run.target[:, :, frame_slice, rows, cols])
+        if not isinstance(term, Tensor) or term.numel() != 1:
+            raise ValueError("loss_fn(pred, target) must return a scalar tensor (reduce it, e.g. with .mean())")
+        term = term.reshape(()) * (share * run.place.weight)
+    if not run.loss_grad or not (term.requires_grad or run.decoder_grad):
+        return term.detach(), None  # no gradient wanted anywhere
+    leaves, reaches = _leaves_under(term, leaf) if term.requires_grad else ([], False)
+    if not reaches:
+        how = "it depends only on other tensors" if term.requires_grad else "it does not require grad"
+        raise ValueError(
+            f"loss_fn returned a tensor that does not depend on its first argument (the decoded frames; {how}), "
+            "so no gradient would reach the latents or the decoder: compute the loss from pred with "
+            "differentiable torch operations (no .detach(), .item(), numpy or torch.no_grad inside loss_fn)"
+        )
+    wanted = [leaf] * run.decoder_grad + leaves
+    grads = torch.autograd.grad(term, wanted, retain_graph=bool(leaves), allow_unused=True) if wanted else ()
+    run.loss_leaves.add(leaves, grads[run.decoder_grad :])
+    return term.detach(), grads[0] if run.decoder_grad else None
 
 
 def _run_step(run: _Pass, index: int, cache: Any, cache_grad: bool, live: bool, with_loss: bool = True):
     """Decode step ``index`` from ``cache``. With ``live`` its graph is built from fresh leaves (the
     latents, and the cache when ``cache_grad``); without, it runs under no_grad for its values only.
+    ``with_loss`` computes its loss term (a replay does not: the sweep holds the term's gradient).
 
     Returns ``(graph, detached cache entering the step, cache leaving it)``.
     """
-    latent_slice, frame_slice = run.plan[index]
+    latent_slice = run.plan[index][0]
     step_latents = run.latents[:, :, latent_slice].detach().requires_grad_(live and run.acc.latents is not None)
     cache_in, positions, leaves = detach_cache(cache, requires_grad=live and cache_grad)
     with torch.set_grad_enabled(live):
         frames, cache_out = run.decoder.step(step_latents, cache_in)
-        loss = None
-        if with_loss:
-            share = (frame_slice.stop - frame_slice.start) / run.plan[-1][1].stop
-            loss = _step_loss(run.loss_fn, frames, run.target[:, :, frame_slice], run.place, share)
-    graph = _StepGraph(latent_slice, step_latents, positions, leaves, tree_flatten(cache_out)[0], loss)
+        pred = frames[..., run.place.crop[0], run.place.crop[1]]
+    value, pred_grad = _loss_term(run, index, pred) if with_loss else (None, None)
+    graph = _StepGraph(latent_slice, step_latents, positions, leaves, tree_flatten(cache_out)[0], pred, value, pred_grad)
     return graph, cache_in, cache_out
 
 
@@ -328,12 +332,13 @@ def _truncated(run: _Pass, schedule: _Schedule) -> Tensor:
 def _advance(run: _Pass, schedule: _Schedule, window: list[_Held], index: int, cache: Any, live: bool):
     """Decode step ``index`` into ``window``; return the cache leaving it and its loss value."""
     graph, cache_in, cache_out = _run_step(run, index, cache, schedule.cache_grad(index), live)
+    pred_grad, graph.pred_grad = graph.pred_grad, None  # the window holds it, with or without the graph
     if schedule.recompute:  # hold the entering cache, and the graph only until the sweep crosses it
-        window.append(_Held(index, cache_in, graph if live else None))
+        window.append(_Held(index, cache_in, graph if live else None, pred_grad))
         cache_out = detach_cache(cache_out, requires_grad=False)[0]  # else its graph would keep cache_in alive
     else:
-        window.append(_Held(index, None, graph))
-    return cache_out, graph.loss.detach()
+        window.append(_Held(index, None, graph, pred_grad))
+    return cache_out, graph.value
 
 
 def _sweep(run: _Pass, schedule: _Schedule, window: list[_Held], pending: int, retain_from: int) -> None:
@@ -345,14 +350,15 @@ def _sweep(run: _Pass, schedule: _Schedule, window: list[_Held], pending: int, r
         held, oldest = window[position], position == 0
         graph = held.graph
         if graph is None:  # recompute
-            graph = _replay(run, schedule, window, position, pending)
+            graph = _replay(run, schedule, window, position)
         held.graph = None if schedule.recompute else graph
-        adjoint = _cross(run, graph, adjoint, oldest, retain=held.index >= retain_from)
+        adjoint = _cross(run, graph, held.pred_grad, adjoint, oldest, retain=held.index >= retain_from)
+        held.pred_grad = None  # backpropagated: no later sweep takes this term again
         if oldest or (not adjoint and window[position - 1].index < pending):
             break  # the truncation point, or nothing older is reached
 
 
-def _replay(run: _Pass, schedule: _Schedule, window: list[_Held], position: int, pending: int) -> _StepGraph:
+def _replay(run: _Pass, schedule: _Schedule, window: list[_Held], position: int) -> _StepGraph:
     """Rebuild the graph of ``window[position]`` from the cache that entered it.
 
     The replay recomputes, bit for bit, the cache entering the next step in the window: that one
@@ -361,24 +367,24 @@ def _replay(run: _Pass, schedule: _Schedule, window: list[_Held], position: int,
     held, newer = window[position], window[position + 1] if position + 1 < len(window) else None
     if newer is not None:
         newer.cache_in = None
-    cache_grad, with_loss = schedule.cache_grad(held.index), held.index >= pending
-    graph, _, cache_out = _run_step(run, held.index, held.cache_in, cache_grad, True, with_loss)
+    graph, _, cache_out = _run_step(run, held.index, held.cache_in, schedule.cache_grad(held.index), True, False)
     if newer is not None:
         newer.cache_in = detach_cache(cache_out, requires_grad=False)[0]
     return graph
 
 
-def _cross(run: _Pass, graph: _StepGraph, adjoint: list, oldest: bool, retain: bool) -> list[tuple[int, Tensor]]:
-    """One step of a sweep: backpropagate the step's pending loss term and the adjoint of the cache
-    leaving it; accumulate the gradients; return the adjoint of the cache entering it."""
+def _cross(
+    run: _Pass, graph: _StepGraph, pred_grad: Tensor | None, adjoint: list, oldest: bool, retain: bool
+) -> list[tuple[int, Tensor]]:
+    """One step of a sweep: backpropagate the step's pending loss term (``pred_grad``, its gradient
+    w.r.t. the step's frames) and the adjoint of the cache leaving it; accumulate the gradients;
+    return the adjoint of the cache entering it."""
     want_latents = run.acc.latents is not None
-    losses = [graph.loss] if graph.loss is not None else []
-    outputs = losses + [graph.cache_out[p] for p, _ in adjoint]
-    grad_outputs = [None] * len(losses) + [g for _, g in adjoint]
+    pending = [(graph.pred, pred_grad)] if pred_grad is not None else []
+    pairs = pending + [(graph.cache_out[p], g) for p, g in adjoint]
     leaves = [] if oldest else graph.cache_leaves  # the oldest step's entering cache is the truncation point
     wanted = [graph.latents] * want_latents + leaves + run.params
-    grads = _vjp(outputs, grad_outputs, wanted, retain=retain)
-    graph.loss = None  # backpropagated: no later sweep takes this term again
+    grads = _vjp([o for o, _ in pairs], [g for _, g in pairs], wanted, retain=retain)
     run.acc.add(graph.latent_slice, grads[0] if want_latents else None, grads[len(wanted) - len(run.params) :])
     cache_grads = grads[want_latents : want_latents + len(leaves)]
     return [(p, g) for p, g in zip(graph.cache_positions, cache_grads) if g is not None]
@@ -388,15 +394,27 @@ def _full(run: _Pass) -> Tensor:
     """Plain backpropagation through the untruncated loop (memory grows with the video)."""
     want_latents = run.acc.latents is not None
     leaf = run.latents.detach().requires_grad_(want_latents)
-    total_frames = run.plan[-1][1].stop
     cache, total = run.decoder.init_cache(tile=run.place.tile), run.latents.new_zeros(())
-    for latent_slice, frame_slice in run.plan:
+    preds, pred_grads = [], []
+    for index, (latent_slice, _) in enumerate(run.plan):
         frames, cache = run.decoder.step(leaf[:, :, latent_slice], cache)
-        share = (frame_slice.stop - frame_slice.start) / total_frames
-        total = total + _step_loss(run.loss_fn, frames, run.target[:, :, frame_slice], run.place, share)
-    grads = _vjp([total], [None], [leaf] * want_latents + run.params, retain=False)
+        preds.append(frames[..., run.place.crop[0], run.place.crop[1]])
+        value, pred_grad = _loss_term(run, index, preds[-1])
+        pred_grads.append(pred_grad)
+        total = total + value
+    grads = _vjp(preds, pred_grads, [leaf] * want_latents + run.params, retain=False)
     run.acc.add(slice(None), grads[0] if want_latents else None, grads[want_latents:])
-    return total.detach()
+    return total
+
+
+def _frozen(run: _Pass) -> Tensor:
+    """No latent or decoder parameter takes grad: decode without step graphs. The loss side still
+    gives its own leaves their gradients (a discriminator trained on a frozen decoder's frames)."""
+    cache, total = run.decoder.init_cache(tile=run.place.tile), run.latents.new_zeros(())
+    for index in range(len(run.plan)):
+        graph, _, cache = _run_step(run, index, cache, cache_grad=False, live=False)
+        total = total + graph.value
+    return total
 
 
 class _DeliverGradients(torch.autograd.Function):
@@ -442,7 +460,10 @@ def decode_loss(
             count the decoder produces for ``t`` latent frames (:func:`~chopgrad.num_frames`);
             ``3`` is the decoder's ``out_channels``.
         loss_fn: ``loss_fn(pred, target) -> scalar``, applied to each step's frames
-            ``[B, 3, T_s, H', W']`` (one tile's interior when ``tiles`` is not ``(1, 1)``).
+            ``[B, 3, T_s, H', W']`` (one tile's interior when ``tiles`` is not ``(1, 1)``), once
+            per step and tile in every mode. It must depend on ``pred``. It may hold leaves of its
+            own (a discriminator, learnable loss weights), and ``target`` may require grad: they
+            get exactly the gradient plain autograd gives them (the note on the loss side).
         d_trunc: truncation distance ``D >= 0``: step ``s``'s loss term reaches the latents of
             steps ``s - D .. s``, i.e. the cache entering step ``s - D`` is a constant. ``0``: each
             term reaches only its own step (with ``release_every=1``; see there for blocks).
@@ -464,7 +485,8 @@ def decode_loss(
             every ``d_trunc`` and ``release_every``; ``d_trunc=None`` gives the exact gradient), with
             the activations of one step at a time plus ``d_trunc + release_every + 1`` caches (those
             entering the window's steps and the one leaving it; every step's cache with
-            ``d_trunc=None``). It costs one step forward per step
+            ``d_trunc=None``) and the loss's gradient w.r.t. the frames of each step whose term
+            awaits its sweep. It costs one step forward per step
             backpropagated (the newest step of a sweep reuses its forward). See the note on sweeps
             and replays in the module docstring.
 
@@ -472,7 +494,17 @@ def decode_loss(
         A scalar: ``sum_tiles sum_s (T_s / T) * loss_fn(pred_s, target_s) / n_tiles``, which for a
         per-element-mean loss equals ``loss_fn`` over the whole video. Calling ``.backward()`` on
         it (alone or inside a larger loss) delivers the truncated gradients into ``latents`` and
-        into the decoder parameters that require grad.
+        into the decoder parameters that require grad, and the untruncated ones into every leaf
+        that ``loss_fn`` reaches besides ``pred``. Double backward is not supported.
+
+    Raises:
+        ValueError: latents that are not ``[B, C, t, h, w]`` with the decoder's ``C``, empty
+            (batch size 0) or not finite; a target of another shape, outside the output range or
+            not finite; bad ``d_trunc``, ``tiles``, ``halo`` or ``release_every`` (integers,
+            numpy's included, are accepted; bools are not); a ``loss_fn`` that returns no scalar,
+            or one that does not depend on ``pred`` (detached, or only on other tensors).
+        TypeError: latents of another dtype than the decoder's parameters, a target of another
+            dtype than the latents, a ``loss_fn`` that is not callable, a non-bool ``recompute``.
 
     .. warning::
         The loss sees the decoder's output *before* the clamp that Wan's ``vae.decode`` applies:
@@ -482,28 +514,26 @@ def decode_loss(
         ``d_trunc`` counts decoder *steps*: one latent frame (4 pixel frames) for Wan, two latent
         frames for CogVideoX.
     """
-    decoder = _check_common(decoder, latents, d_trunc, tiles, halo)
-    _check_target(decoder, latents, target)
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable as loss_fn(pred, target) -> scalar, got {type(loss_fn).__name__}")
-    _check_schedule(d_trunc, release_every, recompute)
+    decoder = check_latents(decoder, latents)
+    tiles = check_tiles(latents, tiles, halo)
+    check_target(decoder, latents, target)
+    check_loss_fn(loss_fn)
+    d_trunc, release_every = check_schedule(d_trunc, release_every, recompute)
 
-    params = [p for p in decoder.parameters() if p.requires_grad]
-    grad_needed = torch.is_grad_enabled() and (latents.requires_grad or bool(params))
+    loss_grad = torch.is_grad_enabled()
+    params = [p for p in decoder.parameters() if p.requires_grad] if loss_grad else []
     plan = step_frames(decoder, latents.shape[2])
-    layout = _tile_layout(latents.shape[-2], latents.shape[-1], tuple(tiles), halo, decoder.spatial_scale)
-    if not grad_needed:
-        with torch.no_grad():
-            return sum(_forward_loss(decoder, latents, target, loss_fn, plan, place) for place in layout)
-
-    latent_grad = torch.zeros_like(latents) if latents.requires_grad else None
+    layout = _tile_layout(latents.shape[-2], latents.shape[-1], tiles, halo, decoder.spatial_scale)
+    latent_grad = torch.zeros_like(latents) if loss_grad and latents.requires_grad else None
     param_grads: list[Tensor | None] = [None] * len(params)
-    total = latents.new_zeros((), dtype=torch.float64)
+    loss_leaves, total = _LossLeaves(), latents.new_zeros((), dtype=torch.float64)
     for place in layout:
         tile_latents = latents.detach()[..., place.tile.rows, place.tile.cols]
         acc = _Accumulator(tile_latents if latent_grad is not None else None, params)
-        run = _Pass(decoder, tile_latents, target, loss_fn, plan, place, params, acc)
-        if d_trunc is None and not recompute:
+        run = _Pass(decoder, tile_latents, target, loss_fn, plan, place, params, acc, loss_leaves, loss_grad)
+        if not run.decoder_grad:
+            value = _frozen(run)
+        elif d_trunc is None and not recompute:
             value = _full(run)
         else:  # d_trunc=None with recompute: one block, truncated nowhere (the exact gradient)
             value = _truncated(run, _Schedule(len(plan) if d_trunc is None else d_trunc, release_every, recompute))
@@ -513,19 +543,8 @@ def decode_loss(
         for index, grad in enumerate(acc.params):
             if grad is not None:
                 param_grads[index] = grad if param_grads[index] is None else param_grads[index] + grad
-    grads = [latent_grad] + param_grads
-    return _DeliverGradients.apply(total.to(latents.dtype), grads, latents, *params)
-
-
-def _forward_loss(decoder, latents, target, loss_fn, plan, place) -> Tensor:
-    total_frames = plan[-1][1].stop
-    cache, total = decoder.init_cache(tile=place.tile), latents.new_zeros(())
-    tile_latents = latents[..., place.tile.rows, place.tile.cols]
-    for latent_slice, frame_slice in plan:
-        frames, cache = decoder.step(tile_latents[:, :, latent_slice], cache)
-        share = (frame_slice.stop - frame_slice.start) / total_frames
-        total = total + _step_loss(loss_fn, frames, target[:, :, frame_slice], place, share)
-    return total
+    grads = [latent_grad, *param_grads, *loss_leaves.grads]
+    return _DeliverGradients.apply(total.to(latents.dtype), grads, latents, *params, *loss_leaves.tensors)
 
 
 def decode(
@@ -548,11 +567,12 @@ def decode(
         tiles: spatial tiles decoded separately, each with ``halo`` latent pixels of context.
         clamp: clamp to the output range; defaults to what the decoder's ``decode`` does.
     """
-    decoder = _check_common(decoder, latents, None, tiles, halo)
+    decoder = check_latents(decoder, latents)
+    tiles = check_tiles(latents, tiles, halo)
     plan = step_frames(decoder, latents.shape[2])
     scale = decoder.spatial_scale
     rows = []
-    layout = _tile_layout(latents.shape[-2], latents.shape[-1], tuple(tiles), halo, scale)
+    layout = _tile_layout(latents.shape[-2], latents.shape[-1], tiles, halo, scale)
     for place in layout:
         cache, pieces = decoder.init_cache(tile=place.tile), []
         tile_latents = latents[..., place.tile.rows, place.tile.cols]

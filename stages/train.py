@@ -606,7 +606,7 @@ def _losses(params: Params, method: str, tasks: list[Task], device: torch.device
 
 
 def run(params: Params, method: str, vae_dir: str | Path, pairs_dirs: list[str | Path], out_dir: str | Path,
-        metrics_path: str | Path, checkpoint_dir: str | Path, weights_home: str | Path = ".weights/stand_in",
+        metrics_path: str | Path, checkpoint_dir: str | Path, stand_in_home: str | Path = ".weights/stand_in",
         on_iteration: Callable[[str, int], None] | None = None) -> dict:
     """Train ``method`` on every task of ``params.tasks``; write ``out_dir``, ``metrics_path``.
 
@@ -622,7 +622,7 @@ def run(params: Params, method: str, vae_dir: str | Path, pairs_dirs: list[str |
     # Tasks already finished by an interrupted run are not trained again (their checkpoints are at the
     # last iteration): they are rebuilt from their checkpoints and written again.
     records = {}
-    with _loss_weights(params, _pixel_metrics(params, method, tasks), weights_home), \
+    with _loss_weights(params, _pixel_metrics(params, method, tasks), stand_in_home), \
             _main_rank_outputs(info, out_dir) as build:
         losses = _losses(params, method, tasks, info.device)
         for task in tasks:
@@ -662,11 +662,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output folder (data/train/<method>)")
     parser.add_argument("--metrics", required=True, help="metrics JSON (metrics/train/<method>.json)")
     parser.add_argument("--checkpoints", required=True, help="checkpoint folder, kept until the stage ends")
-    parser.add_argument("--weights-home", default=".weights/stand_in", help="where stand-in loss weights go")
+    parser.add_argument("--stand-in-home", default=".weights/stand_in",
+                        help="where stand-in loss weights go (as evaluate.stand_in_home)")
     args = parser.parse_args(argv)
     params = cli.start(STAGE, Params, args.params)
     arguments = (params, args.method, args.vae, args.pairs, args.out, args.metrics, args.checkpoints,
-                 args.weights_home)
+                 args.stand_in_home)
     try:
         if int(os.environ.get("RANK", "0")) != 0:  # torchrun workers: rank 0 alone logs to MLflow
             run(*arguments)

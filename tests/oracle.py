@@ -6,6 +6,8 @@ only step ``s``'s loss term, and sum over ``s``. ``k = s % release_every`` is th
 in its block (supplement D: a block's terms share one truncation point); ``k = 0`` always for
 Algorithm 1. With ``tiles``, each tile (its latents widened by ``halo``, clipped to the frame) is
 decoded on its own and its term is the loss on its interior, weighted by its share of the frame.
+``params`` are any leaves: the decoder's parameters, and those of the loss (a discriminator,
+learnable weights, a target that requires grad), whose gradient is plain autograd's per term.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ def truncated_oracle(decoder, latents, target, loss_fn, d_trunc, params=(), rele
             share = (frames_s.stop - frames_s.start) / total_frames
             term = share * weight * loss_fn(pred, want)
             value += float(term.detach())
-            grads = torch.autograd.grad(term, [z, *params], allow_unused=True)
+            # Retained: a non-leaf the loss shares between terms (a weight computed once) is crossed again.
+            grads = torch.autograd.grad(term, [z, *params], retain_graph=True, allow_unused=True)
             grad += grads[0]
             for acc, g in zip(param_grads, grads[1:]):
                 if g is not None:

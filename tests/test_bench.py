@@ -110,3 +110,12 @@ def test_plot_draws_against_frames_or_against_d_trunc(tmp_path):
     for name, rows in (("frames.png", by_frames), ("d_trunc.png", figure_13)):
         bench.plot(rows, tmp_path / name)
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow  # one measurement process
+def test_a_failing_measurement_reports_the_childs_own_error():
+    from chopgrad import bench
+
+    config = bench.Config("wan-tiny", "chopgrad", 1, 17, 60, 64, "cpu", "float32")
+    with pytest.raises(RuntimeError, match=r"measuring chopgrad d_trunc=1 at 17 frames failed: .*multiples of 8"):
+        bench.run([config], progress=lambda _: None)

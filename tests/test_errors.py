@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -32,6 +33,10 @@ def setup(cogvideox):
         (lambda z, t: (z, t[..., :16]), "target has shape"),
         (lambda z, t: (z, t + 200), r"target values span \[200, 200\] but the decoder outputs \[-1, 1\]"),
         (lambda z, t: (z, t.index_fill(2, torch.tensor([0]), float("nan"))), "target contains NaN"),
+        (lambda z, t: (z[:0], t[:0]), r"latents of shape \(0, 4, 4, 4, 4\) have batch size 0: there is nothing to decode"),
+        (lambda z, t: (z.float(), t.float()),
+         r"latents are torch.float32 but the decoder's parameters are torch.float64: cast the latents \(latents.to\(torch.float64\)\) or the VAE"),
+        (lambda z, t: (z, t.float()), r"target is torch.float32 but the latents are torch.float64 .*target.to\(torch.float64\)"),
     ],
 )
 def test_bad_tensors(setup, change, message):
@@ -41,11 +46,41 @@ def test_bad_tensors(setup, change, message):
         chopgrad.decode_loss(decoder, z, target, mse)
 
 
-@pytest.mark.parametrize("d_trunc", [-1, 1.5, "1", True])
+@pytest.mark.parametrize("d_trunc", [-1, 1.5, "1", True, np.True_, np.int64(-1), torch.tensor(1)])
 def test_bad_d_trunc(setup, d_trunc):
     decoder, z, target = setup
     with pytest.raises(ValueError, match="d_trunc must be an integer >= 0 or None"):
         chopgrad.decode_loss(decoder, z, target, mse, d_trunc=d_trunc)
+
+
+def test_numpy_integers_are_integers(setup):
+    decoder, z, target = setup
+    grads = []
+    for kwargs in ({"d_trunc": 1, "release_every": 2}, {"d_trunc": np.int64(1), "release_every": np.int32(2)}):
+        leaf = z.clone().requires_grad_(True)
+        chopgrad.decode_loss(decoder, leaf, target, mse, tiles=(np.int64(2), 1), halo=np.int64(1), **kwargs).backward()
+        grads.append(leaf.grad)
+    assert torch.equal(*grads)
+
+
+@pytest.mark.parametrize(
+    "loss_fn,message",
+    [
+        (lambda p, t: mse(p, t).detach(), r"does not depend on its first argument \(the decoded frames; it does not require grad\)"),
+        (lambda p, t: torch.tensor(mse(p, t).detach().item(), dtype=p.dtype), "does not depend on its first argument"),
+        (lambda p, t: _WEIGHT * mse(t, torch.zeros_like(t)), r"\(the decoded frames; it depends only on other tensors\)"),
+    ],
+)
+def test_a_loss_that_ignores_the_prediction(setup, loss_fn, message):
+    decoder, z, target = setup
+    for kwargs in ({"d_trunc": 1}, {"d_trunc": None}, {"d_trunc": 1, "recompute": True}):
+        with pytest.raises(ValueError, match=message + ".*compute the loss from pred with differentiable torch operations"):
+            chopgrad.decode_loss(decoder, z.requires_grad_(True), target, loss_fn, **kwargs)
+    with torch.no_grad():  # no gradient wanted: nothing to refuse
+        chopgrad.decode_loss(decoder, z, target, loss_fn)
+
+
+_WEIGHT = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
 
 
 @pytest.mark.parametrize("tiles,message", [((3, 1), "do not divide the latent size 4x4"), ((0, 1), "two positive"), (2, "two positive")])

@@ -81,7 +81,7 @@ STAGES = [
         p, "data/scenes", "data/splat/gaussians", "data/reinsert", "metrics/reinsert.json", "plots/reinsert")),
     ("train", ["data/train/chopgrad_d1"], lambda m, p: m.run(
         p, "chopgrad_d1", "data/vae", PAIRS, "data/train/chopgrad_d1", "metrics/train/chopgrad_d1.json",
-        "checkpoints/train/chopgrad_d1", weights_home=".weights/stand_in")),
+        "checkpoints/train/chopgrad_d1", stand_in_home=".weights/stand_in")),
     ("infer", ["data/infer"], lambda m, p: m.run(p, "data/train", "data/vae", PAIRS, "data/infer", "metrics/infer.json")),
     ("evaluate", ["results/tables"], lambda m, p: m.run(p, "data/infer", "metrics/train", "metrics/infer.json",
                                                         "metrics/evaluate.json", "results/tables")),

@@ -276,6 +276,40 @@ def test_dvc_repro_runs_skips_and_reruns_only_what_changed(project):
     assert read_yaml(project / "dvc.lock")["stages"]["evaluate"]["params"]["params.yaml"]["evaluate"]["frames"] == 3
 
 
+def output_hashes(project: Path) -> dict[str, str]:
+    """Every stage output's hash as DVC recorded it in dvc.lock."""
+    lock = read_yaml(project / "dvc.lock")["stages"]
+    return {out["path"]: out.get("md5") for stage in lock.values() for out in stage.get("outs", [])}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, build, signal_name", [("splat", "data/.splat.*.tmp", "SIGTERM"),
+                                                        ("train@latent_mse", "data/train/.latent_mse.*.tmp", "SIGKILL")])
+def test_a_killed_repro_is_finished_by_the_next_one_with_the_same_outputs(project, stage, build, signal_name):
+    import signal
+    import time
+
+    dvc(project, "repro")  # the finished pipeline (a no-op after the test above)
+    before = output_hashes(project)
+    env = {k: v for k, v in environment(project.parent).items() if k != "CHOPGRAD_EXECUTION_ID"}
+    process = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--force", "--single-item", stage], cwd=project,
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while not list(project.glob(build)):  # inside the stage: its outputs removed, new ones being built
+        assert process.poll() is None and time.monotonic() < deadline, f"{stage} ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(process.pid, getattr(signal, signal_name))
+    process.wait(timeout=60)
+    # As `make repro` does: the params check (which clears what the kill left), then dvc repro. The
+    # stage built its outputs aside (staged_outputs), so the old ones may still be in place.
+    subprocess.run([sys.executable, "-m", "stages.common.check"], cwd=project, env=env, check=True,
+                   capture_output=True)
+    assert not list((project / "data").rglob(".*.tmp*")), "the check removes a killed run's leftovers"
+    dvc(project, "repro")
+    assert output_hashes(project) == before, "the next repro reaches the same outputs, byte for byte"
+    assert "up to date" in dvc(project, "status")
+
+
 @pytest.fixture(scope="module")
 def harness():
     from prefect.testing.utilities import prefect_test_harness

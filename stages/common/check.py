@@ -10,7 +10,8 @@ Prefect flow (``pipeline/flow.py``) run it first::
     python -m stages.common.check --params exp.yaml vae splat
 
 Exit status 0 when all is well; 2 with one line per problem otherwise (``CHOPGRAD_TRACEBACK=1``
-adds the tracebacks). Checks that need a stage's input data (e.g. ``splat.every`` against a scene's
+adds the tracebacks). It first removes what killed runs left behind (temporary ``.<name>.<hex>.tmp``
+siblings under data/, plots/, metrics/ and results/). Checks that need a stage's input data (e.g. ``splat.every`` against a scene's
 frame count) are left to the stage, which makes them before any work (docs/faults.md).
 """
 
@@ -85,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("stages", nargs="*", help="only these stages (default: all)")
     args = parser.parse_args(argv)
+    from stages.common.video import remove_leftovers  # imported by every stage module anyway
+
+    removed = remove_leftovers(Path(args.params).resolve().parent)
+    if removed:  # a kill -9 leaves them; .dvcignore keeps DVC from hashing them meanwhile
+        print(f"removed {len(removed)} leftover(s) of an interrupted run: {', '.join(map(str, removed[:3]))}")
     problems = check(args.params, args.stages or None)
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)

@@ -51,6 +51,7 @@ __all__ = [
     "read_frames",
     "read_image",
     "read_video",
+    "remove_leftovers",
     "remove_stale_temps",
     "staged_outputs",
     "swap_in",
@@ -113,6 +114,29 @@ def temp_sibling(path: Path, suffix: str = "") -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
 
 
+TEMP_NAME = r"\.{name}\.[0-9a-f]{{12}}\.tmp(\.[^/]*)?"  # what temp_sibling makes of ``name``
+OUTPUT_ROOTS = ("data", "plots", "metrics", "results")  # where the stages write
+
+
+def _remove(paths: list[Path]) -> list[Path]:
+    for child in paths:
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+    return paths
+
+
+def remove_leftovers(repo: str | os.PathLike = ".") -> list[Path]:
+    """Remove every temporary sibling (:func:`temp_sibling` names) under the stages' output folders of
+    ``repo``: what killed runs left. Run before any stage (``python -m stages.common.check``), never
+    while a stage runs. Returns the paths removed."""
+    pattern = re.compile(TEMP_NAME.format(name=".+"))
+    found = [path for root in OUTPUT_ROOTS for path in sorted(Path(repo, root).rglob(".*"))
+             if pattern.fullmatch(path.name)] if Path(repo).is_dir() else []
+    return _remove([path for path in found if not any(parent in found for parent in path.parents)])
+
+
 def remove_stale_temps(path: Path) -> list[Path]:
     """Remove the temporary siblings of ``path`` (:func:`temp_sibling` names) left by a killed writer.
 
@@ -126,14 +150,8 @@ def remove_stale_temps(path: Path) -> list[Path]:
     path = Path(path)
     if not path.parent.is_dir():
         return []
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{12}}\.tmp(\.[^/]*)?")
-    stale = [child for child in path.parent.iterdir() if pattern.fullmatch(child.name)]
-    for child in stale:
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child, ignore_errors=True)
-        else:
-            child.unlink(missing_ok=True)
-    return stale
+    pattern = re.compile(TEMP_NAME.format(name=re.escape(path.name)))
+    return _remove([child for child in path.parent.iterdir() if pattern.fullmatch(child.name)])
 
 
 def temp_folder(folder: Path) -> Path:

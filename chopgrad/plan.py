@@ -2,6 +2,7 @@
 
     python -m chopgrad.plan --decoder wan2.1 --frames 81 --height 480 --width 832 \\
         --d-trunc 1 --tiles 2,2 --dtype bfloat16 --budget-gib 80
+    python -m chopgrad.plan --decoder wan-tiny --frames 17 --height 256 --width 256 --measure  # check it
 
 The planner measures the decoder architecture itself (random weights: memory does not depend on
 their values) at a few small sizes, with the benchmark's own measurement (:func:`chopgrad.bench.run`:
@@ -174,7 +175,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="where to calibrate (the device you will train on)")
     parser.add_argument("--calibration", type=Path, help="a calibration JSON to reuse (written when missing)")
     parser.add_argument("--budget-gib", type=float, help="say whether the prediction fits this much memory")
+    parser.add_argument("--measure", action="store_true",
+                        help="also run the shape with the benchmark's measurement and print the prediction's error")
     args = parser.parse_args(argv)
+    if args.measure and args.tiles != (1, 1):
+        parser.error("--measure runs chopgrad.bench, which decodes untiled: leave out --tiles or --measure")
     if args.d_trunc < 0 or args.release_every < 1 or args.halo < 0:
         parser.error("--d-trunc and --halo must be >= 0 and --release-every >= 1")
     d_trunc = None if args.mode in ("full", "exact") else args.d_trunc
@@ -192,6 +197,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.budget_gib is not None:
         fits = result["peak_bytes"] <= args.budget_gib * GIB
         print(f"{'fits' if fits else 'does NOT fit'} a budget of {args.budget_gib:g} GiB")
+    if args.measure:
+        release = args.release_every if args.mode == "chopgrad_release" else None
+        config = bench.Config(args.decoder, args.mode, d_trunc, args.frames, args.height, args.width, args.device,
+                              args.dtype, release)
+        (row,) = bench.run([config], fresh_process=args.device == "cpu", threads=1, progress=lambda _: None)
+        print(f"measured peak {row['peak_bytes'] / GIB:.3f} GiB; prediction error "
+              f"{result['peak_bytes'] / row['peak_bytes'] - 1:+.1%}")
 
 
 def _load_or_calibrate(args: argparse.Namespace) -> Fit:

@@ -85,3 +85,10 @@ def test_a_real_calibration_predicts_a_larger_run(tmp_path):
     # Resident-memory measurements are noisy on a shared CPU: a loose check that the scaling holds;
     # docs/benchmark.md reports the errors measured on an idle machine.
     assert measured["peak_bytes"] / 2 < predicted < 2 * measured["peak_bytes"]
+
+
+def test_measure_refuses_tiles_it_cannot_run(capsys):
+    with pytest.raises(SystemExit):
+        plan.main(["--decoder", "wan-tiny", "--frames", "17", "--height", "64", "--width", "64", "--tiles", "2,2",
+                   "--measure"])
+    assert "--measure runs chopgrad.bench, which decodes untiled" in capsys.readouterr().err

@@ -168,7 +168,7 @@ def test_sigterm_ends_a_stage_cleanly(tmp_path):
         assert list(data.glob(".splat.*.tmp")), (tmp_path / "stage.log").read_text()[-2000:]
         time.sleep(0.5)  # inside the training loop
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == -signal.SIGTERM
+        assert process.wait(timeout=180) == -signal.SIGTERM  # a loaded CI machine can be slow to clean up
     finally:
         process.kill()
     output = (tmp_path / "stage.log").read_text()

@@ -283,8 +283,9 @@ def output_hashes(project: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, build, signal_name", [("splat", "data/.splat.*.tmp", "SIGTERM"),
-                                                        ("train@latent_mse", "data/train/.latent_mse.*.tmp", "SIGKILL")])
+# SIGKILL, the case that leaves leftovers (SIGTERM's clean exit is tests/test_faults.py's); one case keeps
+# this worker's share of `make test` (the pipeline group) short.
+@pytest.mark.parametrize("stage, build, signal_name", [("train@latent_mse", "data/train/.latent_mse.*.tmp", "SIGKILL")])
 def test_a_killed_repro_is_finished_by_the_next_one_with_the_same_outputs(project, stage, build, signal_name):
     import signal
     import time

@@ -236,6 +236,8 @@ def mlflow_runs(tmp: Path) -> list:
 
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("chopgrad")
+    if experiment is None:  # no stage has run against this store yet
+        return []
     return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
 
 

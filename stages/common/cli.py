@@ -14,7 +14,8 @@ calls :func:`start` once the arguments are parsed::
   Ctrl-C raises: ``staged_outputs`` removes its build folders and the MLflow run is marked KILLED
   on the way out; the process then ends by the same signal. A second signal while cleaning up is
   ignored (a ``kill -9`` still works; its leftovers go at the next run, see
-  ``stages.common.video.remove_stale_temps``).
+  ``stages.common.video.remove_stale_temps``). A signal that lands in a garbage collection's
+  callback is raised again; cleaning up that hangs is ended after :data:`CLEANUP_SECONDS`.
 * Errors in the input (:data:`INPUT_ERRORS`: a bad param, a missing or malformed file) are printed
   as one line, ``<stage>: input error: <message>``, without a traceback; ``CHOPGRAD_TRACEBACK=1``
   shows it. The Prefect flow does not retry a stage that failed so.
@@ -22,11 +23,15 @@ calls :func:`start` once the arguments are parsed::
 
 from __future__ import annotations
 
+import _thread
 import argparse
+import faulthandler
 import logging
 import os
+import random
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import TypeVar
 
@@ -39,6 +44,7 @@ TRACEBACK_ENV = "CHOPGRAD_TRACEBACK"
 INPUT_ERROR = "input error"  # the marker of a one-line input error (pipeline/flow.py looks for it)
 # Deterministic failures that name their own fix: a traceback adds nothing, a retry cannot help.
 INPUT_ERRORS = (ValueError, FileNotFoundError)
+CLEANUP_SECONDS = 120  # after a signal, the longest a stage may take to clean up before it is ended
 
 T = TypeVar("T")
 
@@ -78,16 +84,38 @@ def start(stage: str, cls: type[T], params_path: str | Path) -> T:
 
 def _install_handlers(stage: str) -> None:
     """SIGTERM and SIGINT raise :class:`Terminated` / ``KeyboardInterrupt`` once; ``sys.excepthook``
-    prints input errors and interruptions in one line (see the module docstring)."""
+    prints input errors and interruptions in one line (see the module docstring).
+
+    Python drops an exception raised inside a weakref callback or ``__del__`` (a garbage collection
+    can run the handler there); ``sys.unraisablehook`` then raises it again in the main thread, so a
+    signal is never lost. Cleaning up that takes over :data:`CLEANUP_SECONDS` (a library swallowed
+    the interruption, or hangs) ends the process with every thread's traceback (``faulthandler``).
+    """
+    acting_on: list[int] = []  # the signal being acted on; empty until one arrives
+    again: list[bool] = []  # a dropped interruption is being raised again
+
     def interrupt(signum, frame):
-        for number in (signal.SIGTERM, signal.SIGINT):  # cleaning up must not be interrupted in turn
-            signal.signal(number, signal.SIG_IGN)
+        if acting_on and not again:  # cleaning up must not be interrupted in turn
+            return
+        if not acting_on:
+            acting_on.append(signum)
+            faulthandler.dump_traceback_later(CLEANUP_SECONDS, exit=True)
+        again.clear()
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         raise Terminated(signum)
 
+    def unraisable(info) -> None:
+        if isinstance(info.exc_value, KeyboardInterrupt) and acting_on:  # ours, dropped: raise it again
+            again.append(True)  # from outside the callback (a signal raised in it would be dropped too),
+            delay = random.uniform(0.01, 0.1)  # after a random delay, not in step with a periodic callback
+            threading.Timer(delay, _thread.interrupt_main, (acting_on[0],)).start()
+            return
+        sys.__unraisablehook__(info)
+
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGINT, interrupt)
+    sys.unraisablehook = unraisable
     sys.excepthook = lambda kind, error, trace: _report(stage, kind, error, trace)
 
 
@@ -98,7 +126,7 @@ def _report(stage: str, kind, error: BaseException, trace) -> None:
     if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
         sys.__excepthook__(kind, error, trace)
     elif isinstance(error, KeyboardInterrupt):
-        print(f"{stage}: {error or 'interrupted by SIGINT'}.", file=sys.stderr)
+        print(f"{stage}: {str(error) or 'interrupted by SIGINT'}.", file=sys.stderr)
     elif isinstance(error, INPUT_ERRORS):
         print(f"{stage}: {INPUT_ERROR}: {error}\n({TRACEBACK_ENV}=1 shows the traceback.)", file=sys.stderr)
     elif isinstance(error, TrackingUnavailableError):

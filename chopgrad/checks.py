@@ -56,23 +56,22 @@ def check_latents(decoder: Any, latents: Any) -> CausalDecoder:
 
 
 def check_tiles(latents: Tensor, tiles: Any, halo: Any) -> tuple[int, int]:
-    """Return ``tiles`` as two ints; refuse counts that do not divide the latent size, a bad halo."""
+    """Return ``tiles`` as two ints; refuse more tiles than latent rows or columns, a bad halo.
+
+    Counts need not divide the latent: the spans differ by at most one latent pixel.
+    """
     if not isinstance(tiles, (tuple, list)) or len(tiles) != 2 or not all(_is_int(n) and n >= 1 for n in tiles):
         raise ValueError(f"tiles must be two positive integers (rows, cols), got {tiles!r}")
     tiles = (int(tiles[0]), int(tiles[1]))
     height, width = latents.shape[-2:]
-    if height % tiles[0] or width % tiles[1]:
+    if tiles[0] > height or tiles[1] > width:
         raise ValueError(
-            f"tiles={tiles} do not divide the latent size {height}x{width}: choose tile counts that "
-            f"divide it (rows from {_divisors(height)}, cols from {_divisors(width)})"
+            f"tiles={tiles} are more than the latent size {height}x{width} has pixels: each tile needs at "
+            f"least one latent row and column (at most {height} rows, {width} cols)"
         )
     if not _is_int(halo) or halo < 0:
         raise ValueError(f"halo must be an integer >= 0 (latent pixels around each tile), got {halo!r}")
     return tiles
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def check_schedule(d_trunc: Any, release_every: Any, recompute: Any) -> tuple[int | None, int]:

@@ -92,19 +92,22 @@ class _Placement:
 
 
 def _tile_layout(height: int, width: int, tiles: tuple[int, int], halo: int, scale: int) -> list[_Placement]:
+    """Tiles as even as the latent allows: ``count`` spans of ``size // count`` or one more latent
+    pixel (``numpy.array_split``'s split), each weighted by its share of the frame's pixels."""
     def spans(size: int, count: int) -> list[tuple[slice, slice, slice]]:
-        step = size // count
         result = []
         for index in range(count):
-            start, stop = index * step, (index + 1) * step
+            start, stop = index * size // count, (index + 1) * size // count
             lo, hi = max(start - halo, 0), min(stop + halo, size)
             crop = slice((start - lo) * scale, (stop - lo) * scale)
             result.append((slice(lo, hi), crop, slice(start * scale, stop * scale)))
         return result
 
-    weight = 1.0 / (tiles[0] * tiles[1])
+    def share(rows: slice, cols: slice) -> float:
+        return (rows.stop - rows.start) * (cols.stop - cols.start) / (height * width * scale * scale)
+
     return [
-        _Placement(Tile(rows[0], cols[0]), (rows[1], cols[1]), (rows[2], cols[2]), weight)
+        _Placement(Tile(rows[0], cols[0]), (rows[1], cols[1]), (rows[2], cols[2]), share(rows[2], cols[2]))
         for rows in spans(height, tiles[0])
         for cols in spans(width, tiles[1])
     ]
@@ -469,8 +472,8 @@ def decode_loss(
             term reaches only its own step (with ``release_every=1``; see there for blocks).
             ``None``: full backpropagation (exact).
         tiles: ``(rows, cols)`` spatial tiles, decoded and backpropagated one at a time, each from
-            ``decoder.init_cache(tile=...)`` with its :class:`~chopgrad.Tile`;
-            each count must divide the latent height and width.
+            ``decoder.init_cache(tile=...)`` with its :class:`~chopgrad.Tile`. Counts need not
+            divide the latent: spans differ by at most one latent pixel (``numpy.array_split``).
         halo: latent pixels of context decoded around each tile (the loss sees only the interior).
         release_every: steps per block, ``s >= 1`` (supplement D's time-memory trade). The loss
             terms of each block of ``s`` consecutive steps (steps ``b s .. b s + s - 1``) are
@@ -491,8 +494,9 @@ def decode_loss(
             and replays in the module docstring.
 
     Returns:
-        A scalar: ``sum_tiles sum_s (T_s / T) * loss_fn(pred_s, target_s) / n_tiles``, which for a
-        per-element-mean loss equals ``loss_fn`` over the whole video. Calling ``.backward()`` on
+        A scalar: ``sum_tiles a_tile sum_s (T_s / T) * loss_fn(pred_s, target_s)``, with ``a_tile``
+        the tile's share of the frame's pixels, which for a per-element-mean loss equals
+        ``loss_fn`` over the whole video. Calling ``.backward()`` on
         it (alone or inside a larger loss) delivers the truncated gradients into ``latents`` and
         into the decoder parameters that require grad, and the untruncated ones into every leaf
         that ``loss_fn`` reaches besides ``pred``. Double backward is not supported.

@@ -56,7 +56,7 @@ MEASURED = ("seconds_per_frame", "encode_seconds", "transformer_seconds", "decod
 class Params:
     max_frames: int | None  # first frames of each test video restored (null: all); CPU budgets need few
     vae_roundtrip: bool  # also write the reference `vae_roundtrip`: each test input encoded and decoded, no transformer
-    tiles: tuple[int, int]  # spatial tiles of the decode [rows, cols] (C.2: 2 x 2); must divide the latent
+    tiles: tuple[int, int]  # spatial tiles of the decode [rows, cols] (C.2: 2 x 2); need not divide the latent
     halo: int  # latent pixels of context around each tile
     warmup_frames: int  # frames of an untimed first run per model (lazy initialisation out of the timing)
     sample_frames: int  # frames of the sample video per model
@@ -89,7 +89,7 @@ def plan(params: Params, train_dir: str | Path, vae_dir: str | Path, pairs_dirs:
 
     Raises:
         ValueError: a missing train folder or a method folder without models, a task without a
-            pairs folder or without test pairs, tiles that do not divide a test video's latent.
+            pairs folder or without test pairs, more tiles than a test video's latent has rows or columns.
     """
     vae_folder = restoration.check_vae_folder(vae_dir)
     spatial = restoration.spatial_factor(json.loads((vae_folder / "config.json").read_text()))
@@ -131,10 +131,10 @@ def _test_pairs(params: Params, model_dir: Path, manifests: dict, spatial: int) 
     multiple = spatial * 2  # the Wan transformer's 2x2 patches
     for pair in test:
         latent = [-(-size // multiple) * 2 for size in (pair["height"], pair["width"])]
-        if latent[0] % params.tiles[0] or latent[1] % params.tiles[1]:
-            raise ValueError(f"infer.tiles {list(params.tiles)} do not divide the latent "
+        if params.tiles[0] > latent[0] or params.tiles[1] > latent[1]:
+            raise ValueError(f"infer.tiles {list(params.tiles)} are more than the latent "
                              f"{latent[0]}x{latent[1]} of {task} test pair {pair['scene']!r} "
-                             f"({pair['height']}x{pair['width']} pixels): choose tile counts that divide it")
+                             f"({pair['height']}x{pair['width']} pixels) has rows and columns")
     return test
 
 

@@ -105,7 +105,7 @@ class Params:
     schedule: Literal["joint", "mirage"]  # joint: all trainable weights at once; mirage: B.4's two phases (below)
     reconstruction_iterations: int  # mirage: reconstruction iterations (fusion conv + decoder LoRA 1) first
     loss_reconstruction: LossTable  # mirage reconstruction: pixel losses on the VAE round trip of the target (B.4)
-    tiles: tuple[int, int]  # ChopGrad spatial tiles [rows, cols] (C.2: 2 x 2); each must divide the latent crop
+    tiles: tuple[int, int]  # ChopGrad spatial tiles [rows, cols] (C.2: 2 x 2); need not divide the latent crop
     halo: int  # latent pixels of context around each tile
     transformer_lora_rank: int  # 0: train every transformer weight; paper LoRA: 128
     transformer_lora_alpha: float  # paper: 64
@@ -245,7 +245,7 @@ def plan(params: Params, method: str, pairs_dirs: list[str | Path], vae_dir: str
 
     Raises:
         ValueError: an unknown method, missing or unusable folders, tasks without pairs folders,
-            clips or crops that do not fit, tiles that do not divide the latent crop, tile
+            clips or crops that do not fit, more tiles than the latent crop has rows or columns, tile
             interiors too small for the losses, or bad transformer / text-encoder folders.
     """
     method_of(params, method)
@@ -259,7 +259,8 @@ def plan(params: Params, method: str, pairs_dirs: list[str | Path], vae_dir: str
             raise ValueError(f"two pairs folders hold task {manifest['task']!r}: {by_task[manifest['task']]} "
                              f"and {folder}")
         by_task[manifest["task"]] = folder
-    tasks = [_task(params, method, name, by_task) for name in params.tasks]
+    spatial = restoration.spatial_factor(vae_config)
+    tasks = [_task(params, method, name, by_task, spatial) for name in params.tasks]
     return {"tasks": tasks, "vae_config": vae_config, "size_multiple": multiple}
 
 
@@ -281,13 +282,14 @@ def _check_model(params: Params, vae_folder: Path, vae_config: dict) -> int:
         raise ValueError(f"train.crop {list(params.crop)} must be multiples of {multiple} (the VAE's {spatial}x "
                          f"times the transformer's patch {patch[1]})")
     latent = [size // spatial for size in params.crop]
-    if latent[0] % params.tiles[0] or latent[1] % params.tiles[1]:
-        raise ValueError(f"train.tiles {list(params.tiles)} do not divide the latent crop {latent[0]}x{latent[1]} "
-                         f"(train.crop {list(params.crop)} / {spatial}): choose tile counts that divide it")
+    if params.tiles[0] > latent[0] or params.tiles[1] > latent[1]:
+        raise ValueError(f"train.tiles {list(params.tiles)} are more than the latent crop {latent[0]}x{latent[1]} "
+                         f"(train.crop {list(params.crop)} / {spatial}) has rows and columns: at most "
+                         f"{latent[0]} rows and {latent[1]} cols")
     return multiple
 
 
-def _task(params: Params, method: str, name: str, by_task: dict[str, Path]) -> Task:
+def _task(params: Params, method: str, name: str, by_task: dict[str, Path], spatial: int) -> Task:
     """One task of ``train.tasks``, checked: its pairs folder, clip and crop sizes, tiles against its losses."""
     if name not in by_task:
         raise ValueError(f"train.tasks lists {name!r} but no pairs folder given with --pairs holds it "
@@ -307,9 +309,10 @@ def _task(params: Params, method: str, name: str, by_task: dict[str, Path]) -> T
         pixel = {**pixel, **reconstruction_losses(params)}
     if pixel:
         smallest = max(pixel_losses.MIN_SIZE[n] for n in pixel)
-        tile = min(params.crop[0] // params.tiles[0], params.crop[1] // params.tiles[1])
+        # The smallest interior of the uneven split: (latent // tiles) latent pixels.
+        tile = min(params.crop[k] // spatial // params.tiles[k] * spatial for k in (0, 1))
         if tile < smallest:
-            raise ValueError(f"tiles of {tile} pixels (train.crop / train.tiles) are too small for the {application} "
+            raise ValueError(f"tiles of {tile} pixels (the smallest of train.crop / train.tiles) are too small for the {application} "
                              f"losses {sorted(pixel)} (at least {smallest}): use a larger crop or fewer tiles")
     return Task(name, by_task[name], application, float(manifest["fps"]), train)
 

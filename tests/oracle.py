@@ -5,7 +5,8 @@ step ``s``, decode from scratch with the cache entering step ``s - D - k`` detac
 only step ``s``'s loss term, and sum over ``s``. ``k = s % release_every`` is the step's position
 in its block (supplement D: a block's terms share one truncation point); ``k = 0`` always for
 Algorithm 1. With ``tiles``, each tile (its latents widened by ``halo``, clipped to the frame) is
-decoded on its own and its term is the loss on its interior, weighted by its share of the frame.
+decoded on its own and its term is the loss on its interior, weighted by its share of the frame's
+pixels. Tile counts need not divide the latent: spans of ``size // count`` or one more pixel.
 ``params`` are any leaves: the decoder's parameters, and those of the loss (a discriminator,
 learnable weights, a target that requires grad), whose gradient is plain autograd's per term.
 """
@@ -42,7 +43,6 @@ def truncated_oracle(decoder, latents, target, loss_fn, d_trunc, params=(), rele
     """Return (loss value, grad wrt latents, grads wrt params) by brute force."""
     plan = step_frames(decoder, latents.shape[2])
     total_frames, scale = plan[-1][1].stop, decoder.spatial_scale
-    weight = 1.0 / (tiles[0] * tiles[1])
     grad = torch.zeros_like(latents)
     param_grads = [torch.zeros_like(p) for p in params]
     value = 0.0
@@ -59,6 +59,7 @@ def truncated_oracle(decoder, latents, target, loss_fn, d_trunc, params=(), rele
             pred = frames[..., _scaled(inner[0], scale), _scaled(inner[1], scale)]
             want = target[:, :, frames_s, _scaled(frame[0], scale), _scaled(frame[1], scale)]
             share = (frames_s.stop - frames_s.start) / total_frames
+            weight = (frame[0].stop - frame[0].start) * (frame[1].stop - frame[1].start) / (latents.shape[-2] * latents.shape[-1])
             term = share * weight * loss_fn(pred, want)
             value += float(term.detach())
             # Retained: a non-leaf the loss shares between terms (a weight computed once) is crossed again.

@@ -175,6 +175,18 @@ def test_tiles_with_covering_halo_equal_untiled(wan21):
     assert torch.equal(chopgrad.decode(decoder, z, tiles=(2, 2), halo=4), chopgrad.decode(decoder, z))
 
 
+@pytest.mark.parametrize("tiles", [(2, 2), (4, 4), (3, 2)])
+def test_tiles_that_do_not_divide_the_latent_equal_untiled_with_a_covering_halo(wan21, tiles):
+    """The paper's 4x4 tiles on a latent they do not divide (90 rows at 720x1280): uneven spans."""
+    decoder = chopgrad.wrap_decoder(wan21)
+    z, target = _inputs(decoder, 3, h=5, w=7, seed=2)
+    value, grad = _engine_grad(decoder, z, target, d_trunc=1)
+    tiled_value, tiled_grad = _engine_grad(decoder, z, target, d_trunc=1, tiles=tiles, halo=7)
+    assert tiled_value == pytest.approx(value, rel=1e-12)
+    assert _rel(tiled_grad, grad) < 1e-6  # WanUpsample computes in float32
+    assert torch.equal(chopgrad.decode(decoder, z, tiles=tiles, halo=7), chopgrad.decode(decoder, z))
+
+
 def test_tiles_without_halo_change_the_forward_a_little(wan21):
     decoder = chopgrad.wrap_decoder(wan21)
     z, _ = _inputs(decoder, 2, h=4, w=6)
@@ -361,6 +373,18 @@ def test_new_modes_with_tiles_match_the_tiled_oracle(request, decoder_name, kwar
     decoder = PositionalDecoder() if decoder_name == "positional" else chopgrad.wrap_decoder(request.getfixturevalue(decoder_name))
     z, target = _inputs(decoder, 5, h=4, w=4, seed=1)
     _assert_matches_oracle(decoder, z, target, ORACLE_TOL.get(decoder_name, 1e-12), tiles=(2, 2), halo=1, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"d_trunc": 1}, {"d_trunc": None}, {"d_trunc": 1, "release_every": 2, "recompute": True}])
+def test_uneven_tiles_match_the_tiled_oracle(kwargs):
+    """3x2 tiles on a 5x7 latent: spans of 1 or 2 rows and 3 or 4 columns, each named to the decoder."""
+    decoder = PositionalDecoder()
+    z, target = _inputs(decoder, 4, h=5, w=7, seed=3)
+    _assert_matches_oracle(decoder, z, target, 1e-12, tiles=(3, 2), halo=1, **kwargs)
+    rows, cols = (slice(0, 2), slice(0, 4), slice(2, 5)), (slice(0, 4), slice(2, 7))
+    assert decoder.tiles_seen[:6] == [chopgrad.Tile(r, c) for r in rows for c in cols]
+    # Pointwise: equal up to the rounding of convolutions over different sizes.
+    torch.testing.assert_close(chopgrad.decode(decoder, z, tiles=(3, 2), halo=0), chopgrad.decode(decoder, z), rtol=0, atol=1e-12)
 
 
 class CountingDecoder(ToyCausalDecoder):

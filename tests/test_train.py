@@ -478,7 +478,7 @@ def test_mirage_settings_that_cannot_work_are_rejected(changes, pattern):
 
 @pytest.mark.parametrize("method, changes, pattern", [
     ("chopgrad_d3", {}, "unknown method 'chopgrad_d3'; train.methods declares chopgrad_d0"),
-    ("chopgrad_d1", {"tiles": [3, 1]}, r"train.tiles \[3, 1\] do not divide the latent crop 2x2"),
+    ("chopgrad_d1", {"tiles": [3, 1]}, r"train.tiles \[3, 1\] are more than the latent crop 2x2"),
     ("chopgrad_d1", {"crop": [24, 24]}, r"train.crop \[24, 24\] must be multiples of 16"),
     ("chopgrad_d1", {"crop": [16, 32], "tiles": [2, 4]}, "tiles of 8 pixels .* too small for the nvs losses"),
     ("chopgrad_d1", {"tasks": ["nvs", "driving"]}, "lists 'driving' but no pairs folder"),

@@ -175,8 +175,8 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
-def _measure_in_fresh_process(config: Config, threads: int | None = None) -> dict:
-    """Peak memory from one process, time from another.
+def _measure_in_fresh_process(config: Config, threads: int | None = None, timed: bool = True) -> dict:
+    """Peak memory from one process, time from another (``timed=False``: memory only, ``seconds`` None).
 
     Memory: glibc keeps freed blocks in its heap, so resident memory would remember released step
     graphs; with every block over 64 KiB served by mmap, freed memory leaves the resident set.
@@ -194,18 +194,21 @@ def _measure_in_fresh_process(config: Config, threads: int | None = None) -> dic
 
     base = dict(os.environ) | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
     row = child(base | {"MALLOC_MMAP_THRESHOLD_": "65536"}, warmup=False)
-    row["seconds"] = child(base, warmup=True)["seconds"]
+    row["seconds"] = child(base, warmup=True)["seconds"] if timed else None
     return row
 
 
-def run(configs: list[Config], fresh_process: bool = True, threads: int | None = None, progress=print) -> list[dict]:
+def run(configs: list[Config], fresh_process: bool = True, threads: int | None = None, progress=print,
+        timed: bool = True) -> list[dict]:
+    """Measure each configuration; ``timed=False`` skips the CPU timing process (``seconds`` None)."""
     rows = []
     for index, config in enumerate(configs, 1):
-        row = _measure_in_fresh_process(config, threads) if fresh_process else measure(config, warmup=True)
+        row = _measure_in_fresh_process(config, threads, timed) if fresh_process else measure(config, warmup=True)
+        seconds = "       - s" if row["seconds"] is None else f"{row['seconds']:8.3f} s"
         progress(
             f"[{index}/{len(configs)}] {row['mode']:18s} d_trunc={row['d_trunc']!s:4s} "
             f"release_every={row['release_every']!s:4s} frames={row['frames']:4d}"
-            f"  peak {row['peak_bytes'] / 2**20:9.1f} MiB  {row['seconds']:8.3f} s"
+            f"  peak {row['peak_bytes'] / 2**20:9.1f} MiB  {seconds}"
         )
         rows.append(row)
     return rows
@@ -221,7 +224,8 @@ def markdown_table(rows: list[dict]) -> str:
         s = "-" if r.get("release_every") is None else r["release_every"]
         lines.append(
             f"| {r['decoder']} | {r['mode']} | {d} | {r['frames']} | {r['height']}x{r['width']} | "
-            f"{r['peak_bytes'] / 2**20:.1f} | {r['seconds']:.3f} | {r['device']} | {s} |"
+            f"{r['peak_bytes'] / 2**20:.1f} | {'-' if r['seconds'] is None else format(r['seconds'], '.3f')} | "
+            f"{r['device']} | {s} |"
         )
     return "\n".join(lines)
 
@@ -306,6 +310,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     parser.add_argument("--threads", type=int, help="CPU threads per measurement (default: torch's); 1 is steadiest")
+    parser.add_argument("--no-time", action="store_true",
+                        help="memory only: on CPU one process per configuration instead of two (seconds left empty)")
     parser.add_argument("--json", type=Path, help="write the result rows here")
     parser.add_argument("--plot", type=Path, help="write a PNG of memory and time vs frames here")
     parser.add_argument("--tiling-halos", type=_ints, help="instead: report the tiled-forward error for these halos")
@@ -335,6 +341,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown mode(s) {sorted(unknown)}: choose from {', '.join(MODES)}")
     if any(d < 0 for d in args.d_trunc):
         parser.error("--d-trunc values must be >= 0")
+    if args.no_time and args.plot:
+        parser.error("--plot draws time beside memory: leave out --no-time")
     if any(s < 1 for s in args.release_every):
         parser.error("--release-every values must be >= 1 (decode steps per block)")
     decoder = build_decoder(args.decoder, "cpu", torch.float32)
@@ -344,7 +352,8 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as error:
             parser.error(f"--frames {frames}: {error}")
     try:
-        rows = run(_configs(args, modes), fresh_process=args.device == "cpu", threads=args.threads)  # CUDA: in process
+        rows = run(_configs(args, modes), fresh_process=args.device == "cpu", threads=args.threads,  # CUDA: in process
+                   timed=not args.no_time)
     except RuntimeError as error:  # a measurement's own error, one line
         parser.exit(1, f"python -m chopgrad.bench: {error}\n")
     print(markdown_table(rows))

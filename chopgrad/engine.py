@@ -438,6 +438,47 @@ class _DeliverGradients(torch.autograd.Function):
         )
 
 
+def _group_position(group: Any, tiles: int) -> tuple[int, int]:
+    """This process's rank in ``group`` and the group's size; ``(0, 1)`` without a group."""
+    if group is None:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise ValueError("tile_group is given but torch.distributed is not initialised: call "
+                         "chopgrad.distributed.init() (under torchrun) first, or leave tile_group out")
+    rank, ranks = dist.get_rank(group), dist.get_world_size(group)
+    if ranks > tiles:
+        raise ValueError(f"tile_group has {ranks} ranks but there are only {tiles} tiles: use at least "
+                         f"as many tiles as ranks")
+    return rank, ranks
+
+
+def _sum_over_ranks(group: Any, total: Tensor, latent_grad: Tensor | None, params: list[Tensor],
+                    param_grads: list[Tensor | None], loss_leaves: _LossLeaves) -> None:
+    """Sum the loss and every gradient over ``group``, in place (each rank decoded its own tiles)."""
+    import torch.distributed as dist
+
+    counts: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(counts, (latent_grad is not None, len(params), len(loss_leaves.tensors)), group=group)
+    if len(set(counts)) != 1:
+        raise ValueError(f"the ranks of tile_group differ in (latents require grad, decoder parameters that "
+                         f"require grad, leaves the loss reaches): {counts}; give every rank the same "
+                         f"latents, decoder and loss_fn")
+    dist.all_reduce(total, group=group)
+    if latent_grad is not None:
+        dist.all_reduce(latent_grad, group=group)
+    for index, param in enumerate(params):
+        grad = param_grads[index]
+        grad = torch.zeros_like(param) if grad is None else grad.contiguous()
+        dist.all_reduce(grad, group=group)
+        param_grads[index] = grad
+    for index, grad in enumerate(loss_leaves.grads):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=group)
+        loss_leaves.grads[index] = grad
+
+
 # ----------------------------------------------------------------------------- public API
 
 
@@ -452,6 +493,7 @@ def decode_loss(
     halo: int = 2,
     release_every: int = 1,
     recompute: bool = False,
+    tile_group: Any = None,
 ) -> Tensor:
     """Decode ``latents`` step by step and return the pixel loss, with ChopGrad gradients.
 
@@ -493,6 +535,13 @@ def decode_loss(
             backpropagated (the newest step of a sweep reuses its forward). See the note on sweeps
             and replays in the module docstring.
 
+        tile_group: a ``torch.distributed`` process group whose ranks hold the same sample (the
+            same ``latents`` and ``target``, e.g. a sequence-parallel group): rank ``r`` of ``n``
+            decodes and backpropagates tiles ``r, r + n, ...`` (row-major), and the loss and every
+            gradient are summed over the group, so each rank gets exactly what one process
+            decoding every tile gets. A collective: every rank of the group calls it. Needs at
+            least as many tiles as ranks.
+
     Returns:
         A scalar: ``sum_tiles a_tile sum_s (T_s / T) * loss_fn(pred_s, target_s)``, with ``a_tile``
         the tile's share of the frame's pixels, which for a per-element-mean loss equals
@@ -528,10 +577,11 @@ def decode_loss(
     params = [p for p in decoder.parameters() if p.requires_grad] if loss_grad else []
     plan = step_frames(decoder, latents.shape[2])
     layout = _tile_layout(latents.shape[-2], latents.shape[-1], tiles, halo, decoder.spatial_scale)
+    rank, ranks = _group_position(tile_group, len(layout))
     latent_grad = torch.zeros_like(latents) if loss_grad and latents.requires_grad else None
     param_grads: list[Tensor | None] = [None] * len(params)
     loss_leaves, total = _LossLeaves(), latents.new_zeros((), dtype=torch.float64)
-    for place in layout:
+    for place in layout[rank::ranks]:
         tile_latents = latents.detach()[..., place.tile.rows, place.tile.cols]
         acc = _Accumulator(tile_latents if latent_grad is not None else None, params)
         run = _Pass(decoder, tile_latents, target, loss_fn, plan, place, params, acc, loss_leaves, loss_grad)
@@ -547,6 +597,8 @@ def decode_loss(
         for index, grad in enumerate(acc.params):
             if grad is not None:
                 param_grads[index] = grad if param_grads[index] is None else param_grads[index] + grad
+    if tile_group is not None:
+        _sum_over_ranks(tile_group, total, latent_grad, params, param_grads, loss_leaves)
     grads = [latent_grad, *param_grads, *loss_leaves.grads]
     return _DeliverGradients.apply(total.to(latents.dtype), grads, latents, *params, *loss_leaves.tensors)
 

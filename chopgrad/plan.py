@@ -125,7 +125,7 @@ def calibrate(decoder_name: str, mode: str, dtype: str = "float32", device: str 
     shapes = calibration_shapes(mode, release_every)
     configs = [bench.Config(decoder_name, s.mode, s.d_trunc, s.frames, s.height, s.width, device, dtype,
                             s.release_every if mode == "chopgrad_release" else None) for s in shapes]
-    rows = bench.run(configs, fresh_process=device == "cpu", threads=1, progress=progress)
+    rows = bench.run(configs, fresh_process=device == "cpu", threads=1, progress=progress, timed=False)
     points = tuple({"area": s.height * s.width, "held": held_units(s, steps_of(decoder, s.frames)),
                     "peak_bytes": row["peak_bytes"]} for s, row in zip(shapes, rows, strict=True))
     return Fit(decoder_name, mode, dtype, device, *fit(list(points)), points=points)
@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
         release = args.release_every if args.mode == "chopgrad_release" else None
         config = bench.Config(args.decoder, args.mode, d_trunc, args.frames, args.height, args.width, args.device,
                               args.dtype, release)
-        (row,) = bench.run([config], fresh_process=args.device == "cpu", threads=1, progress=lambda _: None)
+        (row,) = bench.run([config], fresh_process=args.device == "cpu", threads=1, progress=lambda _: None,
+                           timed=False)
         print(f"measured peak {row['peak_bytes'] / GIB:.3f} GiB; prediction error "
               f"{result['peak_bytes'] / row['peak_bytes'] - 1:+.1%}")
 

@@ -40,6 +40,7 @@ def test_bench_writes_rows_table_and_plot(tmp_path):
         (["--d-trunc", "-1"], "must be >= 0"),
         (["--modes", "chopgrad_release", "--release-every", "2,0"], "--release-every values must be >= 1"),
         (["--decoder", "sd-vae"], "invalid choice"),
+        (["--no-time", "--plot", "p.png"], "--plot draws time beside memory: leave out --no-time"),
     ],
 )
 def test_bench_argument_errors(args, message, capsys):
@@ -87,13 +88,14 @@ def test_new_modes_measure_in_process():
 def test_bench_cli_runs_the_new_modes(tmp_path):
     _bench(
         "--decoder", "cogvideox-tiny", "--frames", "9", "--d-trunc", "1", "--release-every", "2,3",
-        "--modes", "chopgrad_release,chopgrad_recompute", "--height", "16", "--width", "16",
+        "--modes", "chopgrad_release,chopgrad_recompute", "--height", "16", "--width", "16", "--no-time",
         "--json", str(tmp_path / "rows.json"),
     )
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert [(r["mode"], r["release_every"]) for r in rows] == [
         ("chopgrad_release", 2), ("chopgrad_release", 3), ("chopgrad_recompute", 1)
     ]
+    assert all(r["peak_bytes"] > 0 and r["seconds"] is None for r in rows)  # memory only
 
 
 def test_plot_draws_against_frames_or_against_d_trunc(tmp_path):

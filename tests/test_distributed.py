@@ -187,8 +187,27 @@ def _worker(out_dir: str) -> None:
                 torch.save(resumed_state, Path(out_dir) / "resumed.pt")
         if info.is_main:
             torch.save(state, Path(out_dir) / f"{mode}.pt")
+    value, grads = _tiles_across_ranks(torch.distributed.group.WORLD)
+    torch.save({"value": value, "grads": grads}, Path(out_dir) / f"tiles_rank{info.rank}.pt")
     (Path(out_dir) / f"rank{info.rank}.json").write_text(json.dumps(report))
     distributed.shutdown()
+
+
+def _tiles_across_ranks(group=None) -> tuple[float, list[torch.Tensor]]:
+    """One sample's tiled decode_loss (3x2 uneven tiles of a 5x7 latent, a trainable decoder layer):
+    its value and the gradients of the latents and the trainable decoder parameters."""
+    vae = _vae()
+    trained = list(vae.decoder.conv_out.parameters())
+    for param in trained:
+        param.requires_grad_(True)
+    generator = torch.Generator().manual_seed(5)
+    latents = torch.randn(1, 16, 3, 5, 7, generator=generator, dtype=torch.float64).requires_grad_(True)
+    frames = chopgrad.num_frames(chopgrad.wrap_decoder(vae), 3)
+    target = torch.rand(1, 3, frames, 40, 56, generator=generator, dtype=torch.float64) * 2 - 1
+    loss = chopgrad.decode_loss(vae, latents, target, torch.nn.functional.mse_loss, d_trunc=1, tiles=(3, 2), halo=1,
+                                tile_group=group)
+    loss.backward()
+    return float(loss), [latents.grad, *(param.grad for param in trained)]
 
 
 # ----------------------------------------------------------------------------- tests
@@ -248,6 +267,25 @@ def test_resume_from_a_gathered_checkpoint_repeats_the_last_step(torchrun_run):
     resumed, final = torch.load(out / "resumed.pt"), torch.load(out / "full.pt")
     for name, value in resumed.items():
         torch.testing.assert_close(value, final[f"transformer.{name}"], rtol=0, atol=0, msg=name)
+
+
+def test_tiles_across_ranks_equal_the_single_process_tiled_gradient(torchrun_run):
+    """Issue 17.2: each of 2 ranks decodes 3 of the 6 tiles; every rank gets the whole loss and gradient."""
+    out, _ = torchrun_run
+    value, grads = _tiles_across_ranks()
+    for rank in range(WORLD):
+        got = torch.load(out / f"tiles_rank{rank}.pt")
+        assert got["value"] == pytest.approx(value, rel=1e-12)
+        for mine, theirs in zip(got["grads"], grads, strict=True):
+            torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-12)
+
+
+def test_tile_group_without_a_process_group_is_refused():
+    vae = _vae()
+    latents = torch.zeros(1, 16, 1, 2, 2, dtype=torch.float64)
+    target = torch.zeros(1, 3, 1, 16, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="torch.distributed is not initialised"):
+        chopgrad.decode_loss(vae, latents, target, torch.nn.functional.mse_loss, tiles=(2, 2), tile_group=object())
 
 
 def test_init_without_torchrun_is_a_single_process(monkeypatch):

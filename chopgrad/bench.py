@@ -51,17 +51,19 @@ class Config:
     device: str
     dtype: str
     release_every: int | None = None  # steps per block (chopgrad modes); None without truncation
+    tiles: tuple[int, int] = (1, 1)  # spatial tiles (rows, cols), each with decode_loss's default halo
 
 
 def decode_kwargs(config: Config) -> dict:
-    """The ``decode_loss`` keyword arguments of ``config.mode``."""
-    return {
+    """The ``decode_loss`` keyword arguments of ``config.mode`` (and its tiles)."""
+    mode = {
         "full": {"d_trunc": None},
         "exact": {"d_trunc": None, "recompute": True},
         "chopgrad": {"d_trunc": config.d_trunc},
         "chopgrad_release": {"d_trunc": config.d_trunc, "release_every": config.release_every},
         "chopgrad_recompute": {"d_trunc": config.d_trunc, "recompute": True},
     }[config.mode]
+    return {**mode, "tiles": tuple(config.tiles)}
 
 
 def build_decoder(name: str, device: str, dtype: torch.dtype):
@@ -199,19 +201,37 @@ def _measure_in_fresh_process(config: Config, threads: int | None = None, timed:
 
 
 def run(configs: list[Config], fresh_process: bool = True, threads: int | None = None, progress=print,
-        timed: bool = True) -> list[dict]:
-    """Measure each configuration; ``timed=False`` skips the CPU timing process (``seconds`` None)."""
+        timed: bool = True, keep_going: bool = False) -> list[dict]:
+    """Measure each configuration; ``timed=False`` skips the CPU timing process (``seconds`` None).
+
+    With ``keep_going`` a failed measurement (out of memory, say: a result worth recording) becomes a
+    row with ``error`` and no ``peak_bytes`` or ``seconds``, and the next one runs.
+    """
     rows = []
     for index, config in enumerate(configs, 1):
-        row = _measure_in_fresh_process(config, threads, timed) if fresh_process else measure(config, warmup=True)
+        try:
+            row = _measure_in_fresh_process(config, threads, timed) if fresh_process else measure(config, warmup=True)
+        except RuntimeError as error:  # torch.OutOfMemoryError too
+            if not keep_going:
+                raise
+            row = _failed_row(config, error)
         seconds = "       - s" if row["seconds"] is None else f"{row['seconds']:8.3f} s"
+        peak = row.get("error") or f"peak {row['peak_bytes'] / 2**20:9.1f} MiB  {seconds}"
         progress(
             f"[{index}/{len(configs)}] {row['mode']:18s} d_trunc={row['d_trunc']!s:4s} "
-            f"release_every={row['release_every']!s:4s} frames={row['frames']:4d}"
-            f"  peak {row['peak_bytes'] / 2**20:9.1f} MiB  {seconds}"
+            f"release_every={row['release_every']!s:4s} frames={row['frames']:4d}  {peak}"
         )
         rows.append(row)
     return rows
+
+
+def _failed_row(config: Config, error: Exception) -> dict:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    message = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    device = _device_name(torch.device(config.device)) if config.device.startswith("cuda") else "cpu"
+    return {**asdict(config), "peak_bytes": None, "seconds": None, "device": device,
+            "error": f"{type(error).__name__}: {message}"[:200]}
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -223,11 +243,16 @@ def markdown_table(rows: list[dict]) -> str:
         d = "-" if r["d_trunc"] is None else r["d_trunc"]
         s = "-" if r.get("release_every") is None else r["release_every"]
         lines.append(
-            f"| {r['decoder']} | {r['mode']} | {d} | {r['frames']} | {r['height']}x{r['width']} | "
-            f"{r['peak_bytes'] / 2**20:.1f} | {'-' if r['seconds'] is None else format(r['seconds'], '.3f')} | "
-            f"{r['device']} | {s} |"
+            f"| {r['decoder']} | {r['mode']} | {d} | {r['frames']} | {r['height']}x{r['width']}{_tiled(r)} | "
+            f"{r.get('error') or format(r['peak_bytes'] / 2**20, '.1f')} | "
+            f"{'-' if r['seconds'] is None else format(r['seconds'], '.3f')} | {r['device']} | {s} |"
         )
     return "\n".join(lines)
+
+
+def _tiled(row: dict) -> str:
+    tiles = tuple(row.get("tiles") or (1, 1))
+    return "" if tiles == (1, 1) else f" ({tiles[0]}x{tiles[1]} tiles)"
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -238,6 +263,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if not r.get("error")]  # a failed measurement has no point to draw
     fig, (mem_ax, time_ax) = plt.subplots(1, 2, figsize=(10, 4))
     by_d_trunc = len({r["frames"] for r in rows}) == 1
     series_of = (lambda r: _label(r).split(" d_trunc=")[0] + _blocks(r)) if by_d_trunc else _label
@@ -290,7 +316,8 @@ def _ints(text: str) -> list[int]:
 
 def _configs(args: argparse.Namespace, modes: list[str]) -> list[Config]:
     return [
-        Config(args.decoder, mode, d, frames, args.height, args.width, args.device, args.dtype, s)
+        Config(args.decoder, mode, d, frames, args.height, args.width, args.device, args.dtype, s,
+               tuple(args.tiles or (1, 1)))
         for mode in modes
         for d in (args.d_trunc if mode.startswith("chopgrad") else [None])
         for s in (args.release_every if mode == "chopgrad_release" else [None if d is None else 1])
@@ -315,7 +342,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="write the result rows here")
     parser.add_argument("--plot", type=Path, help="write a PNG of memory and time vs frames here")
     parser.add_argument("--tiling-halos", type=_ints, help="instead: report the tiled-forward error for these halos")
-    parser.add_argument("--tiles", type=_ints, default=[2, 2], help="tile rows,cols for --tiling-halos")
+    parser.add_argument("--tiles", type=_ints, help="tile rows,cols of the measurements (default 1,1) or of "
+                        "--tiling-halos (default 2,2)")
+    parser.add_argument("--keep-going", action="store_true",
+                        help="record a failed measurement (out of memory, say) as a row with its error and go on")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one configuration, in this process
     parser.add_argument("--warmup", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -323,10 +353,14 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(measure(Config(**json.loads(args.one)), warmup=args.warmup)))
         return
 
+    if args.tiles is not None and (len(args.tiles) != 2 or min(args.tiles) < 1):
+        parser.error(f"--tiles must be two positive integers rows,cols, got {args.tiles}")
+
     if args.tiling_halos is not None:
         decoder = build_decoder(args.decoder, args.device, getattr(torch, args.dtype))
         latent_frames = chopgrad.num_latent_frames(decoder, args.frames[0])
-        rows = tiling_error(decoder, latent_frames, args.height, args.width, tuple(args.tiles), args.tiling_halos)
+        rows = tiling_error(decoder, latent_frames, args.height, args.width, tuple(args.tiles or (2, 2)),
+                            args.tiling_halos)
         print("| tiles | halo (latent px) | max abs | RMS | PSNR dB |\n|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['tiles'][0]}x{r['tiles'][1]} | {r['halo']} | {r['max_abs']:.2e} | {r['rms']:.2e} | {r['psnr_db']:.1f} |")
@@ -353,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--frames {frames}: {error}")
     try:
         rows = run(_configs(args, modes), fresh_process=args.device == "cpu", threads=args.threads,  # CUDA: in process
-                   timed=not args.no_time)
+                   timed=not args.no_time, keep_going=args.keep_going)
     except RuntimeError as error:  # a measurement's own error, one line
         parser.exit(1, f"python -m chopgrad.bench: {error}\n")
     print(markdown_table(rows))

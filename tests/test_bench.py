@@ -7,8 +7,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-KEYS = {"decoder", "mode", "d_trunc", "release_every", "frames", "height", "width", "peak_bytes", "seconds", "device", "dtype"}
+KEYS = {"decoder", "mode", "d_trunc", "release_every", "frames", "height", "width", "peak_bytes", "seconds", "device", "dtype",
+        "tiles"}
 
 
 def _bench(*args, check=True):
@@ -70,10 +72,11 @@ def test_new_modes_measure_in_process():
 
     configs = [
         bench.Config("cogvideox-tiny", "chopgrad_release", 1, 25, 16, 16, "cpu", "float64", release_every=2),
-        bench.Config("cogvideox-tiny", "chopgrad_recompute", 1, 25, 16, 16, "cpu", "float64", release_every=1),
+        bench.Config("cogvideox-tiny", "chopgrad_recompute", 1, 25, 16, 16, "cpu", "float64", release_every=1,
+                     tiles=(2, 1)),
     ]
     assert [bench.decode_kwargs(c) for c in configs] == [
-        {"d_trunc": 1, "release_every": 2}, {"d_trunc": 1, "recompute": True}
+        {"d_trunc": 1, "release_every": 2, "tiles": (1, 1)}, {"d_trunc": 1, "recompute": True, "tiles": (2, 1)}
     ]
     rows = bench.run(configs, fresh_process=False, progress=lambda line: None)
     assert [(r["mode"], r["d_trunc"], r["release_every"]) for r in rows] == [
@@ -82,6 +85,28 @@ def test_new_modes_measure_in_process():
     assert all(set(r) == KEYS and r["seconds"] > 0 for r in rows)
     table = bench.markdown_table(rows)
     assert "| cogvideox-tiny | chopgrad_release | 1 | 25 | 16x16 |" in table and table.endswith("| 1 |")
+    assert "| cogvideox-tiny | chopgrad_recompute | 1 | 25 | 16x16 (2x1 tiles) |" in table
+
+
+def test_keep_going_records_a_failed_measurement_and_goes_on(monkeypatch):
+    """A GPU run where full backprop runs out of memory: that is a row of the result, not the end of it."""
+    from chopgrad import bench
+
+    real = bench.measure
+
+    def measure(config, warmup=False):
+        if config.mode == "full":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(config, warmup)
+
+    monkeypatch.setattr(bench, "measure", measure)
+    configs = [bench.Config("wan-tiny", mode, d, 5, 16, 16, "cpu", "float32") for mode, d in (("full", None), ("chopgrad", 1))]
+    with pytest.raises(torch.OutOfMemoryError):
+        bench.run(configs, fresh_process=False, progress=lambda line: None)
+    failed, measured = bench.run(configs, fresh_process=False, progress=lambda line: None, keep_going=True)
+    assert failed["error"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB"
+    assert failed["peak_bytes"] is None and measured["seconds"] > 0 and "error" not in measured
+    assert "| wan-tiny | full | - | 5 | 16x16 | OutOfMemoryError: CUDA out of memory." in bench.markdown_table([failed, measured])
 
 
 @pytest.mark.slow  # fresh measurement processes

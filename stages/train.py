@@ -50,7 +50,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -114,7 +114,8 @@ class Params:
     decoder_skip: bool  # Mirage's encoder-to-decoder skip connections, fusion conv trained (B.4)
     checkpoint_every: int  # iterations between checkpoints
     sample_frames: int  # frames (1 + 4k) of the sample video written per task
-    weights: Literal["official", "stand_in"]  # pixel-loss backbones: the real files, or random stand-ins if missing
+    weights: Literal["official", "stand_in", "substitute"]  # pixel-loss backbones (below, and apply_substitutes)
+    substitutes: dict[str, LossTable]  # weights "substitute": a network loss whose files are missing -> these losses
     device: Literal["auto", "cpu", "cuda"]  # auto: CUDA when available
     mixed_precision: bool  # bf16 autocast of the transformer (GPU only)
     activation_checkpointing: bool  # recompute transformer blocks in backward (GPU only)
@@ -152,9 +153,28 @@ class Params:
                              "'float32' (bf16 compute comes from train.mixed_precision)")
         for application in APPLICATIONS:
             loss_table(self, application)  # unknown names, repeats, bad weights
+        self._check_substitutes()
         if self.schedule == "mirage":
             self._check_mirage()
         reconstruction_losses(self)
+
+    def _check_substitutes(self):
+        for name, table in self.substitutes.items():
+            if name not in LOSS_METRIC:
+                raise ValueError(f"train.substitutes: {name!r} is not a loss with weight files; substitute one of "
+                                 f"{', '.join(LOSS_METRIC)}")
+            losses = pixel_losses.check_loss_weights(table, what=f"train.substitutes.{name}")
+            heavy = [n for n in losses if n in LOSS_METRIC]
+            if heavy or not any(w > 0 for w in losses.values()):
+                raise ValueError(f"train.substitutes.{name} must be losses without weight files (mse) with a "
+                                 f"weight > 0, got {dict(table)}")
+        if self.weights == "substitute":
+            used = {n for application in APPLICATIONS for n in loss_table(self, application)[1]}
+            used |= set(reconstruction_losses(self)) if self.schedule == "mirage" else set()
+            missing = sorted(n for n in used if n in LOSS_METRIC and n not in self.substitutes)
+            if missing:
+                raise ValueError(f"train.weights 'substitute' but train.substitutes has no entry for {missing}: "
+                                 f"add one (e.g. {missing[0]}: {{mse: 1.0}})")
 
     def _check_mirage(self):
         needed = [setting for setting, ok in (("train.decoder_skip: true", self.decoder_skip),
@@ -315,6 +335,31 @@ def _task(params: Params, method: str, name: str, by_task: dict[str, Path], spat
             raise ValueError(f"tiles of {tile} pixels (the smallest of train.crop / train.tiles) are too small for the {application} "
                              f"losses {sorted(pixel)} (at least {smallest}): use a larger crop or fewer tiles")
     return Task(name, by_task[name], application, float(manifest["fps"]), train)
+
+
+def apply_substitutes(params: Params) -> tuple[Params, dict[str, LossTable]]:
+    """Under ``train.weights: substitute``, the params with every network loss whose weight files are
+    missing replaced by its ``train.substitutes`` entry (weights added to a loss already in the table),
+    and ``{replaced loss: its substitute}``. The losses whose files are present stay: with the real files
+    in place the same params train the paper's losses. Other policies: the params unchanged."""
+    if params.weights != "substitute":
+        return params, {}
+    from chopgrad.weights import METRIC_WEIGHTS, file_status
+
+    missing = {name for name, metric in LOSS_METRIC.items()
+               if any(file_status(f) == "missing" for f in METRIC_WEIGHTS[metric])}
+
+    def replaced(table: LossTable) -> LossTable:
+        out: dict[str, float] = {}
+        for name, weight in table.items():
+            for new_name, new_weight in (params.substitutes[name].items() if name in missing else [(name, weight)]):
+                out[new_name] = out.get(new_name, 0.0) + new_weight
+        return out
+
+    tables = {f"loss_{a}": replaced(getattr(params, f"loss_{a}")) for a in (*APPLICATIONS, "reconstruction")}
+    used = {n for a in (*APPLICATIONS, "reconstruction") for n in getattr(params, f"loss_{a}")}
+    done = {name: dict(params.substitutes[name]) for name in sorted(missing & used)}
+    return replace(params, **tables, weights="official"), done
 
 
 def transformer_config(params: Params, vae_config: dict) -> dict:
@@ -619,6 +664,10 @@ def run(params: Params, method: str, vae_dir: str | Path, pairs_dirs: list[str |
     vae_dir, out_dir, metrics_path, checkpoint_dir = map(Path, (vae_dir, out_dir, metrics_path, checkpoint_dir))
     if checkpoint_dir.exists() and not checkpoint_dir.is_dir():
         raise ValueError(f"--checkpoints {checkpoint_dir} is a file: pass a folder (it is created)")
+    params, substituted = apply_substitutes(params)
+    if substituted:
+        log.warning("weight files missing: %s trained with their train.substitutes instead (%s)",
+                    ", ".join(substituted), "; ".join(f"{k} -> {v}" for k, v in substituted.items()))
     tasks: list[Task] = plan(params, method, pairs_dirs, vae_dir)["tasks"]
     info = distributed.init(device=_device(params))
     started = time.perf_counter()
@@ -633,6 +682,7 @@ def run(params: Params, method: str, vae_dir: str | Path, pairs_dirs: list[str |
             records[task.name] = train_task(params, method, task, vae_dir, checkpoint_dir / f"{task.name}.safetensors",
                                             build / task.name, info, losses, hook)
     metrics = {"method": method, "world_size": info.world_size, "seconds": round(time.perf_counter() - started, 2),
+               "substituted_losses": substituted,
                "tasks": {name: {k: v for k, v in record.items() if k != "history"} for name, record in records.items()}}
     if info.is_main:
         write_json(metrics_path, metrics)

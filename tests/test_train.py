@@ -43,7 +43,8 @@ BASE = {
     "schedule": "joint", "reconstruction_iterations": 1, "loss_reconstruction": {"mse": 1.0, "lpips_vgg": 0.1},
     "tiles": [1, 1], "halo": 2, "transformer_lora_rank": 0, "transformer_lora_alpha": 4.0, "decoder_lora_rank": 0,
     "decoder_lora_alpha": 2.0, "decoder_skip": False, "checkpoint_every": 2, "sample_frames": 5,
-    "weights": "stand_in", "device": "cpu", "mixed_precision": True, "activation_checkpointing": True, "seed": 0,
+    "weights": "stand_in", "substitutes": {"lpips_vgg": {"mse": 1.0}, "dists": {"mse": 1.0}, "gram": {"mse": 1.0}},
+    "device": "cpu", "mixed_precision": True, "activation_checkpointing": True, "seed": 0,
     "threads": 1,
 }
 
@@ -205,6 +206,38 @@ def test_unknown_loss_names_are_rejected_with_the_known_ones():
         params(loss_nvs={"latent_mse": 1.0})
     with pytest.raises(ValueError, match="must be a finite number >= 0"):
         losses.check_loss_weights({"mse": -1.0})
+
+
+@pytest.mark.parametrize("present", [(), ("vgg16", "lpips_vgg_lin")])
+def test_substitute_trains_weightless_losses_only_where_files_are_missing(present, monkeypatch):
+    """The embedded default: no loss on a random network; with the real files placed, the paper's losses."""
+    from chopgrad import weights
+
+    monkeypatch.setattr(weights, "file_status", lambda name: "official" if name in present else "missing")
+    declared = params(weights="substitute")
+    effective, substituted = train.apply_substitutes(declared)
+    assert effective.weights == "official"  # what remains needs its real files
+    if not present:
+        assert substituted == {"dists": {"mse": 1.0}, "gram": {"mse": 1.0}, "lpips_vgg": {"mse": 1.0}}
+        assert effective.loss_nvs == {"latent_mse": 1.0, "mse": 1.0}
+        assert effective.loss_sr == {"mse": 2.0}  # mse 1.0 + dists' substitute
+        assert effective.loss_driving == {"mse": 2.0}
+        assert effective.loss_reconstruction == {"mse": 2.0}
+    else:  # VGG16 and LPIPS's heads present: LPIPS-VGG and Gram stay, DISTS (its own file) is replaced
+        assert substituted == {"dists": {"mse": 1.0}}
+        assert effective.loss_nvs == declared.loss_nvs and effective.loss_driving == declared.loss_driving
+        assert effective.loss_sr == {"mse": 2.0}
+    assert train.apply_substitutes(params(weights="stand_in")) == (params(weights="stand_in"), {})
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"substitutes": {"mse": {"mse": 1.0}}}, "'mse' is not a loss with weight files"),
+    ({"substitutes": {"lpips_vgg": {"dists": 1.0}}}, "must be losses without weight files"),
+    ({"weights": "substitute", "substitutes": {"lpips_vgg": {"mse": 1.0}}}, r"no entry for \['dists', 'gram'\]"),
+])
+def test_bad_substitutes_are_refused(changes, message):
+    with pytest.raises(ParamsError, match=message):
+        params(**changes)
 
 
 def test_weighted_pixel_loss_is_the_weighted_sum(weight_home):

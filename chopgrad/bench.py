@@ -22,6 +22,7 @@ VAE architecture, diffusers' default config).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -201,11 +202,12 @@ def _measure_in_fresh_process(config: Config, threads: int | None = None, timed:
 
 
 def run(configs: list[Config], fresh_process: bool = True, threads: int | None = None, progress=print,
-        timed: bool = True, keep_going: bool = False) -> list[dict]:
+        timed: bool = True, keep_going: bool = False, on_row=None) -> list[dict]:
     """Measure each configuration; ``timed=False`` skips the CPU timing process (``seconds`` None).
 
     With ``keep_going`` a failed measurement (out of memory, say: a result worth recording) becomes a
-    row with ``error`` and no ``peak_bytes`` or ``seconds``, and the next one runs.
+    row with ``error`` and no ``peak_bytes`` or ``seconds``, and the next one runs. ``on_row(rows)``
+    is called with the rows so far after each measurement (to save them as they come).
     """
     rows = []
     for index, config in enumerate(configs, 1):
@@ -215,6 +217,10 @@ def run(configs: list[Config], fresh_process: bool = True, threads: int | None =
             if not keep_going:
                 raise
             row = _failed_row(config, error)
+        if row.get("error"):  # out of the except block: the failed call's tensors can be freed now
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         seconds = "       - s" if row["seconds"] is None else f"{row['seconds']:8.3f} s"
         peak = row.get("error") or f"peak {row['peak_bytes'] / 2**20:9.1f} MiB  {seconds}"
         progress(
@@ -222,14 +228,14 @@ def run(configs: list[Config], fresh_process: bool = True, threads: int | None =
             f"release_every={row['release_every']!s:4s} frames={row['frames']:4d}  {peak}"
         )
         rows.append(row)
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
 def _failed_row(config: Config, error: Exception) -> dict:
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     message = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    device = _device_name(torch.device(config.device)) if config.device.startswith("cuda") else "cpu"
+    device = _device_name(torch.device(config.device))
     return {**asdict(config), "peak_bytes": None, "seconds": None, "device": device,
             "error": f"{type(error).__name__}: {message}"[:200]}
 
@@ -325,6 +331,11 @@ def _configs(args: argparse.Namespace, modes: list[str]) -> list[Config]:
     ]
 
 
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m chopgrad.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--decoder", type=_decoder_name, default="wan-tiny", help=f"one of {', '.join(DECODERS)} or a local diffusers VAE folder")
@@ -338,7 +349,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     parser.add_argument("--threads", type=int, help="CPU threads per measurement (default: torch's); 1 is steadiest")
     parser.add_argument("--no-time", action="store_true",
-                        help="memory only: on CPU one process per configuration instead of two (seconds left empty)")
+                        help="memory only: on CPU one process per configuration instead of two, seconds left "
+                             "empty (on CUDA both come from one process anyway)")
     parser.add_argument("--json", type=Path, help="write the result rows here")
     parser.add_argument("--plot", type=Path, help="write a PNG of memory and time vs frames here")
     parser.add_argument("--tiling-halos", type=_ints, help="instead: report the tiled-forward error for these halos")
@@ -375,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown mode(s) {sorted(unknown)}: choose from {', '.join(MODES)}")
     if any(d < 0 for d in args.d_trunc):
         parser.error("--d-trunc values must be >= 0")
-    if args.no_time and args.plot:
+    if args.no_time and args.plot and args.device == "cpu":
         parser.error("--plot draws time beside memory: leave out --no-time")
     if any(s < 1 for s in args.release_every):
         parser.error("--release-every values must be >= 1 (decode steps per block)")
@@ -387,13 +399,11 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--frames {frames}: {error}")
     try:
         rows = run(_configs(args, modes), fresh_process=args.device == "cpu", threads=args.threads,  # CUDA: in process
-                   timed=not args.no_time, keep_going=args.keep_going)
+                   timed=not args.no_time, keep_going=args.keep_going,
+                   on_row=(lambda done: _write_rows(args.json, done)) if args.json else None)
     except RuntimeError as error:  # a measurement's own error, one line
         parser.exit(1, f"python -m chopgrad.bench: {error}\n")
     print(markdown_table(rows))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
     if args.plot:
         plot(rows, args.plot)
 

@@ -66,8 +66,8 @@ def check_tiles(latents: Tensor, tiles: Any, halo: Any) -> tuple[int, int]:
     height, width = latents.shape[-2:]
     if tiles[0] > height or tiles[1] > width:
         raise ValueError(
-            f"tiles={tiles} are more than the latent size {height}x{width} has pixels: each tile needs at "
-            f"least one latent row and column (at most {height} rows, {width} cols)"
+            f"tiles={tiles} are too many for a {height}x{width} latent: use at most {height} rows and {width} "
+            f"cols of tiles (each tile needs at least one latent pixel)"
         )
     if not _is_int(halo) or halo < 0:
         raise ValueError(f"halo must be an integer >= 0 (latent pixels around each tile), got {halo!r}")

@@ -92,8 +92,8 @@ class _Placement:
 
 
 def _tile_layout(height: int, width: int, tiles: tuple[int, int], halo: int, scale: int) -> list[_Placement]:
-    """Tiles as even as the latent allows: ``count`` spans of ``size // count`` or one more latent
-    pixel (``numpy.array_split``'s split), each weighted by its share of the frame's pixels."""
+    """Tiles as even as the latent allows: ``count`` spans of ``size // count`` latent pixels or one
+    more (the longer ones last), each weighted by its share of the frame's pixels."""
     def spans(size: int, count: int) -> list[tuple[slice, slice, slice]]:
         result = []
         for index in range(count):
@@ -448,6 +448,9 @@ def _group_position(group: Any, tiles: int) -> tuple[int, int]:
         raise ValueError("tile_group is given but torch.distributed is not initialised: call "
                          "chopgrad.distributed.init() (under torchrun) first, or leave tile_group out")
     rank, ranks = dist.get_rank(group), dist.get_world_size(group)
+    if rank < 0:
+        raise ValueError("this process is not a member of tile_group: call decode_loss with tile_group only on "
+                         "the group's ranks")
     if ranks > tiles:
         raise ValueError(f"tile_group has {ranks} ranks but there are only {tiles} tiles: use at least "
                          f"as many tiles as ranks")
@@ -456,27 +459,38 @@ def _group_position(group: Any, tiles: int) -> tuple[int, int]:
 
 def _sum_over_ranks(group: Any, total: Tensor, latent_grad: Tensor | None, params: list[Tensor],
                     param_grads: list[Tensor | None], loss_leaves: _LossLeaves) -> None:
-    """Sum the loss and every gradient over ``group``, in place (each rank decoded its own tiles)."""
+    """Sum the loss and every gradient over ``group``, in place (each rank decoded its own tiles).
+
+    A decoder parameter that no rank's tiles reached keeps no gradient (``None``), as in one process.
+    """
     import torch.distributed as dist
 
-    counts: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(counts, (latent_grad is not None, len(params), len(loss_leaves.tensors)), group=group)
-    if len(set(counts)) != 1:
-        raise ValueError(f"the ranks of tile_group differ in (latents require grad, decoder parameters that "
-                         f"require grad, leaves the loss reaches): {counts}; give every rank the same "
-                         f"latents, decoder and loss_fn")
+    shapes = (latent_grad is not None, [tuple(p.shape) for p in params],
+              [(tuple(g.shape), str(g.dtype)) for g in loss_leaves.grads])
+    seen: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(seen, (shapes, [g is not None for g in param_grads]), group=group)
+    if any(other != shapes for other, _ in seen):
+        raise ValueError("the ranks of tile_group differ in the latents' requires_grad, the decoder parameters "
+                         "that require grad or the leaves the loss reaches (shapes, dtypes): give every rank the "
+                         "same latents, decoder and loss_fn")
+    reached = [any(flags[index] for _, flags in seen) for index in range(len(params))]
     dist.all_reduce(total, group=group)
     if latent_grad is not None:
-        dist.all_reduce(latent_grad, group=group)
+        latent_grad.copy_(_summed(latent_grad, group))
     for index, param in enumerate(params):
-        grad = param_grads[index]
-        grad = torch.zeros_like(param) if grad is None else grad.contiguous()
-        dist.all_reduce(grad, group=group)
-        param_grads[index] = grad
+        if reached[index]:
+            grad = param_grads[index]
+            param_grads[index] = _summed(torch.zeros_like(param) if grad is None else grad, group)
     for index, grad in enumerate(loss_leaves.grads):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=group)
-        loss_leaves.grads[index] = grad
+        loss_leaves.grads[index] = _summed(grad, group)
+
+
+def _summed(tensor: Tensor, group: Any) -> Tensor:
+    import torch.distributed as dist
+
+    tensor = tensor.contiguous()
+    dist.all_reduce(tensor, group=group)
+    return tensor
 
 
 # ----------------------------------------------------------------------------- public API
@@ -515,7 +529,7 @@ def decode_loss(
             ``None``: full backpropagation (exact).
         tiles: ``(rows, cols)`` spatial tiles, decoded and backpropagated one at a time, each from
             ``decoder.init_cache(tile=...)`` with its :class:`~chopgrad.Tile`. Counts need not
-            divide the latent: spans differ by at most one latent pixel (``numpy.array_split``).
+            divide the latent: spans differ by at most one latent pixel (the longer ones last).
         halo: latent pixels of context decoded around each tile (the loss sees only the interior).
         release_every: steps per block, ``s >= 1`` (supplement D's time-memory trade). The loss
             terms of each block of ``s`` consecutive steps (steps ``b s .. b s + s - 1``) are
@@ -538,8 +552,8 @@ def decode_loss(
         tile_group: a ``torch.distributed`` process group whose ranks hold the same sample (the
             same ``latents`` and ``target``, e.g. a sequence-parallel group): rank ``r`` of ``n``
             decodes and backpropagates tiles ``r, r + n, ...`` (row-major), and the loss and every
-            gradient are summed over the group, so each rank gets exactly what one process
-            decoding every tile gets. A collective: every rank of the group calls it. Needs at
+            gradient are summed over the group, so each rank gets what one process decoding every
+            tile gets (up to the order of the sums). A collective: every rank of the group calls it. Needs at
             least as many tiles as ranks.
 
     Returns:

@@ -40,7 +40,7 @@ log = logging.getLogger("stages.analysis")
 
 STAGE = "analysis"
 FIGURES = ("locality", "grad_error", "backbone", "resources", "spatial")
-WEIGHTS = ("official", "stand_in")  # train.weights' policies; evaluate's "skip" makes no sense for one loss
+WEIGHTS = ("official", "stand_in")  # the LPIPS of the analysis: real files, or a marked random stand-in
 
 
 @dataclass(frozen=True)

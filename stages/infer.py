@@ -134,7 +134,8 @@ def _test_pairs(params: Params, model_dir: Path, manifests: dict, spatial: int) 
         if params.tiles[0] > latent[0] or params.tiles[1] > latent[1]:
             raise ValueError(f"infer.tiles {list(params.tiles)} are more than the latent "
                              f"{latent[0]}x{latent[1]} of {task} test pair {pair['scene']!r} "
-                             f"({pair['height']}x{pair['width']} pixels) has rows and columns")
+                             f"({pair['height']}x{pair['width']} pixels) has rows and columns: use at most "
+                             f"{latent[0]} rows and {latent[1]} cols")
     return test
 
 

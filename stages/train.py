@@ -357,7 +357,8 @@ def apply_substitutes(params: Params) -> tuple[Params, dict[str, LossTable]]:
         return out
 
     tables = {f"loss_{a}": replaced(getattr(params, f"loss_{a}")) for a in (*APPLICATIONS, "reconstruction")}
-    used = {n for a in (*APPLICATIONS, "reconstruction") for n in getattr(params, f"loss_{a}")}
+    trained = (*APPLICATIONS, "reconstruction") if params.schedule == "mirage" else APPLICATIONS
+    used = {n for a in trained for n in getattr(params, f"loss_{a}")}
     done = {name: dict(params.substitutes[name]) for name in sorted(missing & used)}
     return replace(params, **tables, weights="official"), done
 

@@ -187,27 +187,30 @@ def _worker(out_dir: str) -> None:
                 torch.save(resumed_state, Path(out_dir) / "resumed.pt")
         if info.is_main:
             torch.save(state, Path(out_dir) / f"{mode}.pt")
-    value, grads = _tiles_across_ranks(torch.distributed.group.WORLD)
-    torch.save({"value": value, "grads": grads}, Path(out_dir) / f"tiles_rank{info.rank}.pt")
+    value, grads, decoded = _tiles_across_ranks(torch.distributed.group.WORLD)
+    torch.save({"value": value, "grads": grads, "decoded": decoded}, Path(out_dir) / f"tiles_rank{info.rank}.pt")
     (Path(out_dir) / f"rank{info.rank}.json").write_text(json.dumps(report))
     distributed.shutdown()
 
 
-def _tiles_across_ranks(group=None) -> tuple[float, list[torch.Tensor]]:
+def _tiles_across_ranks(group=None) -> tuple[float, list[torch.Tensor], list]:
     """One sample's tiled decode_loss (3x2 uneven tiles of a 5x7 latent, a trainable decoder layer):
-    its value and the gradients of the latents and the trainable decoder parameters."""
+    its value, the gradients of the latents and the trainable decoder parameters, the tiles decoded here."""
     vae = _vae()
+    decoder, decoded = chopgrad.wrap_decoder(vae), []
+    init_cache = decoder.init_cache
+    decoder.init_cache = lambda tile=None: decoded.append((tile.rows.start, tile.cols.start)) or init_cache(tile=tile)
     trained = list(vae.decoder.conv_out.parameters())
     for param in trained:
         param.requires_grad_(True)
     generator = torch.Generator().manual_seed(5)
     latents = torch.randn(1, 16, 3, 5, 7, generator=generator, dtype=torch.float64).requires_grad_(True)
-    frames = chopgrad.num_frames(chopgrad.wrap_decoder(vae), 3)
+    frames = chopgrad.num_frames(decoder, 3)
     target = torch.rand(1, 3, frames, 40, 56, generator=generator, dtype=torch.float64) * 2 - 1
-    loss = chopgrad.decode_loss(vae, latents, target, torch.nn.functional.mse_loss, d_trunc=1, tiles=(3, 2), halo=1,
-                                tile_group=group)
+    loss = chopgrad.decode_loss(decoder, latents, target, torch.nn.functional.mse_loss, d_trunc=1, tiles=(3, 2),
+                                halo=1, tile_group=group)
     loss.backward()
-    return float(loss), [latents.grad, *(param.grad for param in trained)]
+    return float(loss), [latents.grad, *(param.grad for param in trained)], decoded
 
 
 # ----------------------------------------------------------------------------- tests
@@ -272,9 +275,11 @@ def test_resume_from_a_gathered_checkpoint_repeats_the_last_step(torchrun_run):
 def test_tiles_across_ranks_equal_the_single_process_tiled_gradient(torchrun_run):
     """Issue 17.2: each of 2 ranks decodes 3 of the 6 tiles; every rank gets the whole loss and gradient."""
     out, _ = torchrun_run
-    value, grads = _tiles_across_ranks()
+    value, grads, decoded = _tiles_across_ranks()
+    assert len(decoded) == 6
     for rank in range(WORLD):
         got = torch.load(out / f"tiles_rank{rank}.pt")
+        assert got["decoded"] == decoded[rank::WORLD]  # its own three tiles, no other
         assert got["value"] == pytest.approx(value, rel=1e-12)
         for mine, theirs in zip(got["grads"], grads, strict=True):
             torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-12)

@@ -83,7 +83,7 @@ def test_a_loss_that_ignores_the_prediction(setup, loss_fn, message):
 _WEIGHT = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
 
 
-@pytest.mark.parametrize("tiles,message", [((5, 1), "more than the latent size 4x4 has pixels"), ((0, 1), "two positive"), (2, "two positive")])
+@pytest.mark.parametrize("tiles,message", [((5, 1), "too many for a 4x4 latent: use at most 4 rows and 4 cols"), ((0, 1), "two positive"), (2, "two positive")])
 def test_bad_tiles(setup, tiles, message):
     decoder, z, target = setup
     with pytest.raises(ValueError, match=message):

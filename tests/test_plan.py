@@ -91,5 +91,5 @@ def test_a_real_calibration_predicts_a_larger_run(tmp_path):
 def test_measure_refuses_tiles_it_cannot_run(capsys):
     with pytest.raises(SystemExit):
         plan.main(["--decoder", "wan-tiny", "--frames", "17", "--height", "64", "--width", "64", "--tiles", "2,2",
-                   "--measure"])
-    assert "--measure runs chopgrad.bench, which decodes untiled" in capsys.readouterr().err
+                   "--halo", "3", "--measure"])
+    assert "whose tiles have decode_loss's default halo of 2" in capsys.readouterr().err

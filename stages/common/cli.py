@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import _thread
 import argparse
+import contextlib
 import faulthandler
 import logging
 import os
@@ -99,7 +100,8 @@ def _install_handlers(stage: str) -> None:
             return
         if not acting_on:
             acting_on.append(signum)
-            faulthandler.dump_traceback_later(CLEANUP_SECONDS, exit=True)
+            with contextlib.suppress(Exception):  # no usable stderr: no watchdog, the signal still acts
+                faulthandler.dump_traceback_later(CLEANUP_SECONDS, exit=True)
         again.clear()
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
@@ -109,7 +111,9 @@ def _install_handlers(stage: str) -> None:
         if isinstance(info.exc_value, KeyboardInterrupt) and acting_on:  # ours, dropped: raise it again
             again.append(True)  # from outside the callback (a signal raised in it would be dropped too),
             delay = random.uniform(0.01, 0.1)  # after a random delay, not in step with a periodic callback
-            threading.Timer(delay, _thread.interrupt_main, (acting_on[0],)).start()
+            timer = threading.Timer(delay, _thread.interrupt_main, (acting_on[0],))
+            timer.daemon = True  # never holds up the interpreter's exit
+            timer.start()
             return
         sys.__unraisablehook__(info)
 

@@ -325,6 +325,7 @@ def wan21_folder(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow  # the full-size Wan 2.1 VAE architecture
 def test_cli_runs_on_a_real_wan21_architecture_folder(wan21_folder, tmp_path, capsys):
     out = tmp_path / "out"
     common = ["--vae", str(wan21_folder), "--height", "16", "--width", "16", "--videos", "1", "--out", str(out),

@@ -175,11 +175,11 @@ def test_tiles_with_covering_halo_equal_untiled(wan21):
     assert torch.equal(chopgrad.decode(decoder, z, tiles=(2, 2), halo=4), chopgrad.decode(decoder, z))
 
 
-@pytest.mark.parametrize("tiles", [(2, 2), (4, 4), (3, 2)])
+@pytest.mark.parametrize("tiles", [(4, 4), pytest.param((2, 2), marks=pytest.mark.slow), (3, 2)])
 def test_tiles_that_do_not_divide_the_latent_equal_untiled_with_a_covering_halo(wan21, tiles):
     """The paper's 4x4 tiles on a latent they do not divide (90 rows at 720x1280): uneven spans."""
     decoder = chopgrad.wrap_decoder(wan21)
-    z, target = _inputs(decoder, 3, h=5, w=7, seed=2)
+    z, target = _inputs(decoder, 1, h=5, w=7, seed=2)  # spatial only: the tiled oracle test covers time
     value, grad = _engine_grad(decoder, z, target, d_trunc=1)
     tiled_value, tiled_grad = _engine_grad(decoder, z, target, d_trunc=1, tiles=tiles, halo=7)
     assert tiled_value == pytest.approx(value, rel=1e-12)
@@ -365,7 +365,7 @@ def test_new_modes_decoder_parameter_gradients_match_oracle(request, name, t, kw
             p.grad = None
 
 
-@pytest.mark.parametrize("decoder_name", ["wan21", "positional"])
+@pytest.mark.parametrize("decoder_name", [pytest.param("wan21", marks=pytest.mark.slow), "positional"])
 @pytest.mark.parametrize(
     "kwargs", [{"d_trunc": 1, "release_every": 2}, {"d_trunc": 1, "recompute": True}, {"d_trunc": 2, "release_every": 2, "recompute": True}]
 )

@@ -103,8 +103,9 @@ ORACLE_TOL = {"wan21": 1e-6, "cogvideox": 1e-10}
         {"d_trunc": 1, "recompute": True},
         {"d_trunc": 1, "release_every": 2, "recompute": True},
         {"d_trunc": 0, "release_every": 3},
-        {"d_trunc": 1, "tiles": (2, 2), "halo": 1},
-        {"d_trunc": 2, "release_every": 2, "recompute": True, "tiles": (2, 2), "halo": 1},
+        pytest.param({"d_trunc": 1, "tiles": (2, 2), "halo": 1}, marks=pytest.mark.slow),
+        pytest.param({"d_trunc": 2, "release_every": 2, "recompute": True, "tiles": (2, 2), "halo": 1},
+                     marks=pytest.mark.slow),
     ],
 )
 def test_every_leaf_matches_the_oracle(request, name, t, kwargs):

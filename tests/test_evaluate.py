@@ -494,6 +494,7 @@ def test_quality_score_of_the_papers_table_6_rows():
             assert math.isclose(evaluate.vbench.quality_score(values), overall, abs_tol=1.5e-3), (dataset, method)
 
 
+@pytest.mark.slow  # MLflow store and nested runs
 def test_main_logs_one_nested_mlflow_run_per_method_and_task(project, tmp_path, homes, monkeypatch):
     from mlflow import MlflowClient
 

@@ -228,6 +228,7 @@ def test_frechet_distance_matches_pyiqa(n1, n2):
     assert abs(frechet_distance(f1, f1)) < 1e-8
 
 
+@pytest.mark.slow  # an Inception network over two image sets
 def test_fid_is_zero_for_identical_sets_and_grows_with_noise(home, inception):
     fid = metrics.FID()
     assert fid.weights == {"fid_inception": "stand-in"} and fid.stand_in_weights
@@ -244,6 +245,7 @@ def test_fid_needs_two_frames(home, inception):
         metrics.FID.from_features(np.zeros((1, 2048)), np.zeros((4, 2048)))
 
 
+@pytest.mark.slow  # an I3D network over two video sets
 def test_fvd_is_zero_for_identical_sets_and_positive_with_noise(home, i3d):
     fvd = metrics.FVD()
     assert fvd.weights == {"i3d": "unverified"} and fvd.stand_in_weights

@@ -240,6 +240,7 @@ def test_bad_substitutes_are_refused(changes, message):
         params(**changes)
 
 
+@pytest.mark.slow  # VGG16 and DISTS networks
 def test_weighted_pixel_loss_is_the_weighted_sum(weight_home):
     from chopgrad.weights import metric_home
 
@@ -394,6 +395,7 @@ def file_md5s(folder: Path) -> dict[str, str]:
             for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
+@pytest.mark.slow  # two training runs
 def test_a_rerun_with_the_same_inputs_writes_the_same_bytes(tmp_path, inputs, weight_home):
     # DVC hashes the outputs: a measured time inside one would rerun infer and evaluate after every train run.
     runs = [run_stage(tmp_path / name, inputs, weight_home, tasks=["nvs", "sr"], iterations=2) for name in "ab"]

@@ -145,7 +145,7 @@ def measure(config: Config, warmup: bool = False) -> dict:
     peak = torch.cuda.max_memory_allocated() - before if device.type == "cuda" else _rss_bytes("VmHWM") - before
     row = asdict(config)
     del row["dtype"], row["release_every"]
-    row.update(peak_bytes=int(peak), seconds=round(seconds, 4), device=_device_name(device), dtype=config.dtype,
+    row.update(peak_bytes=int(peak), seconds=round(seconds, 4), device=device_name(device), dtype=config.dtype,
                release_every=config.release_every)
     return row
 
@@ -172,9 +172,10 @@ def tiling_error(decoder, latent_frames: int, height: int, width: int, tiles: tu
     return rows
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's cores and torch threads: the ``device`` of every result row."""
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        return torch.cuda.getdevice_name(device)
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
@@ -235,7 +236,7 @@ def run(configs: list[Config], fresh_process: bool = True, threads: int | None =
 
 def _failed_row(config: Config, error: Exception) -> dict:
     message = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    device = _device_name(torch.device(config.device))
+    device = device_name(torch.device(config.device))
     return {**asdict(config), "peak_bytes": None, "seconds": None, "device": device,
             "error": f"{type(error).__name__}: {message}"[:200]}
 
@@ -377,8 +378,7 @@ def main(argv: list[str] | None = None) -> None:
         for r in rows:
             print(f"| {r['tiles'][0]}x{r['tiles'][1]} | {r['halo']} | {r['max_abs']:.2e} | {r['rms']:.2e} | {r['psnr_db']:.1f} |")
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(rows, indent=2) + "\n")
+            _write_rows(args.json, rows)
         return
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]

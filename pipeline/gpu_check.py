@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shlex
 import signal
@@ -220,21 +219,13 @@ def train_step(scale_name: str, device: str) -> dict:
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
     parameters = sum(p.numel() for p in model.parameters())
-    return {"scale": scale_name, "device": _device_name(device), "frames": scale.frames,
+    return {"scale": scale_name, "device": bench.device_name(torch.device(device)), "frames": scale.frames,
             "height": scale.height, "width": scale.width, "dtype": scale.dtype, "tiles": [2, 2], "d_trunc": 1,
             "transformer_parameters": parameters, "lora_rank": scale.lora_rank,
             "trainable_parameters": sum(p.numel() for p in lora.trainable_parameters(model).values()),
             "build_seconds": round(built, 2), "step_seconds": round(seconds, 3),
             "peak_gib": None if peak is None else round(peak / 2**30, 2),
             "loss": float(latent_loss + pixel.float())}
-
-
-def _device_name(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({platform.processor() or platform.machine()})"
 
 
 # ----------------------------------------------------------------------------- run

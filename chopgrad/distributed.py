@@ -48,9 +48,11 @@ Pattern (``torchrun --standalone --nproc_per_node 8 -m stages.train ...``)::
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -58,15 +60,18 @@ from torch import Tensor, nn
 
 __all__ = [
     "DistInfo",
+    "Layout",
     "all_reduce_gradients",
     "all_reduce_mean",
     "barrier",
+    "enable_sequence_parallel",
     "full_model_state_dict",
     "full_optimizer_state_dict",
     "init",
     "is_sharded",
     "load_full_model_state_dict",
     "load_full_optimizer_state_dict",
+    "make_layout",
     "shard_transformer",
     "shutdown",
 ]
@@ -163,6 +168,129 @@ def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if dist.is_initialized():
         dist.barrier()
+
+
+# ----------------------------------------------------------------------------- sequence parallelism
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the ranks split the work: ``data_parallel`` groups of ``sequence_parallel`` consecutive ranks.
+
+    The ranks of one group hold the same sample (batch 1 per group): the transformer splits its
+    tokens across them (diffusers' context parallelism, Ulysses attention) and ChopGrad's decoder
+    tiles go round them (``decode_loss(..., tile_group=layout.sequence_group)``). Different groups
+    train on different samples. The effective batch per optimiser step is ``data_parallel``.
+    """
+
+    data_parallel: int  # sample groups: the batch of one optimiser step
+    sequence_parallel: int  # ranks per sample
+    data_rank: int  # this rank's group: which sample it trains on
+    sequence_rank: int  # this rank's place in its group
+    mesh: Any = None  # DeviceMesh ("data", "ring", "ulysses"); None in a single process or without sequence parallelism
+    sequence_group: Any = None  # the ProcessGroup of this rank's sample group; None when sequence_parallel is 1
+
+
+def make_layout(sequence_parallel: int = 1) -> Layout:
+    """Split the started job into sample groups of ``sequence_parallel`` consecutive ranks.
+
+    Call after :func:`init`. With ``sequence_parallel`` 1 every rank is its own group (data
+    parallel only, as before). Ranks ``g * n .. g * n + n - 1`` form group ``g``: on one node of
+    8 GPUs with ``sequence_parallel`` 8 (the paper's setting) the group is the node, whose GPUs
+    talk over NVLink.
+
+    Raises:
+        ValueError: ``sequence_parallel`` < 1, or it does not divide the world size.
+    """
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if sequence_parallel < 1 or world % sequence_parallel:
+        raise ValueError(f"sequence_parallel {sequence_parallel} must be >= 1 and divide the number of processes "
+                         f"({world}): start a multiple of it (torchrun --nproc_per_node, --nnodes)")
+    if sequence_parallel == 1:
+        return Layout(world, 1, rank, 0)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    mesh = init_device_mesh(device_type, (world // sequence_parallel, 1, sequence_parallel),
+                            mesh_dim_names=("data", "ring", "ulysses"))
+    return Layout(world // sequence_parallel, sequence_parallel, rank // sequence_parallel,
+                  rank % sequence_parallel, mesh, mesh["ulysses"].get_group())
+
+
+def enable_sequence_parallel(transformer: nn.Module, layout: Layout) -> nn.Module:
+    """Split ``transformer``'s tokens across the ranks of each sample group, forward and backward.
+
+    diffusers' context parallelism with Ulysses attention (``ContextParallelConfig(ulysses_degree=
+    layout.sequence_parallel)`` and the model's own ``_cp_plan``): the patch tokens are split
+    before the first block, each attention exchanges heads for tokens with an all-to-all, and the
+    output is gathered after ``proj_out``, so every rank of the group gets the whole prediction.
+    In backward each rank then holds its tokens' share of every parameter gradient; the output
+    gradient is scaled by the group size so that FSDP's mean over all ranks
+    (:func:`shard_transformer`, called after this) is the mean over sample groups of each
+    sample's whole gradient: one step equals the single-process step on the same samples.
+
+    On CUDA this is ``transformer.enable_parallelism``; on CPU (gloo), where diffusers' set-up
+    looks for an accelerator, the same configuration, processors and plan hooks are applied here.
+    A no-op with ``layout.sequence_parallel`` 1.
+
+    Raises:
+        ValueError: the installed diffusers has no context parallelism for this model (it needs
+            diffusers >= 0.36 and a model with a ``_cp_plan``, as ``WanTransformer3DModel``), or
+            the attention heads do not divide by the group size.
+    """
+    size = layout.sequence_parallel
+    if size == 1:
+        return transformer
+    try:
+        from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
+    except ImportError:
+        ContextParallelConfig = None
+    if ContextParallelConfig is None or not getattr(transformer, "_cp_plan", None):
+        raise ValueError(f"{type(transformer).__name__} has no context parallelism in this diffusers: sequence "
+                         "parallelism needs diffusers >= 0.36 and a model with a _cp_plan (WanTransformer3DModel)")
+    heads = getattr(getattr(transformer, "config", None), "num_attention_heads", None)
+    if heads is not None and heads % size:
+        raise ValueError(f"sequence_parallel {size} must divide the transformer's {heads} attention heads "
+                         "(Ulysses attention gives each rank whole heads)")
+    config = ContextParallelConfig(ulysses_degree=size, mesh=layout.mesh["ring", "ulysses"])
+    if dist.get_backend() == "nccl":
+        transformer.enable_parallelism(config=config)
+    else:
+        from diffusers.hooks.context_parallel import apply_context_parallel
+
+        parallel = ParallelConfig(context_parallel_config=config)
+        parallel.setup(dist.get_rank(), dist.get_world_size(), torch.device("cpu"), mesh=config.mesh)
+        transformer._parallel_config = parallel
+        for module in transformer.modules():
+            processor = getattr(module, "processor", None)
+            if processor is not None and hasattr(processor, "_parallel_config"):
+                processor._parallel_config = parallel
+        apply_context_parallel(transformer, config, transformer._cp_plan)
+    transformer.register_forward_hook(functools.partial(_scale_output_gradient, factor=float(size)))
+    return transformer
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; the gradient times ``factor`` in backward."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, factor: float) -> Tensor:
+        ctx.factor = factor
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.factor, None
+
+
+def _scale_output_gradient(module, args, output, *, factor: float):
+    if isinstance(output, Tensor):
+        return _ScaleGradient.apply(output, factor)
+    if isinstance(output, tuple):
+        return (_ScaleGradient.apply(output[0], factor), *output[1:])
+    output.sample = _ScaleGradient.apply(output.sample, factor)  # diffusers' Transformer2DModelOutput
+    return output
 
 
 # ----------------------------------------------------------------------------- sharding

@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -116,6 +117,10 @@ class Params:
     sample_frames: int  # frames (1 + 4k) of the sample video written per task
     weights: Literal["official", "stand_in", "substitute"]  # pixel-loss backbones (below, and apply_substitutes)
     substitutes: dict[str, LossTable]  # weights "substitute": a network loss whose files are missing -> these losses
+    nproc_per_node: int  # processes (GPUs) per node; with nproc_per_node x nnodes > 1 the stage starts torchrun itself
+    nnodes: int  # nodes; > 1: start the same stage command on every node (rdzv_endpoint below)
+    rdzv_endpoint: str | None  # nnodes > 1: host:port of the rendezvous (torchrun --rdzv-endpoint), the same on every node
+    sequence_parallel: int  # ranks that share one sample (Ulysses context parallelism, tiles across them); divides the world
     device: Literal["auto", "cpu", "cuda"]  # auto: CUDA when available
     mixed_precision: bool  # bf16 autocast of the transformer (GPU only)
     activation_checkpointing: bool  # recompute transformer blocks in backward (GPU only)
@@ -145,6 +150,7 @@ class Params:
             raise ValueError("train.transformer_lora_rank and train.decoder_lora_rank must be >= 0 (0: no LoRA)")
         if self.threads < 0:
             raise ValueError(f"train.threads must be >= 0 (0: torch's default), got {self.threads}")
+        self._check_processes()
         if self.transformer_dtype == "bfloat16" and self.transformer_lora_rank == 0:
             # AdamW on bf16 weights rounds most lr-1e-5 updates away, and diffusers keeps some Wan modules in
             # float32, which FSDP's reduce-scatter refuses to mix with bf16 gradients.
@@ -157,6 +163,30 @@ class Params:
         if self.schedule == "mirage":
             self._check_mirage()
         reconstruction_losses(self)
+
+    @property
+    def world_size(self) -> int:
+        """Processes of one run: ``nproc_per_node x nnodes``."""
+        return self.nproc_per_node * self.nnodes
+
+    @property
+    def data_parallel(self) -> int:
+        """Samples per optimiser step (the effective batch): one per group of ``sequence_parallel`` ranks."""
+        return self.world_size // self.sequence_parallel
+
+    def _check_processes(self):
+        for name in ("nproc_per_node", "nnodes", "sequence_parallel"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.world_size % self.sequence_parallel:
+            raise ValueError(f"train.sequence_parallel {self.sequence_parallel} must divide the processes of a run, "
+                             f"train.nproc_per_node x train.nnodes = {self.world_size}")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("train.nnodes > 1 needs train.rdzv_endpoint: host:port of the first node, reachable "
+                             "from every node (torchrun --rdzv-endpoint)")
+        if self.sequence_parallel > 1 and self.transformer_path is None and self.num_heads % self.sequence_parallel:
+            raise ValueError(f"train.sequence_parallel {self.sequence_parallel} must divide train.num_heads "
+                             f"{self.num_heads} (Ulysses attention gives each rank whole heads)")
 
     def _check_substitutes(self):
         for name, table in self.substitutes.items():
@@ -279,8 +309,7 @@ def plan(params: Params, method: str, pairs_dirs: list[str | Path], vae_dir: str
             raise ValueError(f"two pairs folders hold task {manifest['task']!r}: {by_task[manifest['task']]} "
                              f"and {folder}")
         by_task[manifest["task"]] = folder
-    spatial = restoration.spatial_factor(vae_config)
-    tasks = [_task(params, method, name, by_task, spatial) for name in params.tasks]
+    tasks = [_task(params, method, name, by_task, vae_config) for name in params.tasks]
     return {"tasks": tasks, "vae_config": vae_config, "size_multiple": multiple}
 
 
@@ -301,6 +330,11 @@ def _check_model(params: Params, vae_folder: Path, vae_config: dict) -> int:
     if any(size % multiple for size in params.crop):
         raise ValueError(f"train.crop {list(params.crop)} must be multiples of {multiple} (the VAE's {spatial}x "
                          f"times the transformer's patch {patch[1]})")
+    if config["num_attention_heads"] % params.sequence_parallel:
+        raise ValueError(f"train.sequence_parallel {params.sequence_parallel} must divide the transformer's "
+                         f"{config['num_attention_heads']} attention heads (Ulysses attention gives each rank whole heads)")
+    _check_split(params, tokens(params.clip_frames, *params.crop, vae_config, patch),
+                 f"a training clip (train.clip_frames {params.clip_frames}, train.crop {list(params.crop)})")
     latent = [size // spatial for size in params.crop]
     if params.tiles[0] > latent[0] or params.tiles[1] > latent[1]:
         raise ValueError(f"train.tiles {list(params.tiles)} are more than the latent crop {latent[0]}x{latent[1]} "
@@ -309,7 +343,7 @@ def _check_model(params: Params, vae_folder: Path, vae_config: dict) -> int:
     return multiple
 
 
-def _task(params: Params, method: str, name: str, by_task: dict[str, Path], spatial: int) -> Task:
+def _task(params: Params, method: str, name: str, by_task: dict[str, Path], vae_config: dict) -> Task:
     """One task of ``train.tasks``, checked: its pairs folder, clip and crop sizes, tiles against its losses."""
     if name not in by_task:
         raise ValueError(f"train.tasks lists {name!r} but no pairs folder given with --pairs holds it "
@@ -323,6 +357,12 @@ def _task(params: Params, method: str, name: str, by_task: dict[str, Path], spat
             raise ValueError(f"{name} pair {pair['scene']!r} ({pair['frames']} frames of {pair['height']}x"
                              f"{pair['width']}) is smaller than train.clip_frames={params.clip_frames} x "
                              f"train.crop={list(params.crop)}")
+    if params.sequence_parallel > 1:
+        first, patch = train[0], tuple(transformer_config(params, vae_config)["patch_size"])
+        count = min(params.sample_frames, 1 + 4 * ((first["frames"] - 1) // 4))
+        _check_split(params, tokens(count, first["height"], first["width"], vae_config, patch),
+                     f"{name}'s sample video ({count} frames of {first['height']}x{first['width']}, train.sample_frames)")
+    spatial = restoration.spatial_factor(vae_config)
     application = manifest["application"]
     pixel = loss_table(params, application)[1] if method_of(params, method).decode else {}
     if params.schedule == "mirage":
@@ -366,11 +406,27 @@ def apply_substitutes(params: Params) -> tuple[Params, dict[str, LossTable]]:
 def transformer_config(params: Params, vae_config: dict) -> dict:
     """``patch_size``, ``in_channels`` and ``text_dim`` of the transformer the params describe (no loading)."""
     if params.transformer_path is None:
-        return {"patch_size": [1, 2, 2], "in_channels": int(vae_config["z_dim"]), "text_dim": params.text_dim}
+        return {"patch_size": [1, 2, 2], "in_channels": int(vae_config["z_dim"]), "text_dim": params.text_dim,
+                "num_attention_heads": params.num_heads}
     folder, sub = chopgrad.restoration.check_transformer_folder(params.transformer_path)
     config = _json((folder / sub if sub else folder) / "config.json")
     return {"patch_size": config.get("patch_size", [1, 2, 2]), "in_channels": config.get("in_channels", 16),
-            "text_dim": config.get("text_dim", 4096)}
+            "text_dim": config.get("text_dim", 4096), "num_attention_heads": config.get("num_attention_heads", 40)}
+
+
+def tokens(frames: int, height: int, width: int, vae_config: dict, patch: tuple[int, ...]) -> int:
+    """Transformer tokens of a clip as the restorer pads it: 1 + 4k frames, sides to the size multiple."""
+    temporal = 2 ** sum(bool(flag) for flag in vae_config.get("temperal_downsample", [False, True, True]))
+    latent_frames = (1 + 4 * math.ceil((frames - 1) / 4) - 1) // temporal + 1
+    multiple = restoration.spatial_factor(vae_config) * patch[1]
+    return math.ceil(latent_frames / patch[0]) * math.ceil(height / multiple) * math.ceil(width / multiple)
+
+
+def _check_split(params: Params, count: int, what: str) -> None:
+    """Sequence parallelism splits the tokens evenly across the ranks of a sample (diffusers' Ulysses)."""
+    if count % params.sequence_parallel:
+        raise ValueError(f"train.sequence_parallel {params.sequence_parallel} must divide the {count} transformer "
+                         f"tokens of {what}: change train.sequence_parallel, or that size")
 
 
 def _pixel_metrics(params: Params, method: str, tasks: list[Task]) -> list[str]:
@@ -431,6 +487,12 @@ class _Run:
     record: dict  # iteration, fingerprint, history, seconds: what a checkpoint stores
     resumed_from: int
     prompts: dict  # pair prompt -> embedding (with a text encoder)
+    layout: distributed.Layout  # sample groups of train.sequence_parallel ranks
+
+    @property
+    def tile_group(self):
+        """The ranks that share this sample's decoder tiles (when there are tiles enough for each of them)."""
+        return self.layout.sequence_group if self.layout.sequence_parallel > 1 else None
 
 
 def _optimizers(params: Params, model: restoration.Model) -> dict:
@@ -438,7 +500,7 @@ def _optimizers(params: Params, model: restoration.Model) -> dict:
 
 
 def _start(params: Params, method: str, task: Task, vae_dir: Path, checkpoint_path: Path,
-           info: distributed.DistInfo) -> _Run:
+           info: distributed.DistInfo, layout: distributed.Layout) -> _Run:
     """Build the model and its optimizers, sharded, and resume from ``checkpoint_path`` when it matches."""
     vae_config = _json(vae_dir / "config.json")
     spec = model_spec(params, vae_config)
@@ -459,6 +521,7 @@ def _start(params: Params, method: str, task: Task, vae_dir: Path, checkpoint_pa
     resume = loaded is not None and loaded[1].get("fingerprint") == fingerprint
     phase = phase_at(params, method, loaded[1]["iteration"] if resume else 0)
     _set_phase(model, phase)  # requires_grad before sharding
+    distributed.enable_sequence_parallel(model.transformer, layout)  # a no-op with train.sequence_parallel 1
     distributed.shard_transformer(model.transformer)  # a no-op without torchrun
     optimizers = _optimizers(params, model)
     if resume:
@@ -470,7 +533,7 @@ def _start(params: Params, method: str, task: Task, vae_dir: Path, checkpoint_pa
     elif loaded is not None:
         log.warning("%s/%s: %s was written with other inputs or params; starting over", method, task.name,
                     checkpoint_path)
-    return _Run(model, optimizers, phase, record, record["iteration"], prompts)
+    return _Run(model, optimizers, phase, record, record["iteration"], prompts, layout)
 
 
 def _iterate(params: Params, method: str, task: Task, run: _Run, clips: training.Clips, losses: dict,
@@ -483,17 +546,18 @@ def _iterate(params: Params, method: str, task: Task, run: _Run, clips: training
         run.optimizers = _optimizers(params, model)
         log.info("%s/%s: %s phase from iteration %d", method, task.name, run.phase, iteration)
     started = time.perf_counter()
-    degraded, target, index = clips.sample(training.sample_generator(params.seed, iteration, info.rank))
+    # The ranks of one sample group draw the same clip: the generator of their group's index.
+    degraded, target, index = clips.sample(training.sample_generator(params.seed, iteration, run.layout.data_rank))
     spec_method = method_of(params, method)
     if run.phase == "reconstruction":
         result = training.reconstruction_iteration(model, spec_method, losses["reconstruction"], target,
-                                                   tiles=params.tiles, halo=params.halo)
+                                                   tiles=params.tiles, halo=params.halo, tile_group=run.tile_group)
     else:
         prompt = task.train[index]["prompt"]
         result = training.train_iteration(
             model, spec_method, loss_table(params, task.application)[0], losses.get(task.application),
             (degraded, target), run.prompts.get(prompt) if prompt else None, tiles=params.tiles, halo=params.halo,
-            autocast=info.device.type == "cuda" and params.mixed_precision)
+            autocast=info.device.type == "cuda" and params.mixed_precision, tile_group=run.tile_group)
     distributed.all_reduce_gradients(model.decoder_trainable().values())
     for optimizer in run.optimizers.values():
         optimizer.step()
@@ -511,7 +575,8 @@ def _iterate(params: Params, method: str, task: Task, run: _Run, clips: training
 
 
 def train_task(params: Params, method: str, task: Task, vae_dir: Path, checkpoint_path: Path, out_dir: Path,
-               info: distributed.DistInfo, losses: dict, on_iteration: Callable[[int], None] | None = None) -> dict:
+               info: distributed.DistInfo, layout: distributed.Layout, losses: dict,
+               on_iteration: Callable[[int], None] | None = None) -> dict:
     """Train ``method`` on ``task`` (resuming from ``checkpoint_path`` when it matches) and write ``out_dir``.
 
     Args:
@@ -524,7 +589,7 @@ def train_task(params: Params, method: str, task: Task, vae_dir: Path, checkpoin
         The task's record: ``train.json``'s, what the run measured (:func:`_measured`) and its loss ``history``.
     """
     total = sum(count for _, count in phases(params, method))
-    run = _start(params, method, task, vae_dir, checkpoint_path, info)
+    run = _start(params, method, task, vae_dir, checkpoint_path, info, layout)
     clips = training.Clips(task.train, params.clip_frames, params.crop)
     if info.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(info.device)
@@ -586,7 +651,7 @@ def _summary(params: Params, method: str, task: Task, run: _Run, pixel_loss, inf
         "final_reconstruction_loss": _mean_tail(first, "loss") if first else None,
         "final_loss": _mean_tail(last, "loss"), "final_latent_loss": _mean_tail(last, "latent"),
         "final_pixel_loss": _mean_tail(last, "pixel") if spec_method.decode else None,
-        "world_size": info.world_size,
+        "world_size": info.world_size, "sequence_parallel": params.sequence_parallel, "batch": params.data_parallel,
         "d_trunc": spec_method.d_trunc, "decoding": spec_method.decode,
         "latent_weight": loss_table(params, task.application)[0] if spec_method.decode else 1.0,
         "pixel_losses": dict(pixel_loss.loss_weights) if pixel_loss is not None and spec_method.decode else {},
@@ -604,7 +669,7 @@ def _measured(params: Params, run: _Run, info: distributed.DistInfo) -> dict:
     return {
         "train_seconds": round(run.record["seconds"], 3),
         "seconds_per_iteration": round(seconds / max(1, len(history)), 4),
-        "clip_frames_per_second": round(params.clip_frames * info.world_size * len(history) / seconds, 3),
+        "clip_frames_per_second": round(params.clip_frames * params.data_parallel * len(history) / seconds, 3),
         **training.peak_memory(info.device), "device": str(info.device), "resumed_from_iteration": run.resumed_from,
     }
 
@@ -671,6 +736,11 @@ def run(params: Params, method: str, vae_dir: str | Path, pairs_dirs: list[str |
                     ", ".join(substituted), "; ".join(f"{k} -> {v}" for k, v in substituted.items()))
     tasks: list[Task] = plan(params, method, pairs_dirs, vae_dir)["tasks"]
     info = distributed.init(device=_device(params))
+    if info.world_size != params.world_size:
+        raise ValueError(f"{info.world_size} processes were started but train.nproc_per_node x train.nnodes is "
+                         f"{params.world_size}: set them in params.yaml and run the stage without torchrun (it starts "
+                         "torchrun itself)")
+    layout = distributed.make_layout(params.sequence_parallel)
     started = time.perf_counter()
     # Tasks already finished by an interrupted run are not trained again (their checkpoints are at the
     # last iteration): they are rebuilt from their checkpoints and written again.
@@ -681,8 +751,9 @@ def run(params: Params, method: str, vae_dir: str | Path, pairs_dirs: list[str |
         for task in tasks:
             hook = (lambda count, name=task.name: on_iteration(name, count)) if on_iteration else None
             records[task.name] = train_task(params, method, task, vae_dir, checkpoint_dir / f"{task.name}.safetensors",
-                                            build / task.name, info, losses, hook)
-    metrics = {"method": method, "world_size": info.world_size, "seconds": round(time.perf_counter() - started, 2),
+                                            build / task.name, info, layout, losses, hook)
+    metrics = {"method": method, "world_size": info.world_size, "sequence_parallel": layout.sequence_parallel,
+               "batch": layout.data_parallel, "seconds": round(time.perf_counter() - started, 2),
                "substituted_losses": substituted,
                "tasks": {name: {k: v for k, v in record.items() if k != "history"} for name, record in records.items()}}
     if info.is_main:
@@ -720,6 +791,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="where stand-in loss weights go (as evaluate.stand_in_home)")
     args = parser.parse_args(argv)
     params = cli.start(STAGE, Params, args.params)
+    if params.world_size > 1 and "RANK" not in os.environ:
+        os.execv(sys.executable, torchrun_command(params, args.method, sys.argv[1:] if argv is None else argv))
     arguments = (params, args.method, args.vae, args.pairs, args.out, args.metrics, args.checkpoints,
                  args.stand_in_home)
     try:
@@ -734,6 +807,18 @@ def main(argv: list[str] | None = None) -> None:
             log_result(tracker, run(*arguments))
     finally:
         distributed.shutdown()
+
+
+def torchrun_command(params: Params, method: str, argv: list[str]) -> list[str]:
+    """The torchrun command line that runs this stage with ``argv`` on ``train.nproc_per_node`` processes
+    (and ``train.nnodes`` nodes: the same command on each, meeting at ``train.rdzv_endpoint``)."""
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={params.nproc_per_node}",
+               f"--nnodes={params.nnodes}"]
+    if params.nnodes == 1:
+        command.append("--standalone")
+    else:
+        command += ["--rdzv-backend=c10d", f"--rdzv-endpoint={params.rdzv_endpoint}", f"--rdzv-id=chopgrad-{STAGE}-{method}"]
+    return [*command, "-m", f"stages.{STAGE}", *argv]
 
 
 def log_result(tracker, result: dict) -> None:

@@ -60,12 +60,13 @@ def _clips(vae):
     return clips
 
 
-def _clip_loss(model, decoder, clip):
+def _clip_loss(model, decoder, clip, tiles=(1, 1), tile_group=None):
     z_hat, text, velocity, target = clip
     dtype = model.proj_out.weight.dtype  # bfloat16 in mode "lora_bf16"
     v = model(hidden_states=z_hat.to(dtype), timestep=torch.tensor([200]), encoder_hidden_states=text.to(dtype),
               return_dict=False)[0].to(z_hat.dtype)
-    pixel = chopgrad.decode_loss(decoder, z_hat - v, target, lambda a, b: ((a - b) ** 2).mean(), d_trunc=1)
+    pixel = chopgrad.decode_loss(decoder, z_hat - v, target, lambda a, b: ((a - b) ** 2).mean(), d_trunc=1,
+                                 tiles=tiles, halo=1, tile_group=tile_group)
     return ((v - velocity) ** 2).mean() + 10 * pixel
 
 
@@ -143,6 +144,42 @@ def _reference(mode: str) -> tuple[list[float], dict[str, torch.Tensor]]:
     return losses, _trainable_state(model, vae)
 
 
+# Sequence parallelism (issue 17.1-2): both ranks hold the same clip (batch 1), the transformer splits
+# its 8 tokens across them, and each rank decodes one of the 2 tiles of the pixel loss.
+SP_TILES = (2, 1)
+
+
+def _sequence_parallel_setup(layout=None):
+    """The whole transformer and a decoder LoRA train; with ``layout``: sequence parallel, then sharded."""
+    model, vae = _transformer(), _vae()
+    lora.add_decoder_lora(vae, rank=2, alpha=2, adapter_name="harmonization")
+    if layout is not None:
+        distributed.enable_sequence_parallel(model, layout)
+        distributed.shard_transformer(model)
+    # Plain SGD: the weights then differ by lr times the gradient difference. Wan's FP32LayerNorm sums its
+    # parameter gradients over tokens in float32, in another grouping when the tokens are split (relative
+    # differences of 1e-8), which AdamW's normalisation would blow up for gradients near zero.
+    params = list(lora.trainable_parameters(model).values()) + list(lora.trainable_parameters(vae).values())
+    return model, vae, torch.optim.SGD(params, lr=1e-2)
+
+
+def _sequence_parallel_step(model, vae, optimizer, clip, layout=None) -> float:
+    loss = _clip_loss(model, vae, clip, SP_TILES, None if layout is None else layout.sequence_group)
+    loss.backward()
+    distributed.all_reduce_gradients(lora.trainable_parameters(vae).values())
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return distributed.all_reduce_mean(loss)
+
+
+@functools.cache
+def _sequence_parallel_reference() -> tuple[list[float], dict[str, torch.Tensor]]:
+    model, vae, optimizer = _sequence_parallel_setup()
+    clips = _clips(vae)
+    losses = [_sequence_parallel_step(model, vae, optimizer, clips[step]) for step in range(STEPS)]
+    return losses, _trainable_state(model, vae)
+
+
 # ----------------------------------------------------------------------------- the worker
 
 
@@ -187,6 +224,15 @@ def _worker(out_dir: str) -> None:
                 torch.save(resumed_state, Path(out_dir) / "resumed.pt")
         if info.is_main:
             torch.save(state, Path(out_dir) / f"{mode}.pt")
+    layout = distributed.make_layout(WORLD)
+    report["layout"] = [layout.data_parallel, layout.sequence_parallel, layout.data_rank, layout.sequence_rank]
+    model, vae, optimizer = _sequence_parallel_setup(layout)
+    clips = _clips(vae)
+    report["sequence_parallel"] = [_sequence_parallel_step(model, vae, optimizer, clips[step], layout)
+                                   for step in range(STEPS)]
+    state = _trainable_state(model, vae)
+    if info.is_main:
+        torch.save(state, Path(out_dir) / "sequence_parallel.pt")
     value, grads, decoded = _tiles_across_ranks(torch.distributed.group.WORLD)
     torch.save({"value": value, "grads": grads, "decoded": decoded}, Path(out_dir) / f"tiles_rank{info.rank}.pt")
     (Path(out_dir) / f"rank{info.rank}.json").write_text(json.dumps(report))
@@ -283,6 +329,34 @@ def test_tiles_across_ranks_equal_the_single_process_tiled_gradient(torchrun_run
         assert got["value"] == pytest.approx(value, rel=1e-12)
         for mine, theirs in zip(got["grads"], grads, strict=True):
             torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-12)
+
+
+def test_a_step_split_across_two_ranks_equals_the_single_process_step(torchrun_run):
+    """Issue 17.1: one clip per step shared by 2 ranks (sequence parallel, FSDP, tiles across ranks)
+    gives the single-process losses and weights, transformer and decoder LoRA alike."""
+    out, reports = torchrun_run
+    expected_losses, expected_state = _sequence_parallel_reference()
+    assert [report["layout"] for report in reports] == [[1, 2, 0, 0], [1, 2, 0, 1]]
+    for report in reports:
+        assert report["sequence_parallel"] == pytest.approx(expected_losses, rel=1e-9)
+    assert expected_losses[-1] < expected_losses[0]
+    state = torch.load(out / "sequence_parallel.pt")
+    assert set(state) == set(expected_state) and any(k.startswith("vae.") for k in state)
+    for name, value in expected_state.items():
+        torch.testing.assert_close(state[name], value, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_sequence_parallel_is_refused_where_it_cannot_split(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.make_layout(1) == distributed.Layout(1, 1, 0, 0)
+    with pytest.raises(ValueError, match="sequence_parallel 2 must be >= 1 and divide the number of processes"):
+        distributed.make_layout(2)
+    three_heads = distributed.Layout(1, 3, 0, 0)
+    with pytest.raises(ValueError, match="must divide the transformer's 2 attention heads"):
+        distributed.enable_sequence_parallel(_transformer(), three_heads)
+    with pytest.raises(ValueError, match="has no context parallelism"):
+        distributed.enable_sequence_parallel(torch.nn.Linear(2, 2), three_heads)
 
 
 def test_tile_group_without_a_process_group_is_refused():

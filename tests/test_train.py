@@ -44,6 +44,7 @@ BASE = {
     "tiles": [1, 1], "halo": 2, "transformer_lora_rank": 0, "transformer_lora_alpha": 4.0, "decoder_lora_rank": 0,
     "decoder_lora_alpha": 2.0, "decoder_skip": False, "checkpoint_every": 2, "sample_frames": 5,
     "weights": "stand_in", "substitutes": {"lpips_vgg": {"mse": 1.0}, "dists": {"mse": 1.0}, "gram": {"mse": 1.0}},
+    "nproc_per_node": 1, "nnodes": 1, "rdzv_endpoint": None, "sequence_parallel": 1,
     "device": "cpu", "mixed_precision": True, "activation_checkpointing": True, "seed": 0,
     "threads": 1,
 }
@@ -520,12 +521,80 @@ def test_mirage_settings_that_cannot_work_are_rejected(changes, pattern):
     ("chopgrad_d1", {"clip_frames": 13}, "is smaller than train.clip_frames=13"),
     ("chopgrad_d1", {"transformer_path": "/nowhere/Wan2.1"}, "is not a folder"),
     ("chopgrad_d1", {"text_encoder_path": "/nowhere"}, "has no tokenizer/ folder"),
+    ("chopgrad_d1", {"nproc_per_node": 2, "sequence_parallel": 2, "clip_frames": 1},
+     r"train.sequence_parallel 2 must divide the 1 transformer tokens of a training clip"),
 ])
 def test_bad_configurations_are_rejected_before_training(tmp_path, inputs, method, changes, pattern):
     with pytest.raises(ValueError, match=pattern):
         train.run(params(**changes), method, inputs["vae"], inputs["pairs"], tmp_path / "out", tmp_path / "m.json",
                   tmp_path / "ckpt")
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("changes, pattern", [
+    ({"nproc_per_node": 0}, "train.nproc_per_node must be >= 1"),
+    ({"nproc_per_node": 2, "sequence_parallel": 3}, ("train.sequence_parallel 3 must divide the processes of a run, "
+                                                     "train.nproc_per_node x train.nnodes = 2")),
+    ({"nnodes": 2}, "train.nnodes > 1 needs train.rdzv_endpoint"),
+    ({"nproc_per_node": 2, "sequence_parallel": 2, "num_heads": 3}, "must divide train.num_heads 3"),
+])
+def test_process_settings_that_cannot_work_are_rejected(changes, pattern):
+    with pytest.raises(ParamsError, match=pattern):
+        params(**changes)
+
+
+def test_the_stage_starts_torchrun_with_the_processes_of_params():
+    single = params(nproc_per_node=4, sequence_parallel=4, num_heads=4)
+    command = train.torchrun_command(single, "chopgrad_d1", ["--params", "p.yaml"])
+    assert command[1:] == ["-m", "torch.distributed.run", "--nproc-per-node=4", "--nnodes=1", "--standalone",
+                           "-m", "stages.train", "--params", "p.yaml"]
+    assert (single.world_size, single.data_parallel) == (4, 1)
+    nodes = params(nproc_per_node=8, nnodes=2, rdzv_endpoint="node0:29500", sequence_parallel=8, num_heads=8)
+    assert train.torchrun_command(nodes, "chopgrad_d1", [])[4:8] == [
+        "--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29500", "--rdzv-id=chopgrad-train-chopgrad_d1"]
+    assert (nodes.world_size, nodes.data_parallel) == (16, 2)
+
+
+def test_a_run_started_with_other_processes_than_params_is_refused(tmp_path, inputs, monkeypatch):
+    monkeypatch.setattr(train.distributed, "init", lambda device=None: train.distributed.DistInfo(
+        0, 2, 0, torch.device("cpu"), "gloo"))
+    with pytest.raises(ValueError, match="2 processes were started but train.nproc_per_node x train.nnodes is 1"):
+        train.run(params(), "latent_mse", inputs["vae"], inputs["pairs"], tmp_path / "out", tmp_path / "m.json",
+                  tmp_path / "ckpt")
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow  # a 2-process torchrun
+def test_two_ranks_on_one_sample_train_as_one_process(tmp_path, inputs, weight_home):
+    """Issue 17.1-3: nproc_per_node 2 with sequence_parallel 2 (batch 1): the stage starts torchrun itself,
+    both ranks train on the same clips, split by tokens and tiles; the losses are the single process's."""
+    import os
+    import subprocess
+    import sys
+
+    from ruamel.yaml import YAML
+
+    changes = {"crop": [16, 32], "tiles": [1, 2], "iterations": 2, "checkpoint_every": 2}
+    expected = run_stage(tmp_path / "single", inputs, weight_home, **changes)["tasks"]["nvs"]
+    section = {**BASE, **changes, "nproc_per_node": 2, "sequence_parallel": 2}
+    with (tmp_path / "params.yaml").open("w") as handle:
+        YAML(typ="safe", pure=True).dump({"train": section}, handle)
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(repo)}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "stages.train", "--params", str(tmp_path / "params.yaml"), "--method", "chopgrad_d1",
+               "--vae", str(inputs["vae"]), "--pairs", *map(str, inputs["pairs"]), "--out", str(tmp_path / "out"),
+               "--metrics", str(tmp_path / "metrics.json"), "--checkpoints", str(tmp_path / "ckpt"),
+               "--stand-in-home", str(weight_home)]
+    done = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert (metrics["world_size"], metrics["sequence_parallel"], metrics["batch"]) == (2, 2, 1)
+    record = json.loads((tmp_path / "out" / "nvs" / "train.json").read_text())
+    assert record["final_loss"] == pytest.approx(expected["final_loss"], rel=1e-4)
+    assert record["final_pixel_loss"] == pytest.approx(expected["final_pixel_loss"], rel=1e-4)
 
 
 def test_a_checkpoint_path_that_is_a_file_is_rejected_before_training(tmp_path, inputs):

@@ -121,9 +121,18 @@ def _pixel_decoder(model: restoration.Model, method: Method, video: torch.Tensor
     return pixel_losses.PerFrameDecoder(decoder) if method.decode == "per_frame" else decoder
 
 
+def _tile_group(group, tiles: tuple[int, int]):
+    """``group`` when it has no more ranks than there are tiles (else every rank decodes every tile)."""
+    if group is None:
+        return None
+    import torch.distributed as dist
+
+    return group if dist.get_world_size(group) <= tiles[0] * tiles[1] else None
+
+
 def train_iteration(model: restoration.Model, method: Method, latent_weight: float, pixel_loss,
                     clip: tuple[torch.Tensor, torch.Tensor], text: torch.Tensor | None, *, tiles: tuple[int, int],
-                    halo: int, autocast: bool) -> IterationResult:
+                    halo: int, autocast: bool, tile_group=None) -> IterationResult:
     """Forward and backward of one clip (the gradients are left in the parameters); the loss and its terms.
 
     Args:
@@ -131,6 +140,8 @@ def train_iteration(model: restoration.Model, method: Method, latent_weight: flo
         latent_weight: the weight of the velocity MSE beside the pixel loss (latent-only methods: 1).
         pixel_loss: the pixel loss (``chopgrad.losses.PixelLoss``); unused when ``method.decode`` is None.
         autocast: the transformer under bf16 autocast (CUDA).
+        tile_group: the process group of the ranks that share this clip (sequence parallelism): each
+            decodes its own tiles (``chopgrad.decode_loss``'s ``tile_group``); None: this rank decodes all.
     """
     device = next(model.vae.parameters()).device
     degraded, target = (x.to(device) for x in clip)
@@ -144,7 +155,8 @@ def train_iteration(model: restoration.Model, method: Method, latent_weight: flo
     if method.decode:
         restored = model.to_decoder(z_hat - velocity)  # z = z_hat - v, as vae.decode takes it
         pixel = chopgrad.decode_loss(_pixel_decoder(model, method, degraded), restored, target,
-                                     pixel_loss, d_trunc=method.d_trunc or 0, tiles=tiles, halo=halo)
+                                     pixel_loss, d_trunc=method.d_trunc or 0, tiles=tiles, halo=halo,
+                                     tile_group=_tile_group(tile_group, tiles))
         loss = loss + pixel
     loss.backward()
     return IterationResult(float(loss.detach()), float(latent.detach()),
@@ -152,7 +164,7 @@ def train_iteration(model: restoration.Model, method: Method, latent_weight: flo
 
 
 def reconstruction_iteration(model: restoration.Model, method: Method, loss_fn, target: torch.Tensor, *,
-                             tiles: tuple[int, int], halo: int) -> IterationResult:
+                             tiles: tuple[int, int], halo: int, tile_group=None) -> IterationResult:
     """Mirage's reconstruction phase (B.4): the target's own latents decoded with skip features of the
     target, the pixel loss backpropagated into the fusion conv and the first decoder LoRA. Decoding as
     the method decodes (ChopGrad's ``d_trunc``, per-frame); latent-only methods backpropagate fully."""
@@ -160,7 +172,8 @@ def reconstruction_iteration(model: restoration.Model, method: Method, loss_fn, 
     z = model.encode(target)
     d_trunc = (method.d_trunc or 0) if method.decode else None
     pixel = chopgrad.decode_loss(_pixel_decoder(model, method, target), model.to_decoder(z), target,
-                                 loss_fn, d_trunc=d_trunc, tiles=tiles, halo=halo)
+                                 loss_fn, d_trunc=d_trunc, tiles=tiles, halo=halo,
+                                 tile_group=_tile_group(tile_group, tiles))
     pixel.backward()
     return IterationResult(float(pixel.detach()), None, float(pixel.detach()))
 

@@ -299,7 +299,7 @@ def _scale_output_gradient(module, args, output, *, factor: float):
 def shard_transformer(
     model: nn.Module,
     *,
-    block_attribute: str = "blocks",
+    block_attribute: str | None = None,
     param_dtype: torch.dtype | None = None,
     reduce_dtype: torch.dtype | None = None,
     reshard_after_forward: bool = True,
@@ -311,9 +311,11 @@ def shard_transformer(
     wanted, is applied to the blocks before this call.
 
     Args:
-        model: e.g. diffusers' ``WanTransformer3DModel`` (its blocks are ``model.blocks``).
+        model: e.g. diffusers' ``WanTransformer3DModel`` (its blocks are ``model.blocks``) or
+            ``CogVideoXTransformer3DModel`` (``model.transformer_blocks``).
         block_attribute: name of the ``nn.ModuleList`` of blocks; each becomes one FSDP unit
-            (its parameters are all-gathered just before it runs and freed after).
+            (its parameters are all-gathered just before it runs and freed after). None: ``blocks``,
+            else ``transformer_blocks``.
         param_dtype, reduce_dtype: FSDP2 mixed precision (e.g. ``torch.bfloat16`` /
             ``torch.float32``); ``None`` keeps the parameters' dtype.
         reshard_after_forward: free gathered parameters after each block's forward (saves
@@ -328,6 +330,8 @@ def shard_transformer(
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    if block_attribute is None:
+        block_attribute = "blocks" if hasattr(model, "blocks") else "transformer_blocks"
     blocks = getattr(model, block_attribute, None)
     if not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
         raise ValueError(

@@ -31,11 +31,14 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "DOVE_TIMESTEP",
     "TEXT_LENGTH",
     "TIMESTEP",
+    "CogVideoXRestorer",
     "Restorer",
     "check_transformer_folder",
     "denormalize_latents",
+    "encode_cogvideox_prompts",
     "encode_prompts",
     "fixed_text_embedding",
     "load_transformer",
@@ -45,6 +48,9 @@ __all__ = [
 
 TIMESTEP = 200  # the fixed diffusion timestep of supplement C.2 (Wan's scale: 0..1000)
 TEXT_LENGTH = 512  # tokens per prompt in Wan 2.1's pipelines (UMT5, zero-padded)
+COGVIDEOX_TEXT_LENGTH = 226  # CogVideoX's max_text_seq_length (T5)
+DOVE_TIMESTEP = 399  # DOVE's one-step timestep (inference_script.py: sr_noise_step; CogVideoX's scale: 0..999)
+TRANSFORMER_CLASSES = ("WanTransformer3DModel", "CogVideoXTransformer3DModel")
 _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
                  "diffusion_pytorch_model.bin")
 
@@ -128,17 +134,20 @@ def small_transformer(
 
 
 def check_transformer_folder(path: str | os.PathLike | None) -> tuple[Path, str | None]:
-    """Where a diffusers ``WanTransformer3DModel`` lies: ``(folder, subfolder)``, checked without loading.
+    """Where a diffusers ``WanTransformer3DModel`` or ``CogVideoXTransformer3DModel`` lies:
+    ``(folder, subfolder)``, checked without loading.
 
     Accepts a Wan 2.1 diffusers folder (``Wan-AI/Wan2.1-T2V-14B-Diffusers``: the transformer in its
-    ``transformer/`` subfolder) or the ``transformer/`` folder itself.
+    ``transformer/`` subfolder), a CogVideoX or DOVE pipeline folder (the same layout), or the
+    ``transformer/`` folder itself.
 
     Raises:
         ValueError: naming what is missing (folder, ``config.json``, weights, wrong model class) and
             what to point the path at instead.
     """
     fix = ("point it at a local Wan 2.1 diffusers folder (e.g. Wan-AI/Wan2.1-T2V-14B-Diffusers, holding "
-           "transformer/config.json and transformer/diffusion_pytorch_model*.safetensors)")
+           "transformer/config.json and transformer/diffusion_pytorch_model*.safetensors) or a DOVE / CogVideoX "
+           "pipeline folder of the same layout")
     if path is None or str(path) == "":
         raise ValueError(f"no transformer path given: {fix}")
     folder = Path(path)
@@ -152,22 +161,48 @@ def check_transformer_folder(path: str | os.PathLike | None) -> tuple[Path, str 
             class_name = json.loads(config.read_text()).get("_class_name")
         except (json.JSONDecodeError, AttributeError) as err:
             raise ValueError(f"{config} is not a diffusers config ({err}): {fix}") from err
-        if class_name != "WanTransformer3DModel":
+        if class_name not in TRANSFORMER_CLASSES:
             if sub is None:
                 break
-            raise ValueError(f"{config} describes a {class_name}, not a WanTransformer3DModel: {fix}")
+            raise ValueError(f"{config} describes a {class_name}, not a {' or '.join(TRANSFORMER_CLASSES)}: {fix}")
         weights_dir = config.parent
         if not any((weights_dir / name).is_file() for name in _WEIGHT_FILES):
             raise ValueError(f"{weights_dir} has a config.json but no weights ({' or '.join(_WEIGHT_FILES)}): "
                              f"{fix}")
         return folder, sub
-    raise ValueError(f"{folder} holds no WanTransformer3DModel (neither {folder / 'transformer/config.json'} "
-                     f"nor {folder / 'config.json'}): {fix}")
+    raise ValueError(f"{folder} holds no WanTransformer3DModel or CogVideoXTransformer3DModel (neither "
+                     f"{folder / 'transformer/config.json'} nor {folder / 'config.json'}): {fix}")
+
+
+def transformer_family(path: str | os.PathLike) -> str:
+    """``"wan"`` or ``"cogvideox"``: which transformer a folder of :func:`check_transformer_folder` holds."""
+    folder, sub = check_transformer_folder(path)
+    config = json.loads(((folder / sub if sub else folder) / "config.json").read_text())
+    return "cogvideox" if config["_class_name"] == "CogVideoXTransformer3DModel" else "wan"
+
+
+def dove_alpha(path: str | os.PathLike, timestep: int = DOVE_TIMESTEP) -> float:
+    """``alphas_cumprod[timestep]`` of the scheduler in a CogVideoX / DOVE folder (``scheduler/``).
+
+    DOVE restores with ``x0 = sqrt(a) z_lr - sqrt(1 - a) v`` at ``timestep`` 399 (the inverse of
+    v-prediction, ``scheduler.get_velocity``); ``a`` depends on the scheduler's betas and SNR shift,
+    so it is read from the checkpoint's own ``scheduler_config.json``.
+    """
+    from diffusers import CogVideoXDPMScheduler
+
+    folder, sub = check_transformer_folder(path)
+    if sub is None or not (folder / "scheduler" / "scheduler_config.json").is_file():
+        raise ValueError(f"{folder} has no scheduler/scheduler_config.json: point the path at the whole DOVE / "
+                         "CogVideoX pipeline folder (model_index.json, transformer/, vae/, scheduler/)")
+    scheduler = CogVideoXDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+    if not 0 <= timestep < len(scheduler.alphas_cumprod):
+        raise ValueError(f"timestep {timestep} is outside the scheduler's 0..{len(scheduler.alphas_cumprod) - 1}")
+    return float(scheduler.alphas_cumprod[timestep])
 
 
 def load_transformer(path: str | os.PathLike, torch_dtype: torch.dtype | None = None,
                      latent_channels: int | None = None):
-    """Wan 2.1's transformer from a local diffusers folder (``local_files_only``: no download).
+    """Wan 2.1's (or CogVideoX's) transformer from a local diffusers folder (``local_files_only``: no download).
 
     Args:
         path: see :func:`check_transformer_folder`; checked before anything is loaded.
@@ -175,15 +210,16 @@ def load_transformer(path: str | os.PathLike, torch_dtype: torch.dtype | None = 
         latent_channels: when given, the VAE's latent channel count ``C``; a transformer taking or
             giving another count is refused from its ``config.json``, before its weights are read.
     """
-    from diffusers import WanTransformer3DModel
+    import diffusers
 
     folder, subfolder = check_transformer_folder(path)
+    config = json.loads(((folder / subfolder if subfolder else folder) / "config.json").read_text())
     if latent_channels is not None:
         _check_channels(folder / subfolder if subfolder else folder, latent_channels)
     kwargs = {"subfolder": subfolder} if subfolder else {}
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
-    return WanTransformer3DModel.from_pretrained(folder, local_files_only=True, **kwargs)
+    return getattr(diffusers, config["_class_name"]).from_pretrained(folder, local_files_only=True, **kwargs)
 
 
 def _check_channels(weights_dir: Path, latent_channels: int) -> None:
@@ -237,6 +273,22 @@ def encode_prompts(prompts: Sequence[str], tokenizer: Any, text_encoder: Any,
     return (hidden * mask.gt(0).unsqueeze(-1)).float().cpu()
 
 
+@torch.no_grad()
+def encode_cogvideox_prompts(prompts: Sequence[str], tokenizer: Any, text_encoder: Any,
+                             length: int = COGVIDEOX_TEXT_LENGTH) -> Tensor:
+    """CogVideoX's prompt embedding (``CogVideoXPipeline._get_t5_prompt_embeds``): ``[N, length, 4096]``.
+
+    Each prompt is tokenised to ``length`` tokens (padded, truncated) and encoded by the T5 encoder;
+    unlike Wan, the padding rows are kept. An empty prompt is allowed: DOVE restores with ``""``.
+    """
+    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"encode_cogvideox_prompts: expected a non-empty list of strings, got {prompts!r}")
+    tokens = tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True,
+                       add_special_tokens=True, return_tensors="pt")
+    device = next(text_encoder.parameters()).device
+    return text_encoder(tokens.input_ids.to(device))[0].float().cpu()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The restorer
 
@@ -252,17 +304,20 @@ class Restorer(nn.Module):
         timestep: the fixed diffusion timestep.
     """
 
+    _text_dim_key, _model_name = "text_dim", "Wan 2.1"  # the config key of the text width; the model family
+
     def __init__(self, transformer: nn.Module, text_embedding: Tensor, timestep: float = TIMESTEP):
         super().__init__()
         config = transformer.config
         if int(config.in_channels) != int(config.out_channels or config.in_channels):
             raise ValueError(f"the transformer maps {config.in_channels} to {config.out_channels} channels; "
-                             "a restorer needs in_channels == out_channels (a text-to-video Wan 2.1 model, not "
-                             "image-to-video)")
+                             f"a restorer needs in_channels == out_channels (a text-to-video {self._model_name} model, "
+                             "not image-to-video)")
         if text_embedding.ndim == 2:
             text_embedding = text_embedding[None]
-        if text_embedding.ndim != 3 or text_embedding.shape[0] != 1 or text_embedding.shape[-1] != config.text_dim:
-            raise ValueError(f"text_embedding must be [1, L, {config.text_dim}] (the transformer's text_dim), "
+        width = getattr(config, self._text_dim_key)
+        if text_embedding.ndim != 3 or text_embedding.shape[0] != 1 or text_embedding.shape[-1] != width:
+            raise ValueError(f"text_embedding must be [1, L, {width}] (the transformer's {self._text_dim_key}), "
                              f"got {tuple(text_embedding.shape)}")
         self.transformer = transformer
         self.timestep = float(timestep)
@@ -281,6 +336,9 @@ class Restorer(nn.Module):
             raise ValueError(f"the latent size (t, h, w) = {tuple(z_hat.shape[2:])} is not a multiple of the "
                              f"transformer's patch size {patch}: crop the video to a multiple of "
                              f"{patch[1]} x the VAE's spatial factor")
+        self._check_text(z_hat, text_embedding)
+
+    def _check_text(self, z_hat: Tensor, text_embedding: Tensor | None) -> None:
         if text_embedding is not None and (text_embedding.ndim != 3
                                            or text_embedding.shape[0] not in (1, z_hat.shape[0])
                                            or text_embedding.shape[-1] != self.text_embedding.shape[-1]):
@@ -303,6 +361,92 @@ class Restorer(nn.Module):
         out = self.transformer(z_hat.to(dtype), timestep, text, return_dict=False)[0]
         return out.to(z_hat.dtype)
 
+    def from_velocity(self, z_hat: Tensor, velocity: Tensor) -> Tensor:
+        """The restored latents of a predicted velocity: ``z_hat - v`` (one Euler step to the data)."""
+        return z_hat - velocity
+
     def forward(self, z_hat: Tensor, text_embedding: Tensor | None = None) -> Tensor:
-        """The restored normalised latents ``z = z_hat - v``: [B, C, t, h, w] -> [B, C, t, h, w]."""
-        return z_hat - self.velocity(z_hat, text_embedding)
+        """The restored normalised latents (``z = z_hat - v``): [B, C, t, h, w] -> [B, C, t, h, w]."""
+        return self.from_velocity(z_hat, self.velocity(z_hat, text_embedding))
+
+
+class CogVideoXRestorer(Restorer):
+    """DOVE's one-step restoration with a CogVideoX transformer (Chen et al. 2025, ``inference_script.py``).
+
+    The latent of the (upsampled) degraded video is the sample at ``timestep`` (399) without added
+    noise; the transformer predicts ``v`` (CogVideoX's v-prediction) and the restored latent is
+    ``z = sqrt(a) z_hat - sqrt(1 - a) v`` with ``a = alphas_cumprod[timestep]`` (:func:`dove_alpha`).
+    Latents are CogVideoX's, scaled by the VAE's ``scaling_factor`` (what :func:`normalize_latents`
+    does with mean 0 and std ``1 / scaling_factor``). As in DOVE, the latent frames are laid out
+    ``[B, t, C, h, w]`` for the transformer, a CogVideoX 1.5 transformer (``patch_size_t`` 2) gets the
+    first latent frame repeated in front until ``t`` divides, dropped again from its output, and the
+    3D rotary embedding is diffusers' CogVideoX pipeline rule.
+
+    Args:
+        transformer: a diffusers ``CogVideoXTransformer3DModel`` (text-to-video: ``in_channels`` =
+            ``out_channels``).
+        text_embedding: the fixed condition ``[1, L, text_embed_dim]`` (DOVE: the T5 embedding of the
+            empty prompt, ``L`` = 226).
+        timestep: DOVE's 399.
+        alpha: ``alphas_cumprod[timestep]`` of the model's scheduler.
+    """
+
+    _text_dim_key, _model_name = "text_embed_dim", "CogVideoX"
+
+    def __init__(self, transformer: nn.Module, text_embedding: Tensor, timestep: float = DOVE_TIMESTEP,
+                 alpha: float = 0.5):
+        if not 0 < alpha < 1:
+            raise ValueError(f"alpha = alphas_cumprod[timestep] must be in (0, 1), got {alpha}")
+        super().__init__(transformer, text_embedding, timestep)
+        self.alpha = float(alpha)
+
+    def _check(self, z_hat: Tensor, text_embedding: Tensor | None) -> None:
+        patch = int(self.transformer.config.patch_size)
+        if z_hat.ndim != 5 or z_hat.shape[1] != self.latent_channels:
+            raise ValueError(f"z_hat must be scaled latents [B, {self.latent_channels}, t, h, w], got {tuple(z_hat.shape)}")
+        if z_hat.shape[3] % patch or z_hat.shape[4] % patch:
+            raise ValueError(f"the latent size (h, w) = {tuple(z_hat.shape[3:])} is not a multiple of the transformer's "
+                             f"patch size {patch}: crop the video to a multiple of {patch} x the VAE's spatial factor")
+        self._check_text(z_hat, text_embedding)
+
+    def _rotary(self, frames: int, height: int, width: int, device: torch.device):
+        """CogVideoXPipeline._prepare_rotary_positional_embeddings for a latent grid (frames after padding)."""
+        config = self.transformer.config
+        if not config.use_rotary_positional_embeddings:
+            return None
+        from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+        p, p_t = int(config.patch_size), config.patch_size_t
+        grid = (height // p, width // p)
+        base = (config.sample_height // p, config.sample_width // p)
+        if p_t is None:  # CogVideoX 1.0
+            from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+            crops = get_resize_crop_region_for_grid(grid, base[1], base[0])
+            return get_3d_rotary_pos_embed(embed_dim=config.attention_head_dim, crops_coords=crops, grid_size=grid,
+                                           temporal_size=frames, device=device)
+        return get_3d_rotary_pos_embed(embed_dim=config.attention_head_dim, crops_coords=None, grid_size=grid,
+                                       temporal_size=(frames + p_t - 1) // p_t, grid_type="slice", max_size=base,
+                                       device=device)
+
+    def velocity(self, z_hat: Tensor, text_embedding: Tensor | None = None) -> Tensor:
+        """The predicted ``v`` ([B, C, t, h, w])."""
+        self._check(z_hat, text_embedding)
+        batch, frames = z_hat.shape[0], z_hat.shape[2]
+        text = self.text_embedding if text_embedding is None else text_embedding
+        dtype = next(self.transformer.parameters()).dtype
+        text = text.to(z_hat.device, dtype).expand(batch, -1, -1)
+        latents = z_hat.permute(0, 2, 1, 3, 4)  # [B, t, C, h, w]
+        p_t = self.transformer.config.patch_size_t
+        copies = (-frames) % p_t if p_t else 0  # DOVE: the first latent frame repeated in front
+        if copies:
+            latents = torch.cat([latents[:, :1].expand(-1, copies, -1, -1, -1), latents], dim=1)
+        timestep = torch.full((batch,), int(self.timestep), device=z_hat.device, dtype=torch.long)
+        rotary = self._rotary(latents.shape[1], z_hat.shape[3], z_hat.shape[4], z_hat.device)
+        out = self.transformer(hidden_states=latents.to(dtype), encoder_hidden_states=text, timestep=timestep,
+                               image_rotary_emb=rotary, return_dict=False)[0]
+        return out[:, copies:].permute(0, 2, 1, 3, 4).to(z_hat.dtype)
+
+    def from_velocity(self, z_hat: Tensor, velocity: Tensor) -> Tensor:
+        """``sqrt(a) z_hat - sqrt(1 - a) v`` (scheduler.get_velocity(v, z_hat, t) in DOVE)."""
+        return self.alpha ** 0.5 * z_hat - (1 - self.alpha) ** 0.5 * velocity

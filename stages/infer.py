@@ -154,15 +154,16 @@ def _text(model: restoration.Model, prompt: str | None, cache: dict) -> torch.Te
     if not prompt or not encoder:
         return None
     if (encoder, prompt) not in cache:
-        from transformers import AutoTokenizer, UMT5EncoderModel
+        from transformers import AutoTokenizer, T5EncoderModel, UMT5EncoderModel
 
-        from chopgrad.restoration import encode_prompts
+        from chopgrad.restoration import encode_cogvideox_prompts, encode_prompts
 
+        cogvideox = model.spec.get("transformer", {}).get("family") == "cogvideox"  # DOVE: CogVideoX's T5 encoding
         if encoder not in cache:
             cache[encoder] = (AutoTokenizer.from_pretrained(encoder, subfolder="tokenizer", local_files_only=True),
-                              UMT5EncoderModel.from_pretrained(encoder, subfolder="text_encoder",
-                                                               local_files_only=True).eval())
-        cache[(encoder, prompt)] = encode_prompts([prompt], *cache[encoder])
+                              (T5EncoderModel if cogvideox else UMT5EncoderModel).from_pretrained(
+                                  encoder, subfolder="text_encoder", local_files_only=True).eval())
+        cache[(encoder, prompt)] = (encode_cogvideox_prompts if cogvideox else encode_prompts)([prompt], *cache[encoder])
     return cache[(encoder, prompt)]
 
 

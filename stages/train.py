@@ -94,7 +94,7 @@ class Params:
     caption: str  # the fixed caption (C.2), encoded when a text encoder is given
     timestep: int  # fixed diffusion timestep (C.2: 200)
     iterations: int  # optimiser updates per task (times the method's iterations_factor)
-    clip_frames: int  # frames per training clip, 1 + 4k (C.2: 81)
+    clip_frames: int  # frames per training clip: Wan 1 + 4k (C.2: 81); CogVideoX 1, 8k or 8k + 1 (4.1: 24)
     crop: tuple[int, int]  # training crop [height, width] in pixels (C.2: the full 480 x 832)
     lr: float  # AdamW learning rate (paper: 1e-5 for the pretrained 14B)
     weight_decay: float  # AdamW weight decay (paper: 0.1)
@@ -138,10 +138,10 @@ class Params:
                      "checkpoint_every", "timestep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("clip_frames", "sample_frames"):
+        for name in ("clip_frames", "sample_frames"):  # the VAE's own rule is checked with the VAE (plan)
             value = getattr(self, name)
-            if value < 1 or (value - 1) % 4:
-                raise ValueError(f"train.{name} must be 1 + 4k (5, 9, ..., 81), got {value}")
+            if value < 1:
+                raise ValueError(f"train.{name} must be >= 1 (Wan: 1 + 4k, e.g. 81; CogVideoX: 1, 8k or 8k + 1), got {value}")
         if min(self.crop) < 1 or min(self.tiles) < 1 or self.halo < 0:
             raise ValueError("train.crop and train.tiles must be positive and train.halo >= 0")
         if not (self.lr > 0 and self.weight_decay >= 0 and all(0 <= b < 1 for b in self.betas)):
@@ -257,8 +257,10 @@ def method_of(params: Params, method: str) -> Method:
 
 def phases(params: Params, method: str) -> list[tuple[str, int]]:
     """``[(phase, iterations), ...]`` a task trains through: ``joint``, or Mirage's ``reconstruction`` and
-    ``harmonization`` (:func:`chopgrad.skip.mirage_phase`)."""
+    ``harmonization`` (:func:`chopgrad.skip.mirage_phase`); none for a method that does not train."""
     iterations = params.iterations * method_of(params, method).iterations_factor
+    if iterations == 0:
+        return [("joint", 0)]
     if params.schedule == "mirage":
         return [("reconstruction", params.reconstruction_iterations), ("harmonization", iterations)]
     return [("joint", iterations)]
@@ -317,9 +319,9 @@ def _check_model(params: Params, vae_folder: Path, vae_config: dict) -> int:
     """Check the transformer, text encoder, crop and tiles against the VAE; the crop's size multiple."""
     spatial = restoration.spatial_factor(vae_config)
     config = transformer_config(params, vae_config)
-    if config["in_channels"] != vae_config["z_dim"]:
+    if config["in_channels"] != restoration.latent_channels(vae_config):
         raise ValueError(f"train.transformer_path: the transformer takes {config['in_channels']} latent "
-                         f"channels, the VAE in {vae_folder} makes {vae_config['z_dim']}")
+                         f"channels, the VAE in {vae_folder} makes {restoration.latent_channels(vae_config)}")
     if params.text_encoder_path is not None:
         for sub in ("tokenizer", "text_encoder"):
             if not (Path(params.text_encoder_path) / sub).is_dir():
@@ -330,6 +332,11 @@ def _check_model(params: Params, vae_folder: Path, vae_config: dict) -> int:
     if any(size % multiple for size in params.crop):
         raise ValueError(f"train.crop {list(params.crop)} must be multiples of {multiple} (the VAE's {spatial}x "
                          f"times the transformer's patch {patch[1]})")
+    rule, accepts = restoration.clip_frames_rule(vae_config)
+    for name in ("clip_frames", "sample_frames"):
+        if not accepts(getattr(params, name)):
+            raise ValueError(f"train.{name} {getattr(params, name)} must be {rule} frames for the VAE in {vae_folder} "
+                             f"({restoration.vae_family(vae_config)}: other counts do not decode back to themselves)")
     if config["num_attention_heads"] % params.sequence_parallel:
         raise ValueError(f"train.sequence_parallel {params.sequence_parallel} must divide the transformer's "
                          f"{config['num_attention_heads']} attention heads (Ulysses attention gives each rank whole heads)")
@@ -359,7 +366,8 @@ def _task(params: Params, method: str, name: str, by_task: dict[str, Path], vae_
                              f"train.crop={list(params.crop)}")
     if params.sequence_parallel > 1:
         first, patch = train[0], tuple(transformer_config(params, vae_config)["patch_size"])
-        count = min(params.sample_frames, 1 + 4 * ((first["frames"] - 1) // 4))
+        step = restoration.frame_multiple(vae_config)
+        count = min(params.sample_frames, 1 + step * ((first["frames"] - 1) // step))
         _check_split(params, tokens(count, first["height"], first["width"], vae_config, patch),
                      f"{name}'s sample video ({count} frames of {first['height']}x{first['width']}, train.sample_frames)")
     spatial = restoration.spatial_factor(vae_config)
@@ -406,18 +414,25 @@ def apply_substitutes(params: Params) -> tuple[Params, dict[str, LossTable]]:
 def transformer_config(params: Params, vae_config: dict) -> dict:
     """``patch_size``, ``in_channels`` and ``text_dim`` of the transformer the params describe (no loading)."""
     if params.transformer_path is None:
-        return {"patch_size": [1, 2, 2], "in_channels": int(vae_config["z_dim"]), "text_dim": params.text_dim,
+        return {"patch_size": [1, 2, 2], "in_channels": restoration.latent_channels(vae_config), "text_dim": params.text_dim,
                 "num_attention_heads": params.num_heads}
     folder, sub = chopgrad.restoration.check_transformer_folder(params.transformer_path)
     config = _json((folder / sub if sub else folder) / "config.json")
+    if config["_class_name"] == "CogVideoXTransformer3DModel":  # DOVE: patch_size p, patch_size_t (1.5) or null (1.0)
+        patch = int(config.get("patch_size", 2))
+        return {"patch_size": [int(config.get("patch_size_t") or 1), patch, patch], "family": "cogvideox",
+                "in_channels": config.get("in_channels", 16), "text_dim": config.get("text_embed_dim", 4096),
+                "num_attention_heads": config.get("num_attention_heads", 30)}
     return {"patch_size": config.get("patch_size", [1, 2, 2]), "in_channels": config.get("in_channels", 16),
             "text_dim": config.get("text_dim", 4096), "num_attention_heads": config.get("num_attention_heads", 40)}
 
 
 def tokens(frames: int, height: int, width: int, vae_config: dict, patch: tuple[int, ...]) -> int:
     """Transformer tokens of a clip as the restorer pads it: 1 + 4k frames, sides to the size multiple."""
-    temporal = 2 ** sum(bool(flag) for flag in vae_config.get("temperal_downsample", [False, True, True]))
-    latent_frames = (1 + 4 * math.ceil((frames - 1) / 4) - 1) // temporal + 1
+    _, accepts = restoration.clip_frames_rule(vae_config)
+    step = restoration.frame_multiple(vae_config)
+    padded = frames if accepts(frames) else 1 + step * math.ceil((frames - 1) / step)  # as restore_video pads
+    latent_frames = restoration.latent_frames(vae_config, padded)
     multiple = restoration.spatial_factor(vae_config) * patch[1]
     return math.ceil(latent_frames / patch[0]) * math.ceil(height / multiple) * math.ceil(width / multiple)
 
@@ -440,15 +455,17 @@ def model_spec(params: Params, vae_config: dict) -> dict:
     """The spec of the model the params describe (:mod:`stages.common.restoration`)."""
     if params.transformer_path is None:
         transformer = {"source": "small", "seed": params.seed, "config": {
-            "latent_channels": int(vae_config["z_dim"]), "num_layers": params.num_layers,
+            "latent_channels": restoration.latent_channels(vae_config), "num_layers": params.num_layers,
             "num_heads": params.num_heads, "head_dim": params.head_dim, "ffn_dim": params.ffn_dim,
             "text_dim": params.text_dim, "freq_dim": params.freq_dim,
             # A zeroed output projection starts the restorer at the identity; with a transformer LoRA
             # the projection is frozen, and zero would block every gradient: keep it random then.
             "zero_output": not params.transformer_lora_rank}}
     else:
-        transformer = {"source": "pretrained", "path": str(Path(params.transformer_path).resolve())}
+        transformer = {"source": "pretrained", "path": str(Path(params.transformer_path).resolve()),
+                       "family": chopgrad.restoration.transformer_family(params.transformer_path)}
     transformer["dtype"] = params.transformer_dtype
+    cogvideox = transformer.get("family") == "cogvideox"
     lora_spec = lambda rank, alpha: {"rank": rank, "alpha": alpha} if rank else None
     decoder_lora = lora_spec(params.decoder_lora_rank, params.decoder_lora_alpha)
     if decoder_lora:  # Mirage: one adapter per phase (B.4)
@@ -460,7 +477,8 @@ def model_spec(params: Params, vae_config: dict) -> dict:
         "decoder_lora": decoder_lora,
         "decoder_skip": params.decoder_skip,
         "timestep": params.timestep,
-        "latents_mean": list(vae_config["latents_mean"]), "latents_std": list(vae_config["latents_std"]),
+        **({"alpha": chopgrad.restoration.dove_alpha(params.transformer_path, params.timestep)} if cogvideox else {}),
+        "latents_mean": restoration.latent_stats(vae_config)[0], "latents_std": restoration.latent_stats(vae_config)[1],
         "text": {"caption": params.caption, "encoder": params.text_encoder_path},
     }
 
@@ -507,7 +525,8 @@ def _start(params: Params, method: str, task: Task, vae_dir: Path, checkpoint_pa
     torch.manual_seed(params.seed)
     text_dim = transformer_config(params, vae_config)["text_dim"]
     caption, prompts = training.text_embeddings(params.text_encoder_path, params.caption, text_dim,
-                                                [pair["prompt"] for pair in task.train], params.seed)
+                                                [pair["prompt"] for pair in task.train], params.seed,
+                                                spec["transformer"].get("family", "wan"))
     spec["text"]["shape"] = list(caption.shape)
     model = restoration.build_model(spec, vae_dir, caption, info.device)
     model.restorer.train()
@@ -617,8 +636,10 @@ def _finish(params: Params, method: str, task: Task, run: _Run, out_dir: Path, l
             info: distributed.DistInfo) -> dict:
     """Write the task's model, ``train.json`` and sample video; its record with the measurements and history."""
     model = run.model
-    transformer_state = distributed.full_model_state_dict(
-        model.transformer, trainable_only=model.spec["transformer"]["source"] != "small")
+    pretrained = model.spec["transformer"]["source"] != "small"
+    # Untrained (iterations_factor 0) on a pretrained base: its folder holds every weight, none is saved.
+    transformer_state = {} if pretrained and not run.record["history"] else distributed.full_model_state_dict(
+        model.transformer, trainable_only=pretrained)
     summary = _summary(params, method, task, run, losses.get(task.application), info)
     measured = _measured(params, run, info)
     summary.update(restoration.describe(model))
@@ -649,8 +670,9 @@ def _summary(params: Params, method: str, task: Task, run: _Run, pixel_loss, inf
         "iterations": params.iterations * spec_method.iterations_factor,
         "schedule": params.schedule, "reconstruction_iterations": params.reconstruction_iterations if mirage else 0,
         "final_reconstruction_loss": _mean_tail(first, "loss") if first else None,
-        "final_loss": _mean_tail(last, "loss"), "final_latent_loss": _mean_tail(last, "latent"),
-        "final_pixel_loss": _mean_tail(last, "pixel") if spec_method.decode else None,
+        "final_loss": _mean_tail(last, "loss") if last else None,
+        "final_latent_loss": _mean_tail(last, "latent") if last else None,
+        "final_pixel_loss": _mean_tail(last, "pixel") if spec_method.decode and last else None,
         "world_size": info.world_size, "sequence_parallel": params.sequence_parallel, "batch": params.data_parallel,
         "d_trunc": spec_method.d_trunc, "decoding": spec_method.decode,
         "latent_weight": loss_table(params, task.application)[0] if spec_method.decode else 1.0,
@@ -676,7 +698,7 @@ def _measured(params: Params, run: _Run, info: distributed.DistInfo) -> dict:
 
 def sample_video(model: restoration.Model, pair: dict, frames: int) -> np.ndarray:  # -> [T, H, 3W, 3] uint8
     """input | output | target of the first frames of a pair."""
-    count = min(frames, 1 + 4 * ((pair["frames"] - 1) // 4))
+    count = min(frames, 1 + model.frame_multiple * ((pair["frames"] - 1) // model.frame_multiple))
     read = lambda folder: np.stack([read_image(p) for p in list_frames(folder)[:count]])
     degraded, target = read(pair["input"]), read(pair["target"])
     output, _ = restoration.restore_video(model, degraded)

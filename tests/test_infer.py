@@ -154,7 +154,8 @@ def test_the_text_encoder_loads_once_for_every_job(tmp_path, monkeypatch):
     original = UMT5EncoderModel.from_pretrained
     monkeypatch.setattr(UMT5EncoderModel, "from_pretrained",
                         lambda *args, **kwargs: loads.append(args) or original(*args, **kwargs))
-    models = [SimpleNamespace(spec={"text": {"encoder": str(tmp_path)}}) for _ in range(3)]  # three (method, task) jobs
+    models = [SimpleNamespace(spec={"text": {"encoder": str(tmp_path)}, "transformer": {"family": "wan"}})
+              for _ in range(3)]  # three (method, task) jobs
     cache: dict = {}
     embeddings = [infer._text(model, prompt, cache) for model in models for prompt in ("a room", "a clean video")]
     assert len(loads) == 1 and embeddings[0].shape[-1] == 16

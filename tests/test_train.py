@@ -610,7 +610,8 @@ def test_a_checkpoint_path_that_is_a_file_is_rejected_before_training(tmp_path, 
                                                                         "'chopgrad' only"),
     ({"decode": None, "d_trunc": 1, "iterations_factor": 1}, "got decode None with d_trunc 1"),
     ({"decode": "chopgrad", "d_trunc": -1, "iterations_factor": 1}, "d_trunc must be >= 0"),
-    ({"decode": "chopgrad", "d_trunc": 1, "iterations_factor": 0}, "iterations_factor must be >= 1"),
+    ({"decode": "chopgrad", "d_trunc": 1, "iterations_factor": -1}, "iterations_factor must be >= 0"),
+    ({"decode": "chopgrad", "d_trunc": 1, "iterations_factor": 0}, "iterations_factor 0 .* takes decode null"),
     ({"decode": "tiled", "d_trunc": 1, "iterations_factor": 1}, "train.methods.chopgrad_d9.decode must be one of"),
     ({"decode": "chopgrad", "d_trunc": 1}, r"missing key\(s\) train.methods.chopgrad_d9.iterations_factor"),
 ])
@@ -636,8 +637,10 @@ def test_missing_folders_and_weights_are_rejected_before_training(tmp_path, inpu
         train.run(params(weights="official"), "chopgrad_d1", inputs["vae"], inputs["pairs"], tmp_path / "o",
                   tmp_path / "m", tmp_path / "c")
     assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists()
-    with pytest.raises(ParamsError, match="train.clip_frames must be 1 \\+ 4k"):
-        params(clip_frames=8)
+    with pytest.raises(ParamsError, match="train.clip_frames must be >= 1"):
+        params(clip_frames=0)
+    with pytest.raises(ValueError, match=r"train.clip_frames 8 must be 1 \+ 4k frames for the VAE"):
+        train.plan(params(clip_frames=8), "chopgrad_d1", inputs["pairs"], inputs["vae"])
     with pytest.raises(ParamsError, match="train.tasks must list distinct tasks"):
         params(tasks=["nvs", "nvs"])
     with pytest.raises(ParamsError, match="'bfloat16' stores a frozen base for a LoRA: set train.transformer_lora_rank > 0"):
@@ -678,7 +681,7 @@ def test_a_pretrained_transformer_folder_trains_and_saves_only_its_trained_weigh
     folder = tmp_path / "out" / "latent_mse" / "nvs"
     spec = json.loads((folder / restoration.SPEC_FILE).read_text())
     assert spec["transformer"] == {"source": "pretrained", "path": str((tmp_path / "wan").resolve()),
-                                   "dtype": "float32"}
+                                   "family": "wan", "dtype": "float32"}
     saved = _weights(tmp_path / "out" / "latent_mse")["nvs"]
     assert saved and all(".lora_" in k for k in saved if k != "text_embedding")  # the base is reloaded, not copied
     model = restoration.load_model(folder, inputs["vae"])

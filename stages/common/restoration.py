@@ -49,23 +49,79 @@ DECODER_ADAPTER = "decoder"  # peft adapter name of the decoder LoRA
 MIRAGE_ADAPTERS = ("reconstruction", "harmonization")  # Mirage's two decoder LoRAs, one per stage (B.4)
 
 
+VAE_CLASSES = ("AutoencoderKLWan", "AutoencoderKLCogVideoX")  # the causal decoders chopgrad.wrap_decoder drives
+
+
 def check_vae_folder(path: str | os.PathLike) -> Path:
-    """The ``vae`` stage's output folder (a diffusers ``AutoencoderKLWan``), checked before any work."""
+    """A VAE folder (the ``vae`` stage's ``AutoencoderKLWan``, or a CogVideoX / DOVE ``vae/``), checked before any work."""
     folder = Path(path)
-    fix = "run the vae stage first (`dvc repro vae`) or pass --vae the folder it wrote (data/vae)"
+    fix = ("run the vae stage first (`dvc repro vae`) or pass --vae the folder it wrote (data/vae), or the vae/ "
+           "folder of a CogVideoX / DOVE checkpoint")
     config = folder / "config.json"
     if not config.is_file():
         raise ValueError(f"VAE folder {folder} has no config.json (missing weights folder): {fix}")
-    if json.loads(config.read_text()).get("_class_name") != "AutoencoderKLWan":
-        raise ValueError(f"{folder} does not hold an AutoencoderKLWan: {fix}")
+    class_name = json.loads(config.read_text()).get("_class_name")
+    if class_name not in VAE_CLASSES:
+        raise ValueError(f"{folder} holds a {class_name}, not one of {', '.join(VAE_CLASSES)}: {fix}")
     if not any(folder.glob("diffusion_pytorch_model*")):
         raise ValueError(f"VAE folder {folder} has a config.json but no weights: {fix}")
     return folder
 
 
+def vae_family(vae_config: dict) -> str:
+    """``"wan"`` or ``"cogvideox"``, from a VAE's ``config.json``."""
+    return "cogvideox" if vae_config.get("_class_name") == "AutoencoderKLCogVideoX" else "wan"
+
+
 def spatial_factor(vae_config: dict) -> int:
-    """Pixels per latent pixel of a Wan VAE config (as :class:`chopgrad.adapters.WanDecoder` reads it)."""
+    """Pixels per latent pixel of a VAE config (as :func:`chopgrad.wrap_decoder`'s adapters read it)."""
+    if vae_family(vae_config) == "cogvideox":
+        return 2 ** (len(vae_config["block_out_channels"]) - 1)
     return 2 ** (len(vae_config["dim_mult"]) - 1) * (vae_config.get("patch_size") or 1)
+
+
+def temporal_factor(vae_config: dict) -> int:
+    """Video frames per latent frame after the first (``1 + factor * k`` frames make ``1 + k`` latents)."""
+    if vae_family(vae_config) == "cogvideox":
+        return int(vae_config.get("temporal_compression_ratio", 4))
+    return 2 ** sum(bool(flag) for flag in vae_config.get("temperal_downsample", [False, True, True]))
+
+
+def clip_frames_rule(vae_config: dict) -> tuple[str, object]:
+    """``(rule, test)``: which frame counts the VAE encodes and decodes back to the same count. Wan: 1 + 4k.
+    CogVideoX: 1, 8k or 8k + 1 (its encoder batches 8 frames: 13 frames come back as 16)."""
+    if vae_family(vae_config) == "cogvideox":
+        return "1, 8k or 8k + 1 (CogVideoX)", lambda n: n == 1 or n % 8 in (0, 1)
+    step = temporal_factor(vae_config)
+    return f"1 + {step}k", lambda n: (n - 1) % step == 0
+
+
+def latent_frames(vae_config: dict, frames: int) -> int:
+    """Latent frames of a clip of ``frames`` (a count :func:`clip_frames_rule` accepts)."""
+    temporal = temporal_factor(vae_config)
+    if vae_family(vae_config) == "cogvideox" and frames % 8 == 0:
+        return frames // temporal
+    return (frames - 1) // temporal + 1
+
+
+def frame_multiple(vae_config: dict) -> int:
+    """Clips are ``1 + frame_multiple * k`` frames: the temporal factor (Wan: 4); 8 for CogVideoX, whose
+    encoder batches 8 frames (a 13-frame clip decodes to 16; DOVE pads to 8k + 1)."""
+    return 8 if vae_family(vae_config) == "cogvideox" else temporal_factor(vae_config)
+
+
+def latent_channels(vae_config: dict) -> int:
+    return int(vae_config["latent_channels"] if vae_family(vae_config) == "cogvideox" else vae_config["z_dim"])
+
+
+def latent_stats(vae_config: dict) -> tuple[list[float], list[float]]:
+    """``(mean, std)`` per latent channel that normalise the latents for the transformer: Wan's own
+    ``latents_mean`` / ``latents_std``; CogVideoX scales by ``scaling_factor`` (mean 0, std 1 / factor),
+    as its pipelines do."""
+    if vae_family(vae_config) == "cogvideox":
+        channels = latent_channels(vae_config)
+        return [0.0] * channels, [1.0 / float(vae_config.get("scaling_factor", 1.15258426))] * channels
+    return list(vae_config["latents_mean"]), list(vae_config["latents_std"])
 
 
 @dataclass
@@ -74,7 +130,7 @@ class Model:
 
     spec: dict
     restorer: chopgrad.restoration.Restorer | None  # None: the VAE round trip (z = z_hat), see roundtrip_model
-    vae: nn.Module  # diffusers AutoencoderKLWan
+    vae: nn.Module  # diffusers AutoencoderKLWan or AutoencoderKLCogVideoX
     skip: nn.Module | None = None  # chopgrad.skip.SkipDecoder around vae, when the spec asks for it
 
     @property
@@ -106,11 +162,19 @@ class Model:
     @property
     def size_multiple(self) -> int:
         """Frame sides must be multiples of this: the VAE's factor times the transformer's patch."""
-        patch = 1 if self.restorer is None else int(self.transformer.config.patch_size[1])
-        return self.spatial_factor * patch
+        if self.restorer is None:
+            return self.spatial_factor
+        patch = self.transformer.config.patch_size
+        return self.spatial_factor * int(patch if isinstance(patch, int) else patch[1])
+
+    @property
+    def frame_multiple(self) -> int:
+        """Videos are padded to ``1 + frame_multiple * k`` frames: the VAE's temporal factor (Wan: 4);
+        8 for CogVideoX, whose encoder takes 1, 8k or 8k + 1 frames (DOVE pads to 8k + 1)."""
+        return frame_multiple(dict(self.vae.config, _class_name=type(self.vae).__name__))
 
     def restore(self, z_hat: Tensor, text: Tensor | None = None) -> Tensor:
-        """The restored latents ``z = z_hat - v`` (``z_hat`` itself for the VAE round trip)."""
+        """The restored latents (``z_hat`` itself for the VAE round trip)."""
         return z_hat if self.restorer is None else self.restorer(z_hat, text)
 
     def decoder(self, video: Tensor | None = None):
@@ -146,14 +210,15 @@ _VAES: dict[tuple, nn.Module] = {}
 
 def _load_vae(vae_dir: str | os.PathLike, device: torch.device) -> nn.Module:
     """A fresh copy of the VAE in ``vae_dir`` (read from disk once per process: models mutate theirs with LoRA)."""
-    from diffusers import AutoencoderKLWan
+    import diffusers
 
     folder = check_vae_folder(vae_dir).resolve()
     stamp = tuple((p.name, p.stat().st_mtime_ns) for p in sorted(folder.iterdir()))
     key = (str(folder), stamp)
     if key not in _VAES:
         _VAES.clear()
-        _VAES[key] = AutoencoderKLWan.from_pretrained(folder, local_files_only=True).eval().requires_grad_(False)
+        vae_class = getattr(diffusers, json.loads((folder / "config.json").read_text())["_class_name"])
+        _VAES[key] = vae_class.from_pretrained(folder, local_files_only=True).eval().requires_grad_(False)
     return copy.deepcopy(_VAES[key]).to(device)
 
 
@@ -179,7 +244,7 @@ def build_model(spec: dict, vae_dir: str | os.PathLike, text_embedding: Tensor |
     device = torch.device(device)
     vae = _load_vae(vae_dir, device)
     transformer = _transformer(spec)
-    channels = int(vae.config.z_dim)
+    channels = latent_channels(dict(vae.config))
     if int(transformer.config.in_channels) != channels:
         raise ValueError(f"the transformer takes {transformer.config.in_channels} latent channels but the VAE in "
                          f"{vae_dir} makes {channels}: use a transformer made for this VAE (Wan 2.1: 16)")
@@ -202,7 +267,11 @@ def build_model(spec: dict, vae_dir: str | os.PathLike, text_embedding: Tensor |
         skip.fusion.requires_grad_(True)
     if text_embedding is None:
         text_embedding = torch.zeros(spec["text"]["shape"])
-    restorer = chopgrad.restoration.Restorer(transformer, text_embedding, timestep=spec["timestep"]).to(device)
+    if spec["transformer"].get("family", "wan") == "cogvideox":  # DOVE's one-step restorer
+        restorer = chopgrad.restoration.CogVideoXRestorer(transformer, text_embedding, timestep=spec["timestep"],
+                                                          alpha=spec["alpha"]).to(device)
+    else:
+        restorer = chopgrad.restoration.Restorer(transformer, text_embedding, timestep=spec["timestep"]).to(device)
     return Model(spec, restorer, vae, skip)
 
 
@@ -215,9 +284,8 @@ def roundtrip_model(vae_dir: str | os.PathLike, device: str | torch.device = "cp
     """
     device = torch.device(device)
     vae = _load_vae(vae_dir, device)
-    config = vae.config
-    return Model({"reference": "vae_roundtrip", "latents_mean": list(config.latents_mean),
-                  "latents_std": list(config.latents_std), "text": {}}, None, vae, None)
+    mean, std = latent_stats(dict(vae.config))
+    return Model({"reference": "vae_roundtrip", "latents_mean": mean, "latents_std": std, "text": {}}, None, vae, None)
 
 
 def model_state(model: Model, transformer_state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
@@ -287,14 +355,14 @@ def restore_video(model: Model, frames: np.ndarray, text: Tensor | None = None, 
                   halo: int = 2, autocast: bool = False) -> tuple[np.ndarray, dict]:
     """Run a model on a whole video: [T, H, W, 3] uint8 -> [T, H, W, 3] uint8, and the seconds per part.
 
-    The video is padded (last frame repeated; edges replicated) to 1 + 4k frames and to sides that
+    The video is padded (last frame repeated; edges replicated) to 1 + 4k frames (8k for CogVideoX) and to sides that
     are multiples of the model's size multiple, and the output cut back to the input's size.
     ``autocast``: the transformer under bf16 autocast, as training runs it (on CUDA only).
     """
     device = next(model.vae.parameters()).device
     count, height, width = frames.shape[:3]
-    multiple = model.size_multiple
-    padded_count = 1 + 4 * math.ceil((count - 1) / 4)
+    multiple, step = model.size_multiple, model.frame_multiple
+    padded_count = 1 + step * math.ceil((count - 1) / step)
     video = to_tensor(frames)[None]  # [1, 3, T, H, W]
     if padded_count > count:
         video = torch.cat([video, video[:, :, -1:].expand(-1, -1, padded_count - count, -1, -1)], dim=2)

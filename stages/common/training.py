@@ -45,7 +45,7 @@ class Method:
 
     decode: Literal["chopgrad", "per_frame"] | None  # how the pixel loss decodes; null: latent MSE only
     d_trunc: int | None  # ChopGrad's truncation distance (decode: chopgrad only; null otherwise)
-    iterations_factor: int  # multiple of train.iterations (ChopGrad-dagger: 2)
+    iterations_factor: int  # multiple of train.iterations (ChopGrad-dagger: 2); 0: no training (the starting model)
 
     def __post_init__(self):
         if (self.decode == "chopgrad") != (self.d_trunc is not None):
@@ -53,8 +53,11 @@ class Method:
                              f"got decode {self.decode!r} with d_trunc {self.d_trunc!r}")
         if self.d_trunc is not None and self.d_trunc < 0:
             raise ValueError(f"d_trunc must be >= 0, got {self.d_trunc}")
-        if self.iterations_factor < 1:
-            raise ValueError(f"iterations_factor must be >= 1, got {self.iterations_factor}")
+        if self.iterations_factor < 0:
+            raise ValueError(f"iterations_factor must be >= 0, got {self.iterations_factor}")
+        if self.iterations_factor == 0 and self.decode is not None:
+            raise ValueError("iterations_factor 0 writes the starting model untrained (Table 1's DOVE row: the DOVE "
+                             f"checkpoint as it is): it takes decode null, got decode {self.decode!r}")
 
 
 class Clips:
@@ -88,24 +91,29 @@ def sample_generator(seed: int, iteration: int, rank: int) -> torch.Generator:
 
 
 def text_embeddings(text_encoder_path: str | None, caption: str, text_dim: int, prompts: list[str | None],
-                    seed: int) -> tuple[torch.Tensor, dict]:
+                    seed: int, family: str = "wan") -> tuple[torch.Tensor, dict]:
     """The fixed caption's embedding [1, L, text_dim] and one per distinct prompt.
 
     Without a text encoder (``text_encoder_path`` None) the caption's embedding is a seeded random
     stand-in (:func:`chopgrad.restoration.fixed_text_embedding`) and pair prompts are not used.
+    ``family`` "wan": Wan's UMT5 encoding (512 tokens, zeroed past each prompt); "cogvideox": CogVideoX's
+    T5 encoding (226 tokens), where the caption may be empty (DOVE's prompt is "").
     """
+    cogvideox = family == "cogvideox"
+    length = chopgrad.restoration.COGVIDEOX_TEXT_LENGTH if cogvideox else chopgrad.restoration.TEXT_LENGTH
     if text_encoder_path is None:
-        return chopgrad.restoration.fixed_text_embedding(text_dim, seed=seed), {}
-    from transformers import AutoTokenizer, UMT5EncoderModel
+        return chopgrad.restoration.fixed_text_embedding(text_dim, length=length, seed=seed), {}
+    from transformers import AutoTokenizer, T5EncoderModel, UMT5EncoderModel
 
     tokenizer = AutoTokenizer.from_pretrained(text_encoder_path, subfolder="tokenizer", local_files_only=True)
-    encoder = UMT5EncoderModel.from_pretrained(text_encoder_path, subfolder="text_encoder",
-                                               local_files_only=True).eval()
+    encoder = (T5EncoderModel if cogvideox else UMT5EncoderModel).from_pretrained(
+        text_encoder_path, subfolder="text_encoder", local_files_only=True).eval()
     distinct = sorted({p for p in prompts if p})
-    embedded = chopgrad.restoration.encode_prompts([caption, *distinct], tokenizer, encoder)
+    encode = chopgrad.restoration.encode_cogvideox_prompts if cogvideox else chopgrad.restoration.encode_prompts
+    embedded = encode([caption, *distinct], tokenizer, encoder)
     if embedded.shape[-1] != text_dim:
         raise ValueError(f"train.text_encoder_path encodes to {embedded.shape[-1]} channels but the transformer takes "
-                         f"{text_dim}: use the text encoder of the same Wan model")
+                         f"{text_dim}: use the text encoder of the same model")
     return embedded[:1], {p: embedded[i + 1:i + 2] for i, p in enumerate(distinct)}
 
 
@@ -149,11 +157,12 @@ def train_iteration(model: restoration.Model, method: Method, latent_weight: flo
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         velocity = model.restorer.velocity(z_hat, text)
     velocity = velocity.float()
-    latent = torch.mean((velocity - (z_hat - z)) ** 2)  # target v = z_hat - z
+    restored_latents = model.restorer.from_velocity(z_hat, velocity)  # Wan: z_hat - v; DOVE: sqrt(a) z_hat - sqrt(1-a) v
+    latent = torch.mean((restored_latents - z) ** 2)  # Wan: the velocity MSE against v = z_hat - z
     loss = (latent_weight if method.decode else 1.0) * latent
     pixel = None
     if method.decode:
-        restored = model.to_decoder(z_hat - velocity)  # z = z_hat - v, as vae.decode takes it
+        restored = model.to_decoder(restored_latents)  # as vae.decode takes it
         pixel = chopgrad.decode_loss(_pixel_decoder(model, method, degraded), restored, target,
                                      pixel_loss, d_trunc=method.d_trunc or 0, tiles=tiles, halo=halo,
                                      tile_group=_tile_group(tile_group, tiles))

@@ -46,6 +46,17 @@ repro: install
 	$(PY) -m stages.common.check --params params.yaml
 	$(PY) -m dvc repro
 
+# The paper's settings (profiles/paper.yaml, every experiment of supplements B and C) become params.yaml;
+# `git checkout params.yaml` returns to the embedded default. The plan is printed: what runs, what must be in place.
+.PHONY: profile-paper dry-run
+profile-paper: install
+	cp profiles/paper.yaml params.yaml
+	$(PY) -m pipeline.dry_run --params params.yaml
+
+# Every stage of params.yaml planned without running anything (PARAMS=profiles/paper.yaml for another profile).
+dry-run: install
+	$(PY) -m pipeline.dry_run --params $(or $(PARAMS),params.yaml)
+
 # The core benchmark of docs/benchmark.md (about 7 minutes on 2 CPU cores).
 bench: install
 	$(PY) -m chopgrad.bench --decoder wan-tiny --frames 17,33,65 --d-trunc 0,1,2 --height 64 --width 64 --threads 1 \

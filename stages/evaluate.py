@@ -1,11 +1,12 @@
 """Stage ``evaluate``: every method's test videos scored, and the paper's Tables 1-6 filled in.
 
-Reads the pairs folders named in ``params.yaml`` (their test pairs: degraded input and ground truth,
-:mod:`stages.common.pairs`), the inference outputs ``data/infer/<method>/<task>/<scene>/`` with their
-``timing.json``, and the measured times, which the train and infer stages keep out of their outputs
-so that a rerun leaves those bytes alone: ``metrics/train/<method>.json`` (training seconds per task)
-and ``metrics/infer.json`` (seconds per frame) (layouts: ``docs/interfaces.md``).
-For every (task, method) found, and for the degraded input itself (method ``input``, no model: the
+Reads the pairs folders of the experiments in ``params.yaml`` (``experiments:``, their test pairs: degraded
+input and ground truth, :mod:`stages.common.pairs`; the first ``eval_frames`` of each), the inference
+outputs ``data/infer/<method>/<experiment>/<scene>/`` with their ``timing.json``, and the measured times,
+which the train and infer stages keep out of their outputs so that a rerun leaves those bytes alone:
+``metrics/train/<method>/<experiment>.json`` (training seconds) and ``metrics/infer.json`` (seconds per
+frame) (layouts: ``docs/interfaces.md``). Each experiment's rows go in the tables of its paper task.
+For every (experiment, method) found, and for the degraded input itself (method ``input``, no model: the
 reference every method should beat), it computes the metrics of :mod:`chopgrad.metrics` named in
 ``params.yaml`` (conventions: ``docs/evaluation.md``), the inference seconds per frame and the
 training time, then writes
@@ -80,7 +81,6 @@ CHUNK = 64  # frames per call of a frame metric (bounds memory on long, large vi
 
 @dataclass(frozen=True)
 class Params:
-    pairs: tuple[str, ...]  # pairs folders, one per task; their test pairs are what is scored
     metrics: tuple[str, ...]  # chopgrad.metrics names to compute (the tables show those computed)
     weights: Literal["official", "stand_in", "skip"]  # where metric weights come from (chopgrad.weights.metric_home)
     stand_in_home: str  # project-local weight home for `stand_in` (git-ignored); never the user's caches
@@ -94,8 +94,6 @@ class Params:
     threads: int  # CPU threads for torch, 0 = torch's default
 
     def __post_init__(self):
-        if not self.pairs or len(set(self.pairs)) != len(self.pairs):
-            raise ValueError(f"evaluate.pairs must list pairs folders, each once; got {list(self.pairs)}")
         asked = list(self.metrics)
         never = [m for m in asked if m in NEVER]
         if never:
@@ -127,9 +125,29 @@ class EvaluateError(ValueError):
     """An input of the evaluate stage that does not match the documented layouts."""
 
 
+@dataclass(frozen=True)
+class Source:
+    """One experiment to evaluate: its name (the rows' label), pairs folder, paper task and what is scored."""
+
+    name: str
+    folder: Path
+    task: str | None = None  # the paper task (its tables); None: the pairs folder's own task
+    eval_frames: int | None = None  # first frames evaluated (None: every inferred frame)
+    paper_dataset: str | None = None  # the paper's data set its rows stand beside (None: the task's default)
+
+
+def sources_of(params_path: str | os.PathLike) -> list[Source]:
+    """The experiments of a params file as evaluate's sources (checked as the train stage checks them)."""
+    from stages.common import experiments
+
+    data = experiments.read(params_path)
+    declared = experiments.load(params_path, data)
+    return [Source(e.name, Path(e.pairs), e.task, e.eval_frames, e.paper_dataset) for e in declared.values()]
+
+
 @dataclass
 class TaskPlan:
-    task: str
+    task: str  # the experiment's name
     folder: Path  # the pairs folder
     fps: float
     pairs: list[dict]  # its test pairs (stages.common.pairs.load_pairs entries)
@@ -137,7 +155,10 @@ class TaskPlan:
     outputs: dict[str, Path] = field(default_factory=dict)  # method -> data/infer/<method>/<task>
     timing: dict[str, dict] = field(default_factory=dict)  # method -> timing.json
     seconds_per_frame: dict[str, float] = field(default_factory=dict)  # method -> metrics/infer.json's
-    train_seconds: dict[str, float] = field(default_factory=dict)  # method -> metrics/train/<method>.json's
+    train_seconds: dict[str, float] = field(default_factory=dict)  # method -> metrics/train/<method>/<task>.json's
+    kind: str = ""  # the paper task (its tables)
+    eval_frames: int | None = None  # first frames evaluated (None: all inferred)
+    paper_dataset: str | None = None
 
 
 def _read_json(path: Path, fix: str) -> dict:
@@ -187,23 +208,27 @@ def _check_output(folder: Path, pair: dict, method: str) -> int:
 
 
 def plan(params: Params, infer_dir: str | os.PathLike, train_metrics: str | os.PathLike,
-         infer_metrics: str | os.PathLike) -> dict[str, TaskPlan]:
-    """Every (task, method) to evaluate, validated: EvaluateError/PairsError naming the problem and fix.
+         infer_metrics: str | os.PathLike, sources: list[Source]) -> dict[str, TaskPlan]:
+    """Every (experiment, method) to evaluate, validated: EvaluateError/PairsError naming the problem and fix.
 
-    ``train_metrics``: the folder of the train stages' ``<method>.json``; ``infer_metrics``: the infer
-    stage's metrics file.
+    ``train_metrics``: the folder of the train stages' ``<method>/<experiment>.json``; ``infer_metrics``:
+    the infer stage's metrics file; ``sources``: the experiments (:func:`sources_of`).
     """
     tasks: dict[str, TaskPlan] = {}
-    for folder in map(Path, params.pairs):
+    for source in sources:
+        folder = Path(source.folder)
         manifest = load_manifest(folder)
         test = [pair for pair in manifest["pairs"] if pair["split"] == "test"]
         if not test:
-            raise EvaluateError(f"{folder}/pairs.json has no test pairs: nothing to evaluate for task "
-                                f"{manifest['task']!r} (check data/scenes/split.json)")
-        if manifest["task"] in tasks:
-            raise EvaluateError(f"evaluate.pairs: {folder} and {tasks[manifest['task']].folder} are both task "
-                                f"{manifest['task']!r}; list one pairs folder per task")
-        tasks[manifest["task"]] = TaskPlan(manifest["task"], folder, float(manifest["fps"]), test)
+            raise EvaluateError(f"{folder}/pairs.json has no test pairs: nothing to evaluate for "
+                                f"{source.name!r} (check data/scenes/split.json)")
+        if source.name in tasks:
+            raise EvaluateError(f"two sources are named {source.name!r}: give each experiment its own name")
+        kind = source.task or manifest["task"]
+        if manifest["task"] != kind:
+            raise EvaluateError(f"{folder} holds {manifest['task']!r} pairs but {source.name} is a {kind!r} experiment")
+        tasks[source.name] = TaskPlan(source.name, folder, float(manifest["fps"]), test, kind=kind,
+                                      eval_frames=source.eval_frames, paper_dataset=source.paper_dataset)
 
     infer_dir, train_metrics, infer_metrics = Path(infer_dir), Path(train_metrics), Path(infer_metrics)
     method_dirs = sorted(p for p in infer_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) \
@@ -213,7 +238,7 @@ def plan(params: Params, infer_dir: str | os.PathLike, train_metrics: str | os.P
                             "run the `infer` stage first")
     infer_fix = "the infer stage writes it (re-run `infer`)"
     timed = _read_json(infer_metrics, infer_fix)
-    trained: dict[str, dict] = {}  # method -> metrics/train/<method>.json, read once
+    trained: dict[Path, dict] = {}  # metrics/train/<method>/<experiment>.json, read once
     for method_dir in method_dirs:
         method = method_dir.name
         if method == INPUT:
@@ -222,12 +247,14 @@ def plan(params: Params, infer_dir: str | os.PathLike, train_metrics: str | os.P
         if not task_dirs:
             raise EvaluateError(f"{method_dir} holds no task folders (expected {method_dir}/<task>/<scene>/)")
         for task_dir in task_dirs:
-            if task_dir.name not in tasks:  # evaluate.pairs chooses the tasks (e.g. `-S evaluate.pairs=[...]`)
-                log.warning("%s: task %r is not in evaluate.pairs; not evaluated", task_dir, task_dir.name)
+            if task_dir.name not in tasks:  # an experiment no longer declared
+                log.warning("%s: %r is not an experiment of the params; not evaluated", task_dir, task_dir.name)
                 continue
             task = tasks[task_dir.name]
             for pair in task.pairs:
                 length = _check_output(task_dir / pair["scene"], pair, method)
+                if task.eval_frames is not None:  # the paper: the first 294 of 297 inferred frames (Table 2)
+                    length = min(length, task.eval_frames)
                 if task.lengths.setdefault(pair["scene"], length) != length:
                     raise EvaluateError(
                         f"{method} on {pair['scene']}: {length} frames, but another method of task {task.task!r} "
@@ -237,13 +264,14 @@ def plan(params: Params, infer_dir: str | os.PathLike, train_metrics: str | os.P
             task.seconds_per_frame[method] = _seconds(timed, (method, task.task, "seconds_per_frame"), infer_metrics,
                                                       infer_fix)
             if task.timing[method].get("reference") is not True:  # a reference (vae_roundtrip) trains nothing
-                path, fix = train_metrics / f"{method}.json", f"the train stage writes it (re-run `train@{method}`)"
-                if method not in trained:
-                    trained[method] = _read_json(path, fix)
-                task.train_seconds[method] = _seconds(trained[method], ("tasks", task.task, "train_seconds"), path, fix)
-    for task in tasks.values():  # only the input to score: every frame
+                path = train_metrics / method / f"{task.task}.json"
+                fix = f"the train stage writes it (re-run `train@{task.task}-{method}`)"
+                if path not in trained:
+                    trained[path] = _read_json(path, fix)
+                task.train_seconds[method] = _seconds(trained[path], ("tasks", task.task, "train_seconds"), path, fix)
+    for task in tasks.values():  # only the input to score: every frame (or the first eval_frames)
         for pair in task.pairs:
-            task.lengths.setdefault(pair["scene"], pair["frames"])
+            task.lengths.setdefault(pair["scene"], min(pair["frames"], task.eval_frames or pair["frames"]))
     return tasks
 
 
@@ -274,7 +302,7 @@ def _tensor(frames: np.ndarray) -> torch.Tensor:  # [T, H, W, 3] uint8 -> [1, 3,
 
 
 def task_metrics(task: str, params: Params) -> list[str]:
-    """The metrics to compute for ``task``: all requested, or those its paper table(s) show."""
+    """The metrics to compute for a paper ``task``: all requested, or those its paper table(s) show."""
     shown = paper_tables.columns_for_task(task)
     if not params.table_metrics_only or shown is None:
         return list(params.metrics)
@@ -456,15 +484,16 @@ def _metrics_json(results: dict) -> dict:
 
 
 def run(params: Params, infer_dir: str | os.PathLike, train_metrics: str | os.PathLike,
-        infer_metrics: str | os.PathLike, metrics_path: str | os.PathLike, tables_dir: str | os.PathLike) -> dict:
-    """Evaluate every (task, method) and write the metrics JSON and the tables (see the module docstring).
+        infer_metrics: str | os.PathLike, metrics_path: str | os.PathLike, tables_dir: str | os.PathLike,
+        sources: list[Source]) -> dict:
+    """Evaluate every (experiment, method) and write the metrics JSON and the tables (see the module docstring).
 
     Returns:
-        ``{"results": {task: {method: {column: cell}}}, "tables": [paths], "metrics": path,
+        ``{"results": {experiment: {method: {column: cell}}}, "tables": [paths], "metrics": path,
         "stand_in": bool}``.
     """
-    tasks = plan(params, infer_dir, train_metrics, infer_metrics)
-    names = {name: task_metrics(name, params) for name in tasks}
+    tasks = plan(params, infer_dir, train_metrics, infer_metrics, sources)
+    names = {name: task_metrics(task.kind, params) for name, task in tasks.items()}
     static = {name: _reasons(task, params, None, names[name]) for name, task in tasks.items()}
     needed = [m for m in params.metrics if any(m in names[t] and m not in static[t] for t in tasks)]
     models = [m for m in needed if m != "temporal_flickering"]
@@ -480,14 +509,16 @@ def run(params: Params, infer_dir: str | os.PathLike, train_metrics: str | os.Pa
     tables_dir = Path(tables_dir)
     with video.staged_outputs(tables_dir) as (build,):
         written = []
+        kinds = {name: (task.kind, task.paper_dataset) for name, task in tasks.items()}
         for number, spec in paper_tables.TABLES.items():
+            spec = paper_tables.for_experiments(spec, kinds)  # our rows: experiments of the table's tasks
             markdown, text = paper_tables.render(spec, results, _notes(spec, tasks, results, params))
             (build / f"table{number}.md").write_text(markdown)
             (build / f"table{number}.csv").write_text(text)
             written += [tables_dir / f"table{number}.md", tables_dir / f"table{number}.csv"]
         record = {"params": dataclasses.asdict(params), "stand_in_home_used": home.stand_in,
                   "weights": scorer.weights(), "skipped": {k: list(v) for k, v in home.skipped.items()},
-                  "tasks": {name: {"pairs": str(task.folder), "fps": task.fps,
+                  "tasks": {name: {"pairs": str(task.folder), "task": task.kind, "fps": task.fps,
                                    "scenes": [pair["scene"] for pair in task.pairs],
                                    "methods": [INPUT, *sorted(task.outputs)]} for name, task in tasks.items()},
                   "results": results}
@@ -511,7 +542,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = cli.stage_parser(__doc__, STAGE)
     parser.add_argument("--infer", required=True, help="inference outputs: <infer>/<method>/<task>/<scene>/")
     parser.add_argument("--train-metrics", required=True,
-                        help="the train stages' metrics folder: <folder>/<method>.json (metrics/train)")
+                        help="the train stages' metrics folder: <folder>/<method>/<experiment>.json (metrics/train)")
     parser.add_argument("--infer-metrics", required=True, help="the infer stage's metrics file (metrics/infer.json)")
     parser.add_argument("--metrics", required=True, help="metrics JSON file (DVC metrics)")
     parser.add_argument("--tables", required=True, help="folder for table{1..6}.{md,csv} and evaluation.json")
@@ -520,7 +551,8 @@ def main(argv: list[str] | None = None) -> None:
     from stages.common.tracking import stage_run
 
     with stage_run(STAGE, params) as tracker:
-        result = run(params, args.infer, args.train_metrics, args.infer_metrics, args.metrics, args.tables)
+        result = run(params, args.infer, args.train_metrics, args.infer_metrics, args.metrics, args.tables,
+                     sources_of(args.params))
         values = _metrics_json(result["results"])
         values.pop("stand_in_metrics")
         tracker.log_metrics(values)  # task/method/metric

@@ -55,6 +55,7 @@ MEASURED = ("seconds_per_frame", "encode_seconds", "transformer_seconds", "decod
 @dataclass(frozen=True)
 class Params:
     max_frames: int | None  # first frames of each test video restored (null: all); CPU budgets need few
+    segment_frames: int | None  # restore in consecutive segments of this many frames, each its own pass (null: one pass)
     vae_roundtrip: bool  # also write the reference `vae_roundtrip`: each test input encoded and decoded, no transformer
     tiles: tuple[int, int]  # spatial tiles of the decode [rows, cols] (C.2: 2 x 2); need not divide the latent
     halo: int  # latent pixels of context around each tile
@@ -67,6 +68,8 @@ class Params:
     def __post_init__(self):
         if self.max_frames is not None and self.max_frames < 1:
             raise ValueError(f"infer.max_frames must be >= 1 or null (every frame), got {self.max_frames}")
+        if self.segment_frames is not None and self.segment_frames < 1:
+            raise ValueError(f"infer.segment_frames must be >= 1 or null (one pass), got {self.segment_frames}")
         if min(self.tiles) < 1 or self.halo < 0:
             raise ValueError(f"infer.tiles must be positive and infer.halo >= 0, got {list(self.tiles)}, {self.halo}")
         if self.warmup_frames < 0 or self.sample_frames < 1:
@@ -78,10 +81,48 @@ class Params:
 @dataclass(frozen=True)
 class Job:
     method: str
-    task: str
+    task: str  # the experiment's name (the folder data/infer/<method>/<task>)
     model_dir: Path | None  # None: the VAE round trip (ROUNDTRIP)
     pairs: list[dict]  # the task's test pairs
     fps: float
+    vae_dir: Path | None = None  # the experiment's VAE (None: the one given to run)
+    params: Params | None = None  # the experiment's infer settings (None: the ones given to run)
+
+
+def plan_experiments(params_path: str | Path, train_dir: str | Path) -> list[Job]:
+    """Every (experiment, method) of a params file's ``experiments:``, and each experiment's VAE round
+    trip, with the experiment's own infer settings; checked before any work.
+
+    Raises:
+        ValueError: a model of a declared (experiment, method) missing from ``train_dir``, a pairs folder
+            of another task or without test pairs, tiles that do not fit.
+    """
+    from stages.common import experiments
+    from stages.common.params import params_from_mapping
+
+    data = experiments.read(params_path)
+    declared = experiments.load(params_path, data)
+    experiments.check_runs(data, params_path)
+    jobs = []
+    for experiment in declared.values():
+        settings = params_from_mapping(STAGE, Params, experiments.infer_mapping(data, experiment),
+                                       source=f"{params_path} (infer with experiments.{experiment.name}.infer)")
+        vae_dir = Path(experiment.vae)
+        spatial = restoration.spatial_factor(json.loads((restoration.check_vae_folder(vae_dir) / "config.json").read_text()))
+        manifest = pairs_io.load_manifest(experiment.pairs, check_frames=False)
+        if manifest["task"] != experiment.task:
+            raise ValueError(f"{experiment.pairs} holds {manifest['task']!r} pairs but experiments.{experiment.name}.task "
+                             f"is {experiment.task!r}")
+        test = _checked_test_pairs(settings, experiment.name, manifest, spatial)
+        for method in experiment.methods:
+            model_dir = Path(train_dir) / method / experiment.name
+            if not (model_dir / restoration.SPEC_FILE).is_file():
+                raise ValueError(f"{model_dir} holds no trained model: run train@{experiments.run_key(experiment.name, method)} "
+                                 "(`dvc repro train`)")
+            jobs.append(Job(method, experiment.name, model_dir, test, float(manifest["fps"]), vae_dir, settings))
+        if settings.vae_roundtrip:
+            jobs.append(Job(ROUNDTRIP, experiment.name, None, test, float(manifest["fps"]), vae_dir, settings))
+    return jobs
 
 
 def plan(params: Params, train_dir: str | Path, vae_dir: str | Path, pairs_dirs: list[str | Path]) -> list[Job]:
@@ -125,9 +166,13 @@ def _test_pairs(params: Params, model_dir: Path, manifests: dict, spatial: int) 
     if task not in manifests:
         raise ValueError(f"{model_dir} was trained on {task!r} but no --pairs folder holds that task "
                          f"(given: {sorted(manifests) or 'none'})")
-    test = [p for p in manifests[task]["pairs"] if p["split"] == "test"]
+    return _checked_test_pairs(params, task, manifests[task], spatial)
+
+
+def _checked_test_pairs(params: Params, task: str, manifest: dict, spatial: int) -> list[dict]:
+    test = [p for p in manifest["pairs"] if p["split"] == "test"]
     if not test:
-        raise ValueError(f"the {task} pairs folder has no test pairs to run {model_dir} on")
+        raise ValueError(f"the {task} pairs folder has no test pairs to run a model on")
     multiple = spatial * 2  # the Wan transformer's 2x2 patches
     for pair in test:
         latent = [-(-size // multiple) * 2 for size in (pair["height"], pair["width"])]
@@ -176,6 +221,7 @@ def infer_job(params: Params, job: Job, vae_dir: Path, out_dir: Path, device: to
     Returns:
         ``timing.json``'s record with the ``MEASURED`` times added.
     """
+    params, vae_dir = job.params or params, job.vae_dir or vae_dir
     if job.model_dir is None:
         model = restoration.roundtrip_model(vae_dir, device)
     else:
@@ -189,10 +235,16 @@ def infer_job(params: Params, job: Job, vae_dir: Path, out_dir: Path, device: to
     frames, sample = 0, None
     for pair in job.pairs:
         degraded = _read(pair["input"], params.max_frames)
-        output, timings = restoration.restore_video(model, degraded, _text(model, pair["prompt"], text_cache),
-                                        tiles=params.tiles, halo=params.halo, autocast=params.mixed_precision)
-        for key in totals:
-            totals[key] += timings[key]
+        text = _text(model, pair["prompt"], text_cache)
+        step = params.segment_frames or len(degraded)  # the paper's driving: 49-frame segments, each its own pass
+        outputs = []
+        for first in range(0, len(degraded), step):
+            output, timings = restoration.restore_video(model, degraded[first:first + step], text, tiles=params.tiles,
+                                                        halo=params.halo, autocast=params.mixed_precision)
+            outputs.append(output)
+            for key in totals:
+                totals[key] += timings[key]
+        output = np.concatenate(outputs)
         frames += len(output)
         write_frames(out_dir / pair["scene"], output, prefix="", start=0)
         if sample is None:
@@ -200,7 +252,8 @@ def infer_job(params: Params, job: Job, vae_dir: Path, out_dir: Path, device: to
             target = _read(pair["target"], count)
             sample = np.concatenate([degraded[:count], output[:count], target], axis=2)  # input | output | target
     record = {"method": job.method, "task": job.task, "frames": frames, "scenes": [pair["scene"] for pair in job.pairs],
-              "max_frames": params.max_frames, "tiles": list(params.tiles), "reference": job.model_dir is None}
+              "max_frames": params.max_frames, "segment_frames": params.segment_frames, "tiles": list(params.tiles),
+              "reference": job.model_dir is None}
     write_json(out_dir / "timing.json", record)
     write_video(out_dir / "sample.mp4", sample, fps=job.fps)
     measured = {"seconds_per_frame": sum(totals.values()) / frames, **{k: round(v, 4) for k, v in totals.items()},
@@ -217,15 +270,24 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def run(params: Params, train_dir: str | Path, vae_dir: str | Path, pairs_dirs: list[str | Path],
-        out_dir: str | Path, metrics_path: str | Path) -> dict:
+def run(params: Params, train_dir: str | Path, vae_dir: str | Path | None, pairs_dirs: list[str | Path] | None,
+        out_dir: str | Path, metrics_path: str | Path, params_path: str | Path | None = None) -> dict:
     """Run every trained model on its test pairs; write ``out_dir`` (atomically) and ``metrics_path``.
+
+    Args:
+        params_path: a params file whose ``experiments:`` say which models run, on which pairs, with which
+            VAE and infer settings (:func:`plan_experiments`; ``vae_dir`` and ``pairs_dirs`` unused).
+            None: every model folder of ``train_dir`` on the ``pairs_dirs`` of its task, with ``vae_dir``.
 
     Returns:
         ``{"metrics": {method: {task: {"frames", *MEASURED}}}, "timings": [...], "samples": [paths]}``.
     """
-    vae_dir, out_dir, metrics_path = map(Path, (vae_dir, out_dir, metrics_path))
-    jobs = plan(params, train_dir, vae_dir, pairs_dirs)
+    out_dir, metrics_path = map(Path, (out_dir, metrics_path))
+    if params_path is not None:
+        jobs = plan_experiments(params_path, train_dir)
+    else:
+        vae_dir = Path(vae_dir)
+        jobs = plan(params, train_dir, vae_dir, pairs_dirs)
     if params.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("infer.device is 'cuda' but CUDA is not available: use 'auto' or 'cpu'")
     device = torch.device("cuda" if params.device == "cuda" or (params.device == "auto" and torch.cuda.is_available())
@@ -244,9 +306,7 @@ def run(params: Params, train_dir: str | Path, vae_dir: str | Path, pairs_dirs: 
 
 def main(argv: list[str] | None = None) -> None:
     parser = cli.stage_parser(__doc__, STAGE)
-    parser.add_argument("--train", required=True, help="the train stages' folder (data/train/<method>/<task>/)")
-    parser.add_argument("--vae", required=True, help="the vae stage's folder (data/vae)")
-    parser.add_argument("--pairs", nargs="+", required=True, help="pairs folders (data/splat/nvs, ...)")
+    parser.add_argument("--train", required=True, help="the train stages' folder (data/train/<method>/<experiment>/)")
     parser.add_argument("--out", required=True, help="output folder (data/infer)")
     parser.add_argument("--metrics", required=True, help="metrics JSON (metrics/infer.json)")
     args = parser.parse_args(argv)
@@ -255,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with stage_run(STAGE, params) as tracker:
         started = time.perf_counter()
-        result = run(params, args.train, args.vae, args.pairs, args.out, args.metrics)
+        result = run(params, args.train, None, None, args.out, args.metrics, params_path=args.params)
         tracker.log_metrics({f"{method}/{task}/{key}": value for method, tasks in result["metrics"].items()
                              for task, values in tasks.items() for key, value in values.items() if key != "device"})
         tracker.log_metrics({"seconds": time.perf_counter() - started})

@@ -62,8 +62,9 @@ import chopgrad.restoration
 from chopgrad import distributed
 from chopgrad import losses as pixel_losses
 from stages.common import checkpoint as ckpt
-from stages.common import cli, restoration, training
+from stages.common import cli, experiments, restoration, training
 from stages.common import pairs as pairs_io
+from stages.common.params import ParamsError, params_from_mapping
 from stages.common.training import Method
 from stages.common.video import list_frames, read_image, write_json, write_video
 
@@ -81,7 +82,6 @@ LossTable = dict[str, float]
 @dataclass(frozen=True)
 class Params:
     methods: dict[str, Method]  # Table 2's methods by name; dvc.yaml runs train@<name> for each
-    tasks: tuple[str, ...]  # tasks each method trains on (their pairs folders are given on the command line)
     transformer_path: str | None  # null: a small Wan transformer from scratch (sizes below); else a Wan 2.1 folder
     transformer_dtype: Literal["float32", "bfloat16"]  # weight storage; bfloat16 halves a frozen 14B base (with LoRA)
     num_layers: int  # small transformer: blocks (Wan 2.1 14B: 40)
@@ -93,7 +93,9 @@ class Params:
     text_encoder_path: str | None  # Wan 2.1 folder with tokenizer/ + text_encoder/; null: seeded stand-in embedding
     caption: str  # the fixed caption (C.2), encoded when a text encoder is given
     timestep: int  # fixed diffusion timestep (C.2: 200)
-    iterations: int  # optimiser updates per task (times the method's iterations_factor)
+    iterations: int | None  # optimiser updates per task (times the method's iterations_factor); null: from epochs
+    epochs: int | None  # passes over the task's train videos (C.3: 5), batch = train.nproc_per_node x nnodes /
+    # sequence_parallel: iterations = ceil(epochs x videos / batch); null: train.iterations
     clip_frames: int  # frames per training clip: Wan 1 + 4k (C.2: 81); CogVideoX 1, 8k or 8k + 1 (4.1: 24)
     crop: tuple[int, int]  # training crop [height, width] in pixels (C.2: the full 480 x 832)
     lr: float  # AdamW learning rate (paper: 1e-5 for the pretrained 14B)
@@ -130,11 +132,13 @@ class Params:
     def __post_init__(self):
         if not self.methods:
             raise ValueError("train.methods is empty: declare at least one method (see params.yaml)")
-        unknown = [task for task in self.tasks if task not in pairs_io.APPLICATIONS]
-        if not self.tasks or unknown or len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"train.tasks must list distinct tasks from {sorted(pairs_io.APPLICATIONS)}, "
-                             f"got {list(self.tasks)}")
-        for name in ("num_layers", "num_heads", "head_dim", "ffn_dim", "text_dim", "freq_dim", "iterations",
+        if (self.iterations is None) == (self.epochs is None):
+            raise ValueError(f"set one of train.iterations and train.epochs, the other null; got iterations "
+                             f"{self.iterations}, epochs {self.epochs}")
+        for name in ("iterations", "epochs"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1 or null, got {getattr(self, name)}")
+        for name in ("num_layers", "num_heads", "head_dim", "ffn_dim", "text_dim", "freq_dim",
                      "checkpoint_every", "timestep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -292,26 +296,38 @@ def _json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def plan(params: Params, method: str, pairs_dirs: list[str | Path], vae_dir: str | Path) -> dict:
+def plan(params: Params, method: str, pairs_dirs: list[str | Path], vae_dir: str | Path,
+         names: list[str] | None = None, task: str | None = None) -> dict:
     """Check everything a run needs before any work; return what it will train on.
 
+    Args:
+        pairs_dirs: the pairs folders to train on, one task each.
+        names: the task (experiment) names, one per folder, naming the output folders; default the
+            folders' own task names.
+        task: the paper task the folders must hold (an experiment's ``task``), when given.
+
     Raises:
-        ValueError: an unknown method, missing or unusable folders, tasks without pairs folders,
-            clips or crops that do not fit, more tiles than the latent crop has rows or columns, tile
-            interiors too small for the losses, or bad transformer / text-encoder folders.
+        ValueError: an unknown method, missing or unusable folders, two folders of one name, a
+            folder of another task, clips or crops that do not fit, more tiles than the latent crop
+            has rows or columns, tile interiors too small for the losses, or bad transformer /
+            text-encoder folders.
     """
     method_of(params, method)
     vae_folder = restoration.check_vae_folder(vae_dir)
     vae_config = _json(vae_folder / "config.json")
     multiple = _check_model(params, vae_folder, vae_config)
-    by_task: dict[str, Path] = {}
-    for folder in map(Path, pairs_dirs):
-        manifest = pairs_io.load_manifest(folder, check_frames=False)
-        if manifest["task"] in by_task:
-            raise ValueError(f"two pairs folders hold task {manifest['task']!r}: {by_task[manifest['task']]} "
-                             f"and {folder}")
-        by_task[manifest["task"]] = folder
-    tasks = [_task(params, method, name, by_task, vae_config) for name in params.tasks]
+    if not pairs_dirs:
+        raise ValueError("no pairs folder given: pass --pairs the folder of the experiment's task")
+    folders = [Path(folder) for folder in pairs_dirs]
+    manifests = [pairs_io.load_manifest(folder, check_frames=False) for folder in folders]
+    names = list(names) if names is not None else [manifest["task"] for manifest in manifests]
+    if len(names) != len(folders) or len(set(names)) != len(names):
+        raise ValueError(f"the pairs folders need distinct names, got {names} for {[str(f) for f in folders]}")
+    for folder, manifest in zip(folders, manifests):
+        if task is not None and manifest["task"] != task:
+            raise ValueError(f"{folder} holds {manifest['task']!r} pairs but the experiment's task is {task!r}: point "
+                             "its pairs at a folder of that task")
+    tasks = [_task(params, method, name, folder, vae_config) for name, folder in zip(names, folders)]
     return {"tasks": tasks, "vae_config": vae_config, "size_multiple": multiple}
 
 
@@ -350,15 +366,12 @@ def _check_model(params: Params, vae_folder: Path, vae_config: dict) -> int:
     return multiple
 
 
-def _task(params: Params, method: str, name: str, by_task: dict[str, Path], vae_config: dict) -> Task:
-    """One task of ``train.tasks``, checked: its pairs folder, clip and crop sizes, tiles against its losses."""
-    if name not in by_task:
-        raise ValueError(f"train.tasks lists {name!r} but no pairs folder given with --pairs holds it "
-                         f"(given: {sorted(by_task) or 'none'}); run its data stage or remove it from train.tasks")
-    manifest = pairs_io.load_manifest(by_task[name])
+def _task(params: Params, method: str, name: str, folder: Path, vae_config: dict) -> Task:
+    """One task (an experiment's pairs folder), checked: clip and crop sizes, tiles against its losses."""
+    manifest = pairs_io.load_manifest(folder)
     train = [pair for pair in manifest["pairs"] if pair["split"] == "train"]
     if not train:
-        raise ValueError(f"{by_task[name]} has no train pairs to train {name!r} on")
+        raise ValueError(f"{folder} has no train pairs to train {name!r} on")
     for pair in train:
         if pair["frames"] < params.clip_frames or pair["height"] < params.crop[0] or pair["width"] < params.crop[1]:
             raise ValueError(f"{name} pair {pair['scene']!r} ({pair['frames']} frames of {pair['height']}x"
@@ -382,7 +395,7 @@ def _task(params: Params, method: str, name: str, by_task: dict[str, Path], vae_
         if tile < smallest:
             raise ValueError(f"tiles of {tile} pixels (the smallest of train.crop / train.tiles) are too small for the {application} "
                              f"losses {sorted(pixel)} (at least {smallest}): use a larger crop or fewer tiles")
-    return Task(name, by_task[name], application, float(manifest["fps"]), train)
+    return Task(name, folder, application, float(manifest["fps"]), train)
 
 
 def apply_substitutes(params: Params) -> tuple[Params, dict[str, LossTable]]:
@@ -517,9 +530,18 @@ def _optimizers(params: Params, model: restoration.Model) -> dict:
     return training.make_optimizers(model, lr=params.lr, betas=params.betas, weight_decay=params.weight_decay)
 
 
+def for_task(params: Params, task: Task) -> Params:
+    """``params`` with ``train.epochs`` turned into iterations for ``task``: one pass over its train videos
+    is ``ceil(videos / batch)`` optimiser updates (the batch: one video per sample group of ranks)."""
+    if params.epochs is None:
+        return params
+    return replace(params, iterations=math.ceil(params.epochs * len(task.train) / params.data_parallel), epochs=None)
+
+
 def _start(params: Params, method: str, task: Task, vae_dir: Path, checkpoint_path: Path,
-           info: distributed.DistInfo, layout: distributed.Layout) -> _Run:
-    """Build the model and its optimizers, sharded, and resume from ``checkpoint_path`` when it matches."""
+           info: distributed.DistInfo, layout: distributed.Layout, start: Path | None = None) -> _Run:
+    """Build the model (or load ``start``'s) and its optimizers, sharded; resume from ``checkpoint_path``
+    when it matches."""
     vae_config = _json(vae_dir / "config.json")
     spec = model_spec(params, vae_config)
     torch.manual_seed(params.seed)
@@ -527,13 +549,19 @@ def _start(params: Params, method: str, task: Task, vae_dir: Path, checkpoint_pa
     caption, prompts = training.text_embeddings(params.text_encoder_path, params.caption, text_dim,
                                                 [pair["prompt"] for pair in task.train], params.seed,
                                                 spec["transformer"].get("family", "wan"))
-    spec["text"]["shape"] = list(caption.shape)
-    model = restoration.build_model(spec, vae_dir, caption, info.device)
+    if start is None:
+        spec["text"]["shape"] = list(caption.shape)
+        model = restoration.build_model(spec, vae_dir, caption, info.device)
+    else:  # chained: the upstream experiment's model, architecture and weights (its spec is kept)
+        model = restoration.load_model(start, vae_dir, info.device)
+        for param in model.transformer_trainable().values():
+            param.data = param.data.to(info.device)
     model.restorer.train()
     if info.device.type == "cuda" and params.activation_checkpointing:
         model.transformer.enable_gradient_checkpointing()
     fingerprint = training.fingerprint(
-        {"params": asdict(params), "method": method, "task": task.name, "world_size": info.world_size},
+        {"params": asdict(params), "method": method, "task": task.name, "world_size": info.world_size,
+         "start": None if start is None else training.file_sha256(start / restoration.MODEL_FILE)},
         task.folder / pairs_io.PAIRS_FILE, task.train, vae_dir)
     record = {"iteration": 0, "fingerprint": fingerprint, "history": [], "seconds": 0.0}
     loaded = ckpt.load_checkpoint(checkpoint_path)
@@ -595,7 +623,7 @@ def _iterate(params: Params, method: str, task: Task, run: _Run, clips: training
 
 def train_task(params: Params, method: str, task: Task, vae_dir: Path, checkpoint_path: Path, out_dir: Path,
                info: distributed.DistInfo, layout: distributed.Layout, losses: dict,
-               on_iteration: Callable[[int], None] | None = None) -> dict:
+               on_iteration: Callable[[int], None] | None = None, start: Path | None = None) -> dict:
     """Train ``method`` on ``task`` (resuming from ``checkpoint_path`` when it matches) and write ``out_dir``.
 
     Args:
@@ -608,7 +636,7 @@ def train_task(params: Params, method: str, task: Task, vae_dir: Path, checkpoin
         The task's record: ``train.json``'s, what the run measured (:func:`_measured`) and its loss ``history``.
     """
     total = sum(count for _, count in phases(params, method))
-    run = _start(params, method, task, vae_dir, checkpoint_path, info, layout)
+    run = _start(params, method, task, vae_dir, checkpoint_path, info, layout, start)
     clips = training.Clips(task.train, params.clip_frames, params.crop)
     if info.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(info.device)
@@ -743,8 +771,17 @@ def _losses(params: Params, method: str, tasks: list[Task], device: torch.device
 
 def run(params: Params, method: str, vae_dir: str | Path, pairs_dirs: list[str | Path], out_dir: str | Path,
         metrics_path: str | Path, checkpoint_dir: str | Path, stand_in_home: str | Path = ".weights/stand_in",
-        on_iteration: Callable[[str, int], None] | None = None) -> dict:
-    """Train ``method`` on every task of ``params.tasks``; write ``out_dir``, ``metrics_path``.
+        on_iteration: Callable[[str, int], None] | None = None, names: list[str] | None = None,
+        task: str | None = None, start: str | Path | None = None) -> dict:
+    """Train ``method`` on each pairs folder; write ``out_dir/<name>/`` for each, and ``metrics_path``.
+
+    Args:
+        names: the output folders' names, one per pairs folder (an experiment's name); default the
+            folders' task names. Each ``out_dir/<name>`` is replaced atomically; other folders in
+            ``out_dir`` (other experiments of the method) are left alone.
+        task: the paper task every folder must hold (the experiment's), when given.
+        start: a trained model folder (another experiment's ``data/train/<method>/<experiment>``) to
+            start from: its architecture and weights (chaining, Table 4), instead of the backbone.
 
     Returns:
         ``{"metrics": {...}, "tasks": {task: record with its "history"}, "samples": [mp4 paths]}``.
@@ -756,7 +793,11 @@ def run(params: Params, method: str, vae_dir: str | Path, pairs_dirs: list[str |
     if substituted:
         log.warning("weight files missing: %s trained with their train.substitutes instead (%s)",
                     ", ".join(substituted), "; ".join(f"{k} -> {v}" for k, v in substituted.items()))
-    tasks: list[Task] = plan(params, method, pairs_dirs, vae_dir)["tasks"]
+    tasks: list[Task] = plan(params, method, pairs_dirs, vae_dir, names, task)["tasks"]
+    start = None if start is None else Path(start)
+    if start is not None and not (start / restoration.SPEC_FILE).is_file():
+        raise ValueError(f"--start {start} is not a trained model folder ({restoration.SPEC_FILE}, "
+                         f"{restoration.MODEL_FILE}): train the experiment it names first (`dvc repro` runs it first)")
     info = distributed.init(device=_device(params))
     if info.world_size != params.world_size:
         raise ValueError(f"{info.world_size} processes were started but train.nproc_per_node x train.nnodes is "
@@ -767,13 +808,14 @@ def run(params: Params, method: str, vae_dir: str | Path, pairs_dirs: list[str |
     # Tasks already finished by an interrupted run are not trained again (their checkpoints are at the
     # last iteration): they are rebuilt from their checkpoints and written again.
     records = {}
-    with _loss_weights(params, _pixel_metrics(params, method, tasks), stand_in_home), \
-            _main_rank_outputs(info, out_dir) as build:
+    with _loss_weights(params, _pixel_metrics(params, method, tasks), stand_in_home):
         losses = _losses(params, method, tasks, info.device)
-        for task in tasks:
-            hook = (lambda count, name=task.name: on_iteration(name, count)) if on_iteration else None
-            records[task.name] = train_task(params, method, task, vae_dir, checkpoint_dir / f"{task.name}.safetensors",
-                                            build / task.name, info, layout, losses, hook)
+        for one in tasks:
+            hook = (lambda count, name=one.name: on_iteration(name, count)) if on_iteration else None
+            with _main_rank_outputs(info, out_dir / one.name) as build:
+                records[one.name] = train_task(for_task(params, one), method, one, vae_dir,
+                                               checkpoint_dir / f"{one.name}.safetensors", build, info, layout, losses,
+                                               hook, start)
     metrics = {"method": method, "world_size": info.world_size, "sequence_parallel": layout.sequence_parallel,
                "batch": layout.data_parallel, "seconds": round(time.perf_counter() - started, 2),
                "substituted_losses": substituted,
@@ -803,35 +845,65 @@ def _main_rank_outputs(info: distributed.DistInfo, out_dir: Path):
 
 def main(argv: list[str] | None = None) -> None:
     parser = cli.stage_parser(__doc__, STAGE)
+    parser.add_argument("--experiment", help="an experiment of params.yaml's experiments: (its settings, pairs, "
+                                                "VAE and start); without it, the train section as it is")
     parser.add_argument("--method", required=True, help="a method of train.methods in params.yaml")
-    parser.add_argument("--vae", required=True, help="the vae stage's folder (data/vae)")
-    parser.add_argument("--pairs", nargs="+", required=True, help="pairs folders (data/splat/nvs, ...)")
-    parser.add_argument("--out", required=True, help="output folder (data/train/<method>)")
-    parser.add_argument("--metrics", required=True, help="metrics JSON (metrics/train/<method>.json)")
+    parser.add_argument("--vae", help="the VAE folder (default: the experiment's vae)")
+    parser.add_argument("--pairs", nargs="+", help="pairs folders (default: the experiment's pairs)")
+    parser.add_argument("--out", required=True, help="output folder (data/train/<method>): writes <out>/<experiment>/")
+    parser.add_argument("--metrics", required=True, help="metrics JSON (metrics/train/<method>/<experiment>.json)")
     parser.add_argument("--checkpoints", required=True, help="checkpoint folder, kept until the stage ends")
+    parser.add_argument("--train-root", default="data/train",
+                        help="where the trained models are (data/train): a chained experiment starts from one")
     parser.add_argument("--stand-in-home", default=".weights/stand_in",
                         help="where stand-in loss weights go (as evaluate.stand_in_home)")
     args = parser.parse_args(argv)
     params = cli.start(STAGE, Params, args.params)
+    names, task, start, pairs, vae = None, None, None, args.pairs, args.vae
+    if args.experiment is not None:
+        params, experiment = experiment_params(args.params, args.experiment)
+        names, task, start = [experiment.name], experiment.task, experiment.start_folder(args.train_root)
+        pairs, vae = pairs or [experiment.pairs], vae or experiment.vae
+        if [str(Path(p)) for p in pairs] != [str(Path(experiment.pairs))] or Path(vae) != Path(experiment.vae):
+            raise ValueError(f"--pairs {pairs} / --vae {vae} differ from experiments.{experiment.name}'s pairs "
+                                 f"{experiment.pairs} and vae {experiment.vae}: leave them out, or change params.yaml")
+    elif not pairs or not vae:
+        raise ValueError("without --experiment, give --pairs and --vae")
     if params.world_size > 1 and "RANK" not in os.environ:
-        os.execv(sys.executable, torchrun_command(params, args.method, sys.argv[1:] if argv is None else argv))
-    arguments = (params, args.method, args.vae, args.pairs, args.out, args.metrics, args.checkpoints,
-                 args.stand_in_home)
+        os.execv(sys.executable, torchrun_command(params, args.method, sys.argv[1:] if argv is None else argv,
+                                                  args.experiment))
+    arguments = (params, args.method, vae, pairs, args.out, args.metrics, args.checkpoints, args.stand_in_home)
+    options = {"names": names, "task": task, "start": start}
     try:
         if int(os.environ.get("RANK", "0")) != 0:  # torchrun workers: rank 0 alone logs to MLflow
-            run(*arguments)
+            run(*arguments, **options)
             return
         from stages.common.tracking import stage_run
 
-        # The MLflow run is named like the expanded DVC stage, train@<method>, as `dvc repro` names it.
-        with stage_run(f"{STAGE}@{args.method}", params) as tracker:
-            tracker.set_tags({"chopgrad.method": args.method})
-            log_result(tracker, run(*arguments))
+        # The MLflow run is named like the expanded DVC stage, train@<experiment>-<method>, as `dvc repro` names it.
+        name = f"{STAGE}@{experiments.run_key(args.experiment, args.method)}" if args.experiment else f"{STAGE}@{args.method}"
+        with stage_run(name, params) as tracker:
+            tracker.set_tags({"chopgrad.method": args.method, "chopgrad.experiment": args.experiment or ""})
+            log_result(tracker, run(*arguments, **options))
     finally:
         distributed.shutdown()
 
 
-def torchrun_command(params: Params, method: str, argv: list[str]) -> list[str]:
+def experiment_params(params_path: str | Path, name: str) -> tuple[Params, experiments.Experiment]:
+    """The train params of experiment ``name`` (the train defaults, its overrides on top), checked with
+    the whole ``experiments:`` / ``runs:`` declaration."""
+    data = experiments.read(params_path)
+    declared = experiments.load(params_path, data)
+    experiments.check_runs(data, params_path)
+    if name not in declared:
+        raise ParamsError(f"{params_path}: no experiment {name!r}; the experiments are {', '.join(declared)}")
+    experiment = declared[name]
+    params = params_from_mapping(STAGE, Params, experiments.train_mapping(data, experiment),
+                                 source=f"{params_path} (train with experiments.{name}.train)")
+    return params, experiment
+
+
+def torchrun_command(params: Params, method: str, argv: list[str], experiment: str | None = None) -> list[str]:
     """The torchrun command line that runs this stage with ``argv`` on ``train.nproc_per_node`` processes
     (and ``train.nnodes`` nodes: the same command on each, meeting at ``train.rdzv_endpoint``)."""
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={params.nproc_per_node}",
@@ -839,7 +911,8 @@ def torchrun_command(params: Params, method: str, argv: list[str]) -> list[str]:
     if params.nnodes == 1:
         command.append("--standalone")
     else:
-        command += ["--rdzv-backend=c10d", f"--rdzv-endpoint={params.rdzv_endpoint}", f"--rdzv-id=chopgrad-{STAGE}-{method}"]
+        job = experiments.run_key(experiment, method) if experiment else method
+        command += ["--rdzv-backend=c10d", f"--rdzv-endpoint={params.rdzv_endpoint}", f"--rdzv-id=chopgrad-{STAGE}-{job}"]
     return [*command, "-m", f"stages.{STAGE}", *argv]
 
 

@@ -66,7 +66,7 @@ def sr_pairs(tmp_path_factory) -> Path:
 def dove_params(dove: Path, **changes) -> train.Params:
     methods = {name: dataclasses.asdict(method) for name, method in METHODS.items()}
     methods["dove"] = {"decode": None, "d_trunc": None, "iterations_factor": 0}
-    values = {**BASE, "methods": methods, "tasks": ["sr"], "transformer_path": str(dove), "timestep": 399,
+    values = {**BASE, "methods": methods, "transformer_path": str(dove), "timestep": 399,
               "clip_frames": 9, "crop": [32, 32], "sample_frames": 9, "iterations": 2, "text_dim": TEXT_DIM,
               "loss_sr": {"mse": 1.0}, **changes}
     return params_from_mapping("train", train.Params, values)
@@ -122,7 +122,7 @@ def test_table_1_runs_on_a_dove_checkpoint(dove, sr_pairs, tmp_path, monkeypatch
     records = {}
     for method in ("dove", "chopgrad_d1"):
         result = train.run(params, method, dove / "vae", [sr_pairs], tmp_path / "train" / method,
-                           tmp_path / "metrics" / "train" / f"{method}.json", tmp_path / "ckpt" / method)
+                           tmp_path / "metrics" / "train" / method / "sr.json", tmp_path / "ckpt" / method)
         records[method] = result["tasks"]["sr"]
     assert records["dove"]["iterations"] == 0 and records["dove"]["final_loss"] is None
     assert records["chopgrad_d1"]["iterations"] == 2 and records["chopgrad_d1"]["final_pixel_loss"] > 0
@@ -137,7 +137,7 @@ def test_table_1_runs_on_a_dove_checkpoint(dove, sr_pairs, tmp_path, monkeypatch
     assert spec["latents_std"] == pytest.approx([1 / 0.7] * 4)  # CogVideoX's scaling_factor
 
     infer_params = params_from_mapping("infer", infer.Params, {
-        "max_frames": None, "vae_roundtrip": True, "tiles": [1, 1], "halo": 2, "warmup_frames": 1,
+        "max_frames": None, "segment_frames": None, "vae_roundtrip": True, "tiles": [1, 1], "halo": 2, "warmup_frames": 1,
         "sample_frames": 9, "device": "cpu", "mixed_precision": True, "threads": 1})
     infer.run(infer_params, tmp_path / "train", dove / "vae", [sr_pairs], tmp_path / "infer",
               tmp_path / "metrics" / "infer.json")
@@ -147,10 +147,10 @@ def test_table_1_runs_on_a_dove_checkpoint(dove, sr_pairs, tmp_path, monkeypatch
     assert isinstance(model.restorer, chopgrad.restoration.CogVideoXRestorer) and model.frame_multiple == 8
 
     eval_params = params_from_mapping("evaluate", evaluate.Params, {
-        "pairs": [str(sr_pairs)], "metrics": ["psnr", "ssim"], "weights": "skip", "stand_in_home": "unused",
+        "metrics": ["psnr", "ssim"], "weights": "skip", "stand_in_home": "unused",
         "table_metrics_only": True, "frames": 0, "model_frames": 0, "vbench_frames": 0, "fvd_clips": 2,
         "fvd_clip_frames": 9, "device": "cpu", "threads": 1})
     evaluate.run(eval_params, tmp_path / "infer", tmp_path / "metrics" / "train", tmp_path / "metrics" / "infer.json",
-                 tmp_path / "metrics" / "evaluate.json", tmp_path / "tables")
+                 tmp_path / "metrics" / "evaluate.json", tmp_path / "tables", [evaluate.Source("sr", sr_pairs, "sr")])
     table = (tmp_path / "tables" / "table1.md").read_text()
     assert "DOVE [12] / dove (ours)" in table and "ChopGrad (Ours) / chopgrad_d1 (ours)" in table

@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -73,19 +74,31 @@ def make_project(root: Path, tasks=TASKS, methods=METHODS, test_scenes=2) -> lis
             record["tasks"][task] = {
                 "method": method, "task": task, "iterations": 4, "final_loss": 0.1, "train_seconds": 360.0 * (rank + 1),
                 "seconds_per_iteration": 90.0, "peak_memory_bytes": None, "device": "cpu"}
-    (root / "metrics" / "train").mkdir(parents=True)
-    for method, record in trained.items():
-        (root / "metrics" / "train" / f"{method}.json").write_text(json.dumps(record))
+    for method, record in trained.items():  # one file per (method, experiment), as train@<experiment>-<method> writes
+        for task, entry in record["tasks"].items():
+            path = root / "metrics" / "train" / method / f"{task}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({**record, "tasks": {task: entry}}))
     (root / "metrics" / "infer.json").write_text(json.dumps(timed))
     return folders
 
 
-def make_params(folders, **changes) -> evaluate.Params:
-    values = {"pairs": [str(f) for f in folders], "metrics": ["psnr", "ssim", "lpips_alex", "temporal_flickering"],
+@dataclass(frozen=True)
+class Setup:
+    """The evaluate params and the experiments (sources) a test evaluates."""
+
+    params: evaluate.Params
+    sources: list
+
+
+def make_params(folders, **changes) -> Setup:
+    """One experiment per pairs folder, named like the folder (as the embedded default names its experiments)."""
+    values = {"metrics": ["psnr", "ssim", "lpips_alex", "temporal_flickering"],
               "weights": "stand_in", "stand_in_home": "unused", "table_metrics_only": True, "frames": 5,
               "model_frames": 3, "vbench_frames": 0, "fvd_clips": 2,
               "fvd_clip_frames": 16, "device": "cpu", "threads": 1} | changes
-    return params_from_mapping("evaluate", evaluate.Params, values)
+    sources = [evaluate.Source(Path(f).name, Path(f)) for f in folders]
+    return Setup(params_from_mapping("evaluate", evaluate.Params, values), sources)
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +122,10 @@ def stand_in_home(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("stand_in")
 
 
-def run_stage(project: Path, out: Path, params: evaluate.Params) -> dict:
-    return evaluate.run(params, project / "infer", project / "metrics" / "train", project / "metrics" / "infer.json",
-                        out / "metrics" / "evaluate.json", out / "tables")
+def run_stage(project: Path, out: Path, setup: Setup) -> dict:
+    return evaluate.run(setup.params, project / "infer", project / "metrics" / "train",
+                        project / "metrics" / "infer.json", out / "metrics" / "evaluate.json", out / "tables",
+                        setup.sources)
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +194,7 @@ def test_temporal_flickering_uses_every_frame(evaluated, project):
 
 def test_a_reference_method_needs_no_training_and_follows_the_input(tmp_path, homes):
     folders = make_project(tmp_path, tasks=("nvs",), methods=("latent_mse", "vae_roundtrip"))
-    (tmp_path / "metrics" / "train" / "vae_roundtrip.json").unlink()  # infer's reference: nothing trained
+    shutil.rmtree(tmp_path / "metrics" / "train" / "vae_roundtrip")  # infer's reference: nothing trained
     timing = tmp_path / "infer" / "vae_roundtrip" / "nvs" / "timing.json"
     timing.write_text(json.dumps({**json.loads(timing.read_text()), "reference": True}))
     result = run_stage(tmp_path, tmp_path / "out", make_params(folders, metrics=["psnr"]))
@@ -191,8 +205,8 @@ def test_a_reference_method_needs_no_training_and_follows_the_input(tmp_path, ho
     assert [r[1] for r in _md_rows(table)[1:] if r[2] == "ours"] == ["input", "vae_roundtrip", "latent_mse"]
     assert "`vae_roundtrip` is that input encoded and decoded by the frozen VAE" in table.read_text()
     timing.write_text(json.dumps({**json.loads(timing.read_text()), "reference": False}))  # then it needs training
-    with pytest.raises(evaluate.EvaluateError, match=r"train/vae_roundtrip.json is missing; the train stage writes it "
-                                                     r"\(re-run `train@vae_roundtrip`\)"):
+    with pytest.raises(evaluate.EvaluateError, match=r"train/vae_roundtrip/nvs.json is missing; the train stage writes "
+                                                     r"it \(re-run `train@nvs-vae_roundtrip`\)"):
         run_stage(tmp_path, tmp_path / "out2", make_params(folders, metrics=["psnr"]))
 
 
@@ -331,14 +345,15 @@ def _only_train(root):
     (_drop_frame, "per_frame on scene_2: 11 frames, but another method of task 'nvs' has 12; every method"),
     (_resize, "holds 12 frames of 32x56; the target has 12 frames of 32x48"),
     (_extra_frame, "holds 13 frames of 32x48; the target has 12 frames of 32x48 (a prediction has its target's"),
-    (_only_train, "has no test pairs: nothing to evaluate for task 'nvs'"),
+    (_only_train, "has no test pairs: nothing to evaluate for 'nvs'"),
     (lambda r: shutil.rmtree(r / "infer"), "no inference outputs in"),
     (lambda r: (r / "infer" / "my_method" / "nvs" / "timing.json").unlink(), "timing.json is missing"),
-    (lambda r: _edit(r / "metrics" / "train" / "per_frame.json", ("tasks", "sr", "train_seconds"), "long"),
-     "per_frame.json: tasks.sr.train_seconds must be a non-negative number, got 'long'; the train stage writes it"),
-    (lambda r: _edit(r / "metrics" / "train" / "latent_mse.json", ("tasks", "nvs"), None),
-     "latent_mse.json has no tasks.nvs.train_seconds; the train stage writes it (re-run `train@latent_mse`)"),
-    (lambda r: (r / "metrics" / "train" / "my_method.json").unlink(), "my_method.json is missing; the train stage"),
+    (lambda r: _edit(r / "metrics" / "train" / "per_frame" / "sr.json", ("tasks", "sr", "train_seconds"), "long"),
+     "sr.json: tasks.sr.train_seconds must be a non-negative number, got 'long'; the train stage writes it"),
+    (lambda r: _edit(r / "metrics" / "train" / "latent_mse" / "nvs.json", ("tasks", "nvs"), None),
+     "nvs.json has no tasks.nvs.train_seconds; the train stage writes it (re-run `train@nvs-latent_mse`)"),
+    (lambda r: (r / "metrics" / "train" / "my_method" / "nvs.json").unlink(),
+     "my_method/nvs.json is missing; the train stage"),
     (lambda r: _edit(r / "metrics" / "infer.json", ("chopgrad_d1", "sr", "seconds_per_frame"), -1.0),
      "infer.json: chopgrad_d1.sr.seconds_per_frame must be a non-negative number, got -1.0; the infer stage"),
     (lambda r: _edit(r / "metrics" / "infer.json", ("my_method",), None),
@@ -364,7 +379,6 @@ def test_bad_inputs_are_rejected_before_anything_is_written(project, tmp_path, h
     ({"vbench_frames": 1}, "vbench_frames 0 or >= 2"),
     ({"model_frames": -1}, "evaluate.model_frames must be >= 0"),
     ({"fvd_clip_frames": 8}, "fvd_clip_frames >= 9"),
-    ({"pairs": ["a", "a"]}, "each once"),
 ])
 def test_bad_params_are_rejected_naming_the_key(changes, message):
     with pytest.raises(ParamsError) as info:
@@ -372,21 +386,47 @@ def test_bad_params_are_rejected_naming_the_key(changes, message):
     assert message in str(info.value)
 
 
-def test_two_pairs_folders_of_one_task_are_refused(project, tmp_path):
-    shutil.copytree(project / "pairs" / "sr", tmp_path / "sr_again")
-    params = make_params([project / "pairs" / "sr", tmp_path / "sr_again"])
-    with pytest.raises(evaluate.EvaluateError, match="are both task 'sr'; list one pairs folder per task"):
-        run_stage(project, tmp_path / "out", params)
+def test_two_experiments_of_one_name_or_a_folder_of_another_task_are_refused(project, tmp_path):
+    setup = make_params([project / "pairs" / "sr", project / "pairs" / "sr"])
+    with pytest.raises(evaluate.EvaluateError, match="two sources are named 'sr': give each experiment its own name"):
+        run_stage(project, tmp_path / "out", setup)
+    setup = Setup(setup.params, [evaluate.Source("sr", project / "pairs" / "sr", task="nvs")])
+    with pytest.raises(evaluate.EvaluateError, match="holds 'sr' pairs but sr is a 'nvs' experiment"):
+        run_stage(project, tmp_path / "out", setup)
+
+
+def test_an_experiment_of_another_name_fills_its_tasks_table_and_eval_frames_cut(project, tmp_path):
+    """Paper profile style: experiment nvs_dl3dv of task nvs, its rows in Table 2; only the first 5 frames scored."""
+    shutil.copytree(project / "infer", tmp_path / "project" / "infer")
+    shutil.copytree(project / "metrics", tmp_path / "project" / "metrics")
+    for method_dir in (tmp_path / "project" / "infer").iterdir():
+        (method_dir / "nvs").rename(method_dir / "nvs_dl3dv")
+    for path in (tmp_path / "project" / "metrics" / "train").glob("*/nvs.json"):
+        record = json.loads(path.read_text())
+        record["tasks"] = {"nvs_dl3dv": record["tasks"]["nvs"]}
+        path.with_name("nvs_dl3dv.json").write_text(json.dumps(record))
+    timed = json.loads((tmp_path / "project" / "metrics" / "infer.json").read_text())
+    for tasks in timed.values():
+        tasks["nvs_dl3dv"] = tasks.pop("nvs")
+    (tmp_path / "project" / "metrics" / "infer.json").write_text(json.dumps(timed))
+    setup = make_params([], metrics=["psnr"])
+    setup = Setup(setup.params, [evaluate.Source("nvs_dl3dv", project / "pairs" / "nvs", "nvs", eval_frames=5)])
+    result = run_stage(tmp_path / "project", tmp_path / "out", setup)
+    assert set(result["results"]) == {"nvs_dl3dv"}
+    table2 = (tmp_path / "out" / "tables" / "table2.md").read_text()
+    assert "| nvs_dl3dv (this run) | chopgrad_d1 | ours |" in table2
+    record = json.loads((tmp_path / "out" / "tables" / "evaluation.json").read_text())
+    assert record["tasks"]["nvs_dl3dv"]["task"] == "nvs"
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Weights policies
 
 
-def test_outputs_of_tasks_outside_evaluate_pairs_are_left_out(project, tmp_path, caplog):
+def test_outputs_of_experiments_no_longer_declared_are_left_out(project, tmp_path, caplog):
     result = run_stage(project, tmp_path / "out", make_params([project / "pairs" / "nvs"], metrics=["psnr"]))
     assert list(result["results"]) == ["nvs"]
-    assert "task 'sr' is not in evaluate.pairs; not evaluated" in caplog.text
+    assert "'sr' is not an experiment of the params; not evaluated" in caplog.text
 
 
 def test_predictions_of_the_first_frames_are_scored_against_the_first_frames(project, tmp_path, homes):
@@ -501,10 +541,12 @@ def test_main_logs_one_nested_mlflow_run_per_method_and_task(project, tmp_path, 
     from mlflow import MlflowClient
 
     folders = [str(project / "pairs" / "nvs")]
-    params = {"evaluate": {"pairs": folders, "metrics": ["psnr", "temporal_flickering"], "weights": "official",
+    params = {"evaluate": {"metrics": ["psnr", "temporal_flickering"], "weights": "official",
                            "stand_in_home": str(tmp_path / "w"), "table_metrics_only": True, "frames": 3,
                            "model_frames": 3, "vbench_frames": 0, "fvd_clips": 2,
-                           "fvd_clip_frames": 16, "device": "cpu", "threads": 1}}
+                           "fvd_clip_frames": 16, "device": "cpu", "threads": 1},
+              "train": {"methods": {m: {} for m in METHODS}},
+              "experiments": {"nvs": {"task": "nvs", "pairs": folders[0], "vae": "data/vae", "methods": list(METHODS)}}}
     (tmp_path / "params.yaml").write_text(json.dumps(params))  # JSON is YAML
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     evaluate.main(["--params", str(tmp_path / "params.yaml"), "--infer", str(project / "infer"),

@@ -57,12 +57,11 @@ TINY = {  # the tiny pipeline of test_pipeline.py, with train cut to two methods
     "train": {"num_layers": 1, "head_dim": 8, "ffn_dim": 32, "text_dim": 16, "freq_dim": 16, "iterations": 1,
               "clip_frames": 5, "crop": [16, 16], "checkpoint_every": 1, "sample_frames": 5,
               "methods": {"chopgrad_d1": {"decode": "chopgrad", "d_trunc": 1, "iterations_factor": 1}},
-              "tasks": ["nvs", "inpaint_box", "sr"], "loss_nvs": {"latent_mse": 1.0, "mse": 1.0},
+              "loss_nvs": {"latent_mse": 1.0, "mse": 1.0},
               "loss_inpainting": {"latent_mse": 1.0, "mse": 1.0}, "loss_sr": {"mse": 1.0},
               "loss_driving": {"mse": 1.0}, "loss_reconstruction": {"mse": 1.0}},
     "infer": {"max_frames": 5, "warmup_frames": 0, "sample_frames": 5},
-    "evaluate": {"metrics": ["psnr", "ssim", "temporal_flickering"], "frames": 0,
-                 "pairs": ["data/splat/nvs", "data/masks/inpaint_box", "data/degrade/sr"]},
+    "evaluate": {"metrics": ["psnr", "ssim", "temporal_flickering"], "frames": 0},
 }
 PAIRS = ["data/splat/nvs", "data/masks/inpaint_box", "data/degrade/sr"]
 # (stage, its outputs as dvc.yaml declares them, its run() with dvc.yaml's paths). Metrics files are left
@@ -79,12 +78,13 @@ STAGES = [
      lambda m, p: m.run(p, "data/scenes", "data/splat", "metrics/splat.json", "plots/splat")),
     ("reinsert", ["data/reinsert", "plots/reinsert"], lambda m, p: m.run(
         p, "data/scenes", "data/splat/gaussians", "data/reinsert", "metrics/reinsert.json", "plots/reinsert")),
-    ("train", ["data/train/chopgrad_d1"], lambda m, p: m.run(
-        p, "chopgrad_d1", "data/vae", PAIRS, "data/train/chopgrad_d1", "metrics/train/chopgrad_d1.json",
-        "checkpoints/train/chopgrad_d1", stand_in_home=".weights/stand_in")),
+    ("train", ["data/train/chopgrad_d1"], lambda m, p: [m.run(  # as train@<experiment>-chopgrad_d1, one each
+        p, "chopgrad_d1", "data/vae", [pairs], "data/train/chopgrad_d1", f"metrics/train/chopgrad_d1/{Path(pairs).name}.json",
+        f"checkpoints/train/{Path(pairs).name}-chopgrad_d1", stand_in_home=".weights/stand_in") for pairs in PAIRS]),
     ("infer", ["data/infer"], lambda m, p: m.run(p, "data/train", "data/vae", PAIRS, "data/infer", "metrics/infer.json")),
     ("evaluate", ["results/tables"], lambda m, p: m.run(p, "data/infer", "metrics/train", "metrics/infer.json",
-                                                        "metrics/evaluate.json", "results/tables")),
+                                                        "metrics/evaluate.json", "results/tables",
+                                                        [m.Source(Path(f).name, Path(f)) for f in PAIRS])),
 ]
 
 

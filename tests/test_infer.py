@@ -22,7 +22,7 @@ from stages.common import pairs as pairs_io
 from stages.common import restoration, video
 from stages.common.params import ParamsError, params_from_mapping
 
-BASE = {"max_frames": None, "vae_roundtrip": False, "tiles": [1, 1], "halo": 2, "warmup_frames": 1, "sample_frames": 5, "device": "cpu", "mixed_precision": True,
+BASE = {"max_frames": None, "segment_frames": None, "vae_roundtrip": False, "tiles": [1, 1], "halo": 2, "warmup_frames": 1, "sample_frames": 5, "device": "cpu", "mixed_precision": True,
         "threads": 1}
 
 
@@ -39,7 +39,7 @@ def trained(tmp_path_factory) -> dict:
     inputs = write_inputs(root, frames=9, height=16, width=24)  # 24 is no multiple of 16: padded inside
     runs = {"latent_mse": {}, "latent_mse_2x": {"decoder_skip": True, "decoder_lora_rank": 2}}
     for method, changes in runs.items():
-        train.run(train_params(tasks=["nvs", "sr"], iterations=1, **changes), method, inputs["vae"], inputs["pairs"],
+        train.run(train_params(iterations=1, **changes), method, inputs["vae"], inputs["pairs"],
                   root / "train" / method, root / "metrics" / f"{method}.json", root / "ckpt" / method)
     return {**inputs, "root": root, "train": root / "train"}
 
@@ -62,7 +62,7 @@ def test_every_model_restores_every_test_video_at_the_targets_size(trained, tmp_
                    ["00000.png", "00001.png"]  # named like the pairs folders' frames
             timing = json.loads((out / method / task / "timing.json").read_text())
             assert timing == {"method": method, "task": task, "frames": 9, "scenes": [pair["scene"]],
-                              "max_frames": None, "tiles": [1, 1], "reference": False}  # nothing measured
+                              "max_frames": None, "segment_frames": None, "tiles": [1, 1], "reference": False}  # nothing measured
             assert video.probe_video(out / method / task / "sample.mp4").width == 3 * 24  # input | output | target
             measured = json.loads((tmp_path / "infer.json").read_text())[method][task]  # the times: metrics only
             assert set(measured) == {"frames", *infer.MEASURED} and measured["frames"] == 9

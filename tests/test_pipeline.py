@@ -71,13 +71,15 @@ def test_stages_sections_files_and_flow_agree():
 
     stages = read_yaml(REPO / "dvc.yaml")["stages"]
     params = read_yaml(REPO / "params.yaml")
-    assert set(params) == set(stages), "one params.yaml section per dvc.yaml stage, and no other"
+    assert set(params) - {"experiments", "runs"} == set(stages), "one params.yaml section per dvc.yaml stage, and " \
+        "no other but the experiments and their runs"
     expanded = stage_names(REPO)  # matrix/foreach entries expanded: train@chopgrad_d0, ...
     assert list(dict.fromkeys(name.split("@")[0] for name in expanded)) == list(stages)
     assert stage_order(REPO) == expanded, "the flow runs every stage (matrix entries expanded), in dvc.yaml's order"
     for name, stage in map(definition, stages.items()):
         assert stage["cmd"].startswith(f"python -m stages.{name} --params params.yaml "), name
-        assert stage["params"] == [name], f"{name}: declare the whole '{name}' section"
+        assert stage["params"][0] == name, f"{name}: declare the whole '{name}' section"
+        assert all(p.startswith(("experiments", "runs.")) for p in stage["params"][1:]), name  # the experiments
         module = importlib.import_module(f"stages.{name}")
         assert module.STAGE == name
         load_params(name, module.Params, REPO / "params.yaml")  # the committed section is valid
@@ -87,12 +89,17 @@ def test_stages_sections_files_and_flow_agree():
             assert path.endswith(".png"), f"{name}: plots are images, rendered offline by `dvc plots show`"
 
 
-def test_train_methods_are_declared_once_in_params_and_expand_to_one_stage_each():
-    train = read_yaml(REPO / "params.yaml")["train"]
+def test_train_methods_are_declared_once_in_params_and_expand_to_one_stage_per_experiment_and_method():
+    from stages.common import experiments
+
+    params = read_yaml(REPO / "params.yaml")
+    train = params["train"]
     methods = list(train["methods"])
     losses = {name for key, table in train.items() if key.startswith("loss_") for name in table}  # latent_mse too
-    assert read_yaml(REPO / "dvc.yaml")["stages"]["train"]["foreach"] == "${train.methods}"
-    assert [name for name in stage_names(REPO) if name.startswith("train@")] == [f"train@{m}" for m in methods]
+    assert read_yaml(REPO / "dvc.yaml")["stages"]["train"]["foreach"] == "${runs}"
+    experiments.check_runs(params, REPO / "params.yaml")  # the runs: table is the experiments'
+    expected = [f"train@{e}-{m}" for e, entry in params["experiments"].items() for m in entry["methods"]]
+    assert [name for name in stage_names(REPO) if name.startswith("train@")] == expected
     assert not any(method in (REPO / "dvc.yaml").read_text() for method in methods)
     for path in REPO.joinpath("stages").glob("*.py"):  # no stage lists them again (docstrings may show one)
         tree = ast.parse(path.read_text())
@@ -152,6 +159,9 @@ TINY = {
     "analysis": {"clips": 1, "locality_frames": 9, "frames": 9, "max_distance": 2, "probes": 1, "d_trunc": [0, 1],
                  "lpips_frames": 5, "backbone_layers": 1, "resource_frames": [5, 9]},
 }
+# The tiny run's methods per experiment (each run is a process: a few, not the whole matrix).
+TINY_METHODS = {"nvs": ["chopgrad_d1", "latent_mse", "per_frame"], "inpaint_box": ["chopgrad_d1"],
+                "inpaint_objects": ["latent_mse"], "driving": ["latent_mse"], "sr": ["chopgrad_d1", "per_frame"]}
 # Files each stage must leave in the tiny run (stage name: paths relative to the repo).
 PRODUCED = {
     "scenes": ["data/scenes/split.json", "metrics/scenes.json"],
@@ -168,13 +178,13 @@ PRODUCED = {
     "reinsert": ["data/reinsert/driving/pairs.json", "data/reinsert/driving/train/scene_001/target/00008.png",
                  "data/reinsert/gaussians/scene_002.safetensors", "metrics/reinsert.json",
                  "plots/reinsert/frames.png", "plots/reinsert/videos/scene_000.mp4"],
-    **{f"train@{method}": [f"data/train/{method}/{task}/{name}" for task in ("nvs", "inpaint_box", "sr")
-                           for name in ("config.json", "model.safetensors", "train.json", "sample.mp4")]
-       + [f"metrics/train/{method}.json"]
-       for method in read_yaml(REPO / "params.yaml")["train"]["methods"]},
+    **{f"train@{task}-{method}": [f"data/train/{method}/{task}/{name}"
+                                  for name in ("config.json", "model.safetensors", "train.json", "sample.mp4")]
+       + [f"metrics/train/{method}/{task}.json"]
+       for task, methods in TINY_METHODS.items() for method in methods},
     "infer": ["metrics/infer.json", "data/infer/chopgrad_d1/nvs/timing.json", "data/infer/chopgrad_d1/nvs/sample.mp4",
               "data/infer/vae_roundtrip/sr/timing.json",
-              "data/infer/per_frame/sr/timing.json", "data/infer/latent_mse/inpaint_box/scene_002/00000.png"],
+              "data/infer/per_frame/sr/timing.json", "data/infer/chopgrad_d1/inpaint_box/scene_002/00000.png"],
     "evaluate": ["metrics/evaluate.json", "results/tables/evaluation.json",
                  *(f"results/tables/table{n}.{ext}" for n in range(1, 7) for ext in ("md", "csv"))],
     "analysis": ["metrics/analysis.json", "data/analysis/locality.json", "data/analysis/grad_error_lpips.json",
@@ -221,9 +231,14 @@ def project(tmp_path_factory) -> Path:
             shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(source, target)
+    from stages.common import experiments
+
     params = read_yaml(repo / "params.yaml")
     for section, values in TINY.items():
         params[section].update(values)
+    for name, methods in TINY_METHODS.items():
+        params["experiments"][name]["methods"] = methods
+    params["runs"] = experiments.runs_table(experiments.load(repo / "params.yaml", params))
     write_yaml(repo / "params.yaml", params)
     subprocess.run([*GIT, "init", "-q"], cwd=repo, check=True)
     subprocess.run([*GIT, "add", "-A"], cwd=repo, check=True)
@@ -287,7 +302,8 @@ def output_hashes(project: Path) -> dict[str, str]:
 @pytest.mark.slow
 # SIGKILL, the case that leaves leftovers (SIGTERM's clean exit is tests/test_faults.py's); one case keeps
 # this worker's share of `make test` (the pipeline group) short.
-@pytest.mark.parametrize("stage, build, signal_name", [("train@latent_mse", "data/train/.latent_mse.*.tmp", "SIGKILL")])
+@pytest.mark.parametrize("stage, build, signal_name", [("train@nvs-latent_mse", "data/train/latent_mse/.nvs.*.tmp",
+                                                         "SIGKILL")])
 def test_a_killed_repro_is_finished_by_the_next_one_with_the_same_outputs(project, stage, build, signal_name):
     import signal
     import time

@@ -33,9 +33,9 @@ METHODS = {name: training.Method(decode, d_trunc, factor) for name, (decode, d_t
     "latent_mse": (None, None, 1), "latent_mse_2x": (None, None, 2), "per_frame": ("per_frame", None, 1)}.items()}
 BASE = {
     "methods": {name: dataclasses.asdict(method) for name, method in METHODS.items()},
-    "tasks": ["nvs"], "transformer_path": None, "transformer_dtype": "float32", "num_layers": 1, "num_heads": 2,
+    "transformer_path": None, "transformer_dtype": "float32", "num_layers": 1, "num_heads": 2,
     "head_dim": 8, "ffn_dim": 32, "text_dim": 16, "freq_dim": 16, "text_encoder_path": None,
-    "caption": "a clean video", "timestep": 200, "iterations": 3, "clip_frames": 5, "crop": [16, 16], "lr": 1e-3,
+    "caption": "a clean video", "timestep": 200, "iterations": 3, "epochs": None, "clip_frames": 5, "crop": [16, 16], "lr": 1e-3,
     "weight_decay": 0.1, "betas": [0.9, 0.99],
     "loss_nvs": {"latent_mse": 1.0, "lpips_vgg": 10.0},
     "loss_inpainting": {"latent_mse": 1.0, "lpips_vgg": 10.0},
@@ -101,11 +101,14 @@ def weight_home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict:
-    return write_inputs(tmp_path_factory.mktemp("inputs"))
+    """The VAE, ``pairs``: the nvs pairs folder alone (most tests train one task), ``all_pairs``: nvs and sr."""
+    written = write_inputs(tmp_path_factory.mktemp("inputs"))
+    return {"vae": written["vae"], "pairs": written["pairs"][:1], "all_pairs": written["pairs"]}
 
 
-def run_stage(folder: Path, inputs: dict, weight_home: Path, method="chopgrad_d1", on_iteration=None, **changes) -> dict:
-    return train.run(params(**changes), method, inputs["vae"], inputs["pairs"], folder / "out" / method,
+def run_stage(folder: Path, inputs: dict, weight_home: Path, method="chopgrad_d1", on_iteration=None, pairs=None,
+              **changes) -> dict:
+    return train.run(params(**changes), method, inputs["vae"], pairs or inputs["pairs"], folder / "out" / method,
                      folder / "metrics.json", folder / "ckpt" / method, weight_home, on_iteration=on_iteration)
 
 
@@ -117,7 +120,8 @@ def tiny_model(inputs: dict, **changes) -> restoration.Model:
 
 
 def first_clip(inputs: dict, task: str = "nvs"):
-    plan = train.plan(params(tasks=[task]), "chopgrad_d1", inputs["pairs"], inputs["vae"])
+    folder = next(f for f in inputs["all_pairs"] if f.name == task)
+    plan = train.plan(params(), "chopgrad_d1", [folder], inputs["vae"])
     clips = training.Clips(plan["tasks"][0].train, 5, (16, 16))
     degraded, target, _ = clips.sample(training.sample_generator(0, 0, 0))
     return plan["tasks"][0], (degraded, target)
@@ -355,7 +359,7 @@ def _weights(folder: Path) -> dict:
 
 @pytest.mark.slow
 def test_an_interrupted_run_resumes_and_ends_with_the_same_weights(tmp_path, inputs, weight_home):
-    changes = {"tasks": ["nvs", "sr"], "iterations": 4, "checkpoint_every": 2}
+    changes = {"pairs": inputs["all_pairs"], "iterations": 4, "checkpoint_every": 2}
     straight = run_stage(tmp_path / "straight", inputs, weight_home, **changes)
 
     class Killed(Exception):
@@ -369,7 +373,8 @@ def test_an_interrupted_run_resumes_and_ends_with_the_same_weights(tmp_path, inp
         run_stage(tmp_path / "resumed", inputs, weight_home, on_iteration=stop, **changes)
     ckpt_dir = tmp_path / "resumed" / "ckpt" / "chopgrad_d1"
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["nvs.safetensors", "sr.safetensors"]
-    assert not (tmp_path / "resumed" / "out" / "chopgrad_d1").exists()  # nothing half-written
+    # Each task's folder is swapped in whole when it is done: nvs is in, nothing of sr is half-written.
+    assert sorted(p.name for p in (tmp_path / "resumed" / "out" / "chopgrad_d1").iterdir()) == ["nvs"]
     resumed = run_stage(tmp_path / "resumed", inputs, weight_home, **changes)
     assert resumed["tasks"]["nvs"]["resumed_from_iteration"] == 4  # finished before: not trained again
     assert resumed["tasks"]["sr"]["resumed_from_iteration"] == 2
@@ -399,7 +404,7 @@ def file_md5s(folder: Path) -> dict[str, str]:
 @pytest.mark.slow  # two training runs
 def test_a_rerun_with_the_same_inputs_writes_the_same_bytes(tmp_path, inputs, weight_home):
     # DVC hashes the outputs: a measured time inside one would rerun infer and evaluate after every train run.
-    runs = [run_stage(tmp_path / name, inputs, weight_home, tasks=["nvs", "sr"], iterations=2) for name in "ab"]
+    runs = [run_stage(tmp_path / name, inputs, weight_home, pairs=inputs["all_pairs"], iterations=2) for name in "ab"]
     first, second = (file_md5s(tmp_path / name / "out") for name in "ab")
     assert first == second
     assert {"chopgrad_d1/nvs/train.json", "chopgrad_d1/sr/sample.mp4", "chopgrad_d1/sr/model.safetensors"} <= set(first)
@@ -517,7 +522,6 @@ def test_mirage_settings_that_cannot_work_are_rejected(changes, pattern):
     ("chopgrad_d1", {"tiles": [3, 1]}, r"train.tiles \[3, 1\] are more than the latent crop 2x2"),
     ("chopgrad_d1", {"crop": [24, 24]}, r"train.crop \[24, 24\] must be multiples of 16"),
     ("chopgrad_d1", {"crop": [16, 32], "tiles": [2, 4]}, "tiles of 8 pixels .* too small for the nvs losses"),
-    ("chopgrad_d1", {"tasks": ["nvs", "driving"]}, "lists 'driving' but no pairs folder"),
     ("chopgrad_d1", {"clip_frames": 13}, "is smaller than train.clip_frames=13"),
     ("chopgrad_d1", {"transformer_path": "/nowhere/Wan2.1"}, "is not a folder"),
     ("chopgrad_d1", {"text_encoder_path": "/nowhere"}, "has no tokenizer/ folder"),
@@ -641,8 +645,10 @@ def test_missing_folders_and_weights_are_rejected_before_training(tmp_path, inpu
         params(clip_frames=0)
     with pytest.raises(ValueError, match=r"train.clip_frames 8 must be 1 \+ 4k frames for the VAE"):
         train.plan(params(clip_frames=8), "chopgrad_d1", inputs["pairs"], inputs["vae"])
-    with pytest.raises(ParamsError, match="train.tasks must list distinct tasks"):
-        params(tasks=["nvs", "nvs"])
+    with pytest.raises(ValueError, match="the pairs folders need distinct names"):
+        train.plan(params(), "chopgrad_d1", inputs["pairs"] * 2, inputs["vae"])
+    with pytest.raises(ValueError, match="holds 'nvs' pairs but the experiment's task is 'sr'"):
+        train.plan(params(), "chopgrad_d1", inputs["pairs"], inputs["vae"], task="sr")
     with pytest.raises(ParamsError, match="'bfloat16' stores a frozen base for a LoRA: set train.transformer_lora_rank > 0"):
         params(transformer_dtype="bfloat16")
     params(transformer_dtype="bfloat16", transformer_lora_rank=4)  # the one-GPU LoRA setting
@@ -694,7 +700,6 @@ def test_params_section_in_params_yaml_is_valid():
 
     repo = Path(__file__).resolve().parents[1]
     section = load_params("train", train.Params, repo / "params.yaml")
-    assert section.tasks and set(section.tasks) <= set(pairs_io.APPLICATIONS)
     assert dataclasses.asdict(section)["loss_nvs"]["lpips_vgg"] == 100.0  # supplement C.2
 
 

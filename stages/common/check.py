@@ -56,7 +56,32 @@ def check(params_path: str | Path, stages: list[str] | None = None) -> list[str]
             problems.append(str(error))
             if _tracebacks():
                 traceback.print_exc()
+    problems.extend(_experiment_problems(params_path))
     problems.extend(_tracking_problem())
+    return problems
+
+
+def _experiment_problems(params_path: str | Path) -> list[str]:
+    """The experiments: their entries, the runs: table, and each one's train and infer settings."""
+    from stages.common import experiments
+    from stages.common.params import params_from_mapping
+
+    train, infer = (importlib.import_module(f"stages.{name}") for name in ("train", "infer"))  # as check() loads them
+
+    try:
+        data = experiments.read(params_path)
+        declared = experiments.load(params_path, data)
+        experiments.check_runs(data, params_path)
+    except ParamsError as error:
+        return [str(error)]
+    problems = []
+    for experiment in declared.values():
+        for mapping, module in ((experiments.train_mapping, train), (experiments.infer_mapping, infer)):
+            try:
+                params_from_mapping(module.STAGE, module.Params, mapping(data, experiment),
+                                    source=f"{params_path} ({module.STAGE} with experiments.{experiment.name}.{module.STAGE})")
+            except ParamsError as error:
+                problems.append(str(error))
     return problems
 
 

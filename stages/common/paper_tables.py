@@ -40,7 +40,7 @@ import io
 from dataclasses import dataclass
 
 __all__ = ["LABELS", "METHOD_ORDER", "STAND_IN_MARK", "TABLES", "PaperValue", "TableSpec", "columns_for_task",
-           "paper_values", "render"]
+           "for_experiments", "paper_values", "render"]
 
 STAND_IN_MARK = "‡"  # the paper uses * and † for its own ablation names
 METHOD_ORDER = ("input", "vae_roundtrip", "dove", "per_frame", "latent_mse", "latent_mse_2x", "chopgrad_d0", "chopgrad_d1", "chopgrad_d2")
@@ -208,6 +208,14 @@ TABLES = {
     6: TableSpec(6, "VBench components for video inpainting (paper supplement Table 6)", "rows", TABLE_6_COLUMNS,
                  {"inpaint_box": "DL3DV", "inpaint_objects": "Waymo-Bbox", "inpaint_rovi": "ROVI"}, _CHOPGRAD),
 }
+
+
+def for_experiments(spec: TableSpec, kinds: dict[str, tuple[str, str | None]]) -> TableSpec:
+    """``spec`` with its rows keyed by experiment: ``kinds`` maps each experiment to (its paper task, the
+    paper data set it stands beside or None for the task's). An experiment named like its task (the
+    embedded default) keeps the row it had."""
+    rows = {name: dataset or spec.tasks[task] for name, (task, dataset) in kinds.items() if task in spec.tasks}
+    return dataclasses.replace(spec, tasks=rows) if rows else spec  # none: the paper's figures alone, as named
 
 
 def columns_for_task(task: str) -> set[str] | None:

@@ -204,6 +204,15 @@ def peak_memory(device: torch.device) -> dict:
     return {"peak_memory_bytes": None, "peak_rss_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024}
 
 
+def file_sha256(path: Path) -> str:
+    """The content hash of a file (a chained experiment's starting weights, in the fingerprint)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def fingerprint(settings: dict, pairs_file: Path, pairs: list[dict], vae_dir: Path) -> str:
     """What a checkpoint must have been written with to be resumed: ``settings`` (params, method, task,
     world size: anything JSON), the VAE (config and weights, by content) and the training pairs

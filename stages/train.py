@@ -519,6 +519,7 @@ class _Run:
     resumed_from: int
     prompts: dict  # pair prompt -> embedding (with a text encoder)
     layout: distributed.Layout  # sample groups of train.sequence_parallel ranks
+    start: str | None = None  # the trained model folder a chained experiment started from
 
     @property
     def tile_group(self):
@@ -580,7 +581,8 @@ def _start(params: Params, method: str, task: Task, vae_dir: Path, checkpoint_pa
     elif loaded is not None:
         log.warning("%s/%s: %s was written with other inputs or params; starting over", method, task.name,
                     checkpoint_path)
-    return _Run(model, optimizers, phase, record, record["iteration"], prompts, layout)
+    return _Run(model, optimizers, phase, record, record["iteration"], prompts, layout,
+                None if start is None else str(start))
 
 
 def _iterate(params: Params, method: str, task: Task, run: _Run, clips: training.Clips, losses: dict,
@@ -708,6 +710,7 @@ def _summary(params: Params, method: str, task: Task, run: _Run, pixel_loss, inf
         "stand_in_weights": bool(pixel_loss is not None and spec_method.decode
                                  and any(status != "official" for status in pixel_loss.weights.values())),
         "clip_frames": params.clip_frames, "crop": list(params.crop), "tiles": list(params.tiles),
+        "start": run.start,
     }
 
 

@@ -109,6 +109,20 @@ def test_train_methods_are_declared_once_in_params_and_expand_to_one_stage_per_e
         assert not named, f"{path.relative_to(REPO)} names the method(s) {named}: read train.methods instead"
 
 
+def test_real_data_enter_through_fixed_places_the_stages_depend_on():
+    """Issue 13.8: a data set placed in data/external/<name> reruns its stage; no dvc.yaml edit."""
+    from ruamel.yaml import YAML
+
+    stages = read_yaml(REPO / "dvc.yaml")["stages"]
+    paper = YAML(typ="safe", pure=True).load((REPO / "profiles" / "paper.yaml").read_text())
+    for stage, key, folder in (("splat", "scene_dir", "data/external/dl3dv"), ("reinsert", "scene_dir", "data/external/dl3dv"),
+                               ("masks", "rovi_path", "data/external/rovi"), ("degrade", "vsr_path", "data/external/vsr")):
+        assert folder in stages[stage]["deps"], (stage, folder)
+        assert (REPO / folder / "README.md").is_file(), "the fixed place exists in a fresh clone (DVC needs its deps)"
+        assert paper[stage][key].startswith(folder), (stage, key)  # the paper profile reads it there
+    assert (REPO / "data" / "external" / "waymo" / "README.md").is_file()
+
+
 def test_no_stage_imports_another():
     stage_files = {path.stem for path in REPO.joinpath("stages").glob("*.py")} - {"__init__"}
     for path in REPO.joinpath("stages").rglob("*.py"):
@@ -233,6 +247,10 @@ def project(tmp_path_factory) -> Path:
             shutil.copy2(source, target)
     from stages.common import experiments
 
+    for readme in REPO.glob("data/external/**/README.md"):  # the fixed places, empty (as in a fresh clone)
+        target = repo / readme.relative_to(REPO)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(readme, target)
     params = read_yaml(repo / "params.yaml")
     for section, values in TINY.items():
         params[section].update(values)

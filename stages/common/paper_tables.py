@@ -23,7 +23,8 @@ inpaint_box    Tables 3 and 6, DL3DV            ChopGrad (D_trunc 1, sec. 4.3) -
                (centre box of half H and W)
 inpaint_rovi   Tables 3 and 6, ROVI             ChopGrad -> chopgrad_d1
 inpaint_objects Tables 5 and 6, Waymo-Bbox      ChopGrad -> chopgrad_d1
-driving        Table 4, Waymo (reinsertion)     ChopGrad (D_trunc 1, supp. C.4) -> chopgrad_d1
+driving        Table 4, Waymo (reinsertion)     ChopGrad (D_trunc 1, supp. C.4) -> chopgrad_d1;
+                                                Mirage -> mirage (the paper profile's method)
 =============  ===============================  ==============================================
 
 The LPIPS network: Table 1 follows DOVE's ``eval_metrics.py``, whose ``pyiqa.create_metric("lpips")``
@@ -202,7 +203,7 @@ TABLES = {
     3: TableSpec(3, "Video inpainting (paper Table 3)", "rows", TABLE_3_COLUMNS + ("lpips_vgg",),
                  {"inpaint_box": "DL3DV", "inpaint_rovi": "ROVI"}, _CHOPGRAD),
     4: TableSpec(4, "Controlled driving video generation (paper Table 4)", "rows", TABLE_4_COLUMNS + ("lpips_vgg",),
-                 {"driving": "Waymo"}, _CHOPGRAD),
+                 {"driving": "Waymo"}, {**_CHOPGRAD, "Mirage (hires inference)": "mirage"}),
     5: TableSpec(5, "Video inpainting, object masks (paper supplement Table 5, Waymo-Bbox)", "rows",
                  TABLE_5_COLUMNS + ("lpips_vgg",), {"inpaint_objects": "Waymo-Bbox"}, _CHOPGRAD),
     6: TableSpec(6, "VBench components for video inpainting (paper supplement Table 6)", "rows", TABLE_6_COLUMNS,

@@ -152,7 +152,7 @@ class TaskPlan:
     fps: float
     pairs: list[dict]  # its test pairs (stages.common.pairs.load_pairs entries)
     lengths: dict[str, int] = field(default_factory=dict)  # scene -> frames evaluated (the first N)
-    outputs: dict[str, Path] = field(default_factory=dict)  # method -> data/infer/<method>/<task>
+    outputs: dict[str, Path] = field(default_factory=dict)  # method -> data/infer/<method>/<experiment>
     timing: dict[str, dict] = field(default_factory=dict)  # method -> timing.json
     seconds_per_frame: dict[str, float] = field(default_factory=dict)  # method -> metrics/infer.json's
     train_seconds: dict[str, float] = field(default_factory=dict)  # method -> metrics/train/<method>/<task>.json's
@@ -234,7 +234,7 @@ def plan(params: Params, infer_dir: str | os.PathLike, train_metrics: str | os.P
     method_dirs = sorted(p for p in infer_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) \
         if infer_dir.is_dir() else []
     if not method_dirs:
-        raise EvaluateError(f"no inference outputs in {infer_dir} (expected {infer_dir}/<method>/<task>/); "
+        raise EvaluateError(f"no inference outputs in {infer_dir} (expected {infer_dir}/<method>/<experiment>/); "
                             "run the `infer` stage first")
     infer_fix = "the infer stage writes it (re-run `infer`)"
     timed = _read_json(infer_metrics, infer_fix)
@@ -540,7 +540,7 @@ def _log_method_runs(parent, results: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = cli.stage_parser(__doc__, STAGE)
-    parser.add_argument("--infer", required=True, help="inference outputs: <infer>/<method>/<task>/<scene>/")
+    parser.add_argument("--infer", required=True, help="inference outputs: <infer>/<method>/<experiment>/<scene>/")
     parser.add_argument("--train-metrics", required=True,
                         help="the train stages' metrics folder: <folder>/<method>/<experiment>.json (metrics/train)")
     parser.add_argument("--infer-metrics", required=True, help="the infer stage's metrics file (metrics/infer.json)")

@@ -1,31 +1,33 @@
-"""Stage ``infer``: run every trained (method, task) model on its task's test videos and time it.
+"""Stage ``infer``: run every trained (experiment, method) model on its experiment's test videos and time it.
 
-For each model folder the ``train`` stage wrote (``data/train/<method>/<task>/``), every TEST pair
-of the task's pairs folder is restored in one pass over the whole video, as in the paper's
+For each (experiment, method) of ``params.yaml``'s ``experiments:`` (the model folder the ``train``
+stage wrote, ``data/train/<method>/<experiment>/``), every TEST pair of the experiment's pairs folder
+is restored with the experiment's VAE and infer settings, in one pass over the video (or in segments
+of ``infer.segment_frames``), as in the paper's
 supplement C.2: encode the degraded video with the VAE, one transformer step (``z = z_hat - v``),
 decode with :func:`chopgrad.decode` (spatial ``tiles``). Videos are padded to ``1 + 4k`` frames
-and to sides the model takes, and cut back. Seconds per frame include encode, transformer and
+(8k + 1 for CogVideoX) and to sides the model takes, and cut back. Seconds per frame include encode, transformer and
 decode (C.2: "pre-processing as well as the full network pass"), measured after a short warm-up,
 without file I/O.
 
-With ``infer.vae_roundtrip`` it also writes the reference ``vae_roundtrip`` for every task: each
+With ``infer.vae_roundtrip`` it also writes the reference ``vae_roundtrip`` for every experiment: each
 test input encoded and decoded by the frozen VAE, no transformer (``z = z_hat``). That is where every
 restorer starts and what a frozen decoder can reach from the encoder's latents, so it separates a
 method's gain from the VAE's own reconstruction error. Its ``timing.json`` says ``"reference": true``.
 
-Outputs (docs/interfaces.md): ``<out>/<method>/<task>/<scene>/00000.png ...`` (uint8, the
+Outputs (docs/interfaces.md): ``<out>/<method>/<experiment>/<scene>/00000.png ...`` (uint8, the
 target's H and W; the first ``infer.max_frames`` frames, all when null) and
-``<out>/<method>/<task>/timing.json`` = ``{"method", "task", "frames", "scenes", "max_frames", "tiles",
-"reference"}``; a sample ``input | output | target`` mp4 per model (``sample.mp4``, also in MLflow).
+``<out>/<method>/<experiment>/timing.json`` = ``{"method", "task", "frames", "scenes", "max_frames",
+"segment_frames", "tiles", "reference"}`` (``task``: the experiment's name); a sample ``input | output | target`` mp4 per model (``sample.mp4``, also in MLflow).
 The outputs hold nothing measured, so a rerun writes the same bytes and DVC reruns nothing after it;
 the times (``MEASURED``: seconds per frame, encode / transformer / decode seconds, the device) go to
 ``--metrics`` alone, ``{method: {task: {...}}}``, which ``evaluate`` reads for its inference column.
 
-    python -m stages.infer --params params.yaml --train data/train --vae data/vae \
-        --pairs data/splat/nvs ... --out data/infer --metrics metrics/infer.json
+    python -m stages.infer --params params.yaml --train data/train --out data/infer --metrics metrics/infer.json
 
-``--train`` is the folder of every ``train@<method>`` output (``data/train/<method>/<task>/``): the
-methods are whatever ``train.methods`` trained, read from the folders, not declared again here.
+``--train`` is the folder of every ``train@<experiment>-<method>`` output; which models run, on which
+pairs and with which VAE, comes from ``experiments:`` (:func:`plan_experiments`). :func:`run` without a
+params file runs every model folder found, on the pairs folders of their tasks (the library use).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Stage ``train``: fine-tune the single-step restorer with pixel losses through ChopGrad, and the paper's baselines.
 
-One stage process per *method* (``train.methods``, a ``foreach`` in ``dvc.yaml``), each training its
-method on every task of ``train.tasks`` (paper section 4, supplement C.2; Table 2's ablation). The
+One stage process per (experiment, method) (``experiments:`` in ``params.yaml``, the ``runs:`` table a
+``foreach`` in ``dvc.yaml`` iterates over): ``--experiment`` gives its pairs, VAE, start and settings
+over the ``train`` defaults (paper section 4, supplement C; Table 2's ablation). The
 methods are declared once, in ``params.yaml``: ``{decode, d_trunc, iterations_factor}`` each
 (:class:`stages.common.training.Method`).
 
@@ -28,16 +29,19 @@ that is interrupted resumes from the last one when started again with the same i
 (a fingerprint of them is stored) and ends with the weights of an uninterrupted run. The folder is
 removed once the stage has written its outputs.
 
-Outputs, per task: ``<out>/<task>/`` with ``config.json`` + ``model.safetensors`` (the model,
+Outputs, per experiment (task): ``<out>/<experiment>/`` with ``config.json`` + ``model.safetensors`` (the model,
 ``stages.common.restoration.load_model``), ``train.json``, ``sample.mp4`` (input | output | target).
 They hold only what the inputs and params determine, so a rerun writes the same bytes and DVC reruns
 nothing after it; what the run measured (seconds, throughput, peak memory, device, the iteration it
 resumed from) goes to ``--metrics`` alone, beside each task's ``train.json`` record (layouts:
 docs/interfaces.md).
 
-    python -m stages.train --params params.yaml --method chopgrad_d1 --vae data/vae \
-        --pairs data/splat/nvs data/masks/inpaint_box ... --out data/train/chopgrad_d1 \
-        --metrics metrics/train/chopgrad_d1.json --checkpoints checkpoints/train/chopgrad_d1
+    python -m stages.train --params params.yaml --experiment nvs --method chopgrad_d1 \
+        --out data/train/chopgrad_d1 --metrics metrics/train/chopgrad_d1/nvs.json \
+        --checkpoints checkpoints/train/nvs-chopgrad_d1
+
+Without ``--experiment``, ``--vae`` and ``--pairs`` (any number of folders, one task each) with the
+``train`` section as it is (library and test use).
 """
 
 from __future__ import annotations
@@ -353,6 +357,9 @@ def _check_model(params: Params, vae_folder: Path, vae_config: dict) -> int:
         if not accepts(getattr(params, name)):
             raise ValueError(f"train.{name} {getattr(params, name)} must be {rule} frames for the VAE in {vae_folder} "
                              f"({restoration.vae_family(vae_config)}: other counts do not decode back to themselves)")
+    if config.get("family") == "cogvideox" and params.sequence_parallel > 1:
+        raise ValueError("train.sequence_parallel > 1 splits a Wan transformer (diffusers' _cp_plan); the CogVideoX "
+                         "transformer has none: use sequence_parallel 1 (one sample per GPU) for DOVE")
     if config["num_attention_heads"] % params.sequence_parallel:
         raise ValueError(f"train.sequence_parallel {params.sequence_parallel} must divide the transformer's "
                          f"{config['num_attention_heads']} attention heads (Ulysses attention gives each rank whole heads)")
@@ -531,6 +538,28 @@ def _optimizers(params: Params, model: restoration.Model) -> dict:
     return training.make_optimizers(model, lr=params.lr, betas=params.betas, weight_decay=params.weight_decay)
 
 
+ARCHITECTURE = ("transformer", "transformer_lora", "decoder_lora", "decoder_skip")  # spec keys a start fixes
+
+
+def _check_start(params: Params, start: Path, vae_config: dict) -> None:
+    """A chained experiment takes its model from ``start``: its own architecture settings must agree."""
+    theirs = _json(start / restoration.SPEC_FILE)
+    ours = model_spec(params, vae_config)
+    differ = [key for key in ARCHITECTURE if _architecture(ours.get(key)) != _architecture(theirs.get(key))]
+    if differ:
+        raise ValueError(f"the experiment starts from {start}, whose model differs in {', '.join(differ)} "
+                         f"({', '.join(f'{k}: {theirs.get(k)}' for k in differ)}): the model comes from the start, "
+                         "so set the experiment's train keys (transformer_path, LoRA ranks, decoder_skip) to match it")
+
+
+def _architecture(value):
+    """A spec entry without what the schedule or the initialisation settles (seed, zero output, which
+    decoder adapters a Mirage schedule names)."""
+    if isinstance(value, dict):
+        return {k: _architecture(v) for k, v in value.items() if k not in ("seed", "zero_output", "adapters")}
+    return value
+
+
 def for_task(params: Params, task: Task) -> Params:
     """``params`` with ``train.epochs`` turned into iterations for ``task``: one pass over its train videos
     is ``ceil(videos / batch)`` optimiser updates (the batch: one video per sample group of ranks)."""
@@ -555,6 +584,7 @@ def _start(params: Params, method: str, task: Task, vae_dir: Path, checkpoint_pa
         model = restoration.build_model(spec, vae_dir, caption, info.device)
     else:  # chained: the upstream experiment's model, architecture and weights (its spec is kept)
         model = restoration.load_model(start, vae_dir, info.device)
+        model.restorer.train()
         for param in model.transformer_trainable().values():
             param.data = param.data.to(info.device)
     model.restorer.train()
@@ -569,6 +599,10 @@ def _start(params: Params, method: str, task: Task, vae_dir: Path, checkpoint_pa
     resume = loaded is not None and loaded[1].get("fingerprint") == fingerprint
     phase = phase_at(params, method, loaded[1]["iteration"] if resume else 0)
     _set_phase(model, phase)  # requires_grad before sharding
+    if start is not None and phase == "joint" and model.skip is not None:
+        # C.4: ChopGrad fine-tunes Mirage's harmonization stage model: the transformer LoRA and the second
+        # decoder LoRA train; the fusion conv and the reconstruction LoRA stay as Mirage left them.
+        _set_phase(model, "harmonization")
     distributed.enable_sequence_parallel(model.transformer, layout)  # a no-op with train.sequence_parallel 1
     distributed.shard_transformer(model.transformer)  # a no-op without torchrun
     optimizers = _optimizers(params, model)
@@ -667,9 +701,9 @@ def _finish(params: Params, method: str, task: Task, run: _Run, out_dir: Path, l
     """Write the task's model, ``train.json`` and sample video; its record with the measurements and history."""
     model = run.model
     pretrained = model.spec["transformer"]["source"] != "small"
-    # Untrained (iterations_factor 0) on a pretrained base: its folder holds every weight, none is saved.
-    transformer_state = {} if pretrained and not run.record["history"] else distributed.full_model_state_dict(
-        model.transformer, trainable_only=pretrained)
+    # Untrained (iterations_factor 0) on a pretrained base without LoRA or start: its folder holds every weight.
+    untouched = pretrained and not run.record["history"] and not model.spec.get("transformer_lora") and run.start is None
+    transformer_state = {} if untouched else distributed.full_model_state_dict(model.transformer, trainable_only=pretrained)
     summary = _summary(params, method, task, run, losses.get(task.application), info)
     measured = _measured(params, run, info)
     summary.update(restoration.describe(model))
@@ -801,6 +835,8 @@ def run(params: Params, method: str, vae_dir: str | Path, pairs_dirs: list[str |
     if start is not None and not (start / restoration.SPEC_FILE).is_file():
         raise ValueError(f"--start {start} is not a trained model folder ({restoration.SPEC_FILE}, "
                          f"{restoration.MODEL_FILE}): train the experiment it names first (`dvc repro` runs it first)")
+    if start is not None:
+        _check_start(params, start, _json(Path(vae_dir) / "config.json"))
     info = distributed.init(device=_device(params))
     if info.world_size != params.world_size:
         raise ValueError(f"{info.world_size} processes were started but train.nproc_per_node x train.nnodes is "
@@ -865,6 +901,8 @@ def main(argv: list[str] | None = None) -> None:
     names, task, start, pairs, vae = None, None, None, args.pairs, args.vae
     if args.experiment is not None:
         params, experiment = experiment_params(args.params, args.experiment)
+        if params.threads:  # the experiment's own (cli.start applied the defaults')
+            torch.set_num_threads(params.threads)
         names, task, start = [experiment.name], experiment.task, experiment.start_folder(args.train_root)
         pairs, vae = pairs or [experiment.pairs], vae or experiment.vae
         if [str(Path(p)) for p in pairs] != [str(Path(experiment.pairs))] or Path(vae) != Path(experiment.vae):

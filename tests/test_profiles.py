@@ -85,7 +85,8 @@ PAPER_VALUES = [
     ("driving", "train", "weight_decay", 0.1, "C.4: a weight decay of 0.1"),
     ("driving", "train", "sequence_parallel", 8, "C.4: batch size was set to 1 (on 8 A100 GPUs)"),
     ("driving", "experiment", "methods", ["chopgrad_d1"], "C.4: a truncation distance of 1"),
-    ("driving", "infer", "segment_frames", 49, "Table 4: 49-frame segments"),
+    ("driving", "infer", "segment_frames", 49, "4.4: performed inference on 49 frame segments"),
+    ("driving_mirage", "infer", "segment_frames", 97, "4.4: Mirage inferred at high resolution / duration (720x1280, 97 frames)"),
 ]
 
 

@@ -123,6 +123,13 @@ def load(path: str | Path = "params.yaml", data: dict | None = None) -> dict[str
         start = entry.get("start")
         if start is not None and (not isinstance(start, dict) or set(start) != {"experiment", "method"}):
             raise ParamsError(f"{where}.start must be null or {{experiment: <name>, method: <method>}}")
+        dataset = entry.get("paper_dataset")
+        if dataset is not None:
+            from stages.common.paper_tables import paper_datasets
+
+            if dataset not in paper_datasets(entry["task"]):
+                raise ParamsError(f"{where}.paper_dataset {dataset!r} is not a data set of the paper's {entry['task']} "
+                                  f"table(s): one of {', '.join(sorted(paper_datasets(entry['task'])))}, or null")
         frames = entry.get("eval_frames")
         if frames is not None and (not isinstance(frames, int) or isinstance(frames, bool) or frames < 1):
             raise ParamsError(f"{where}.eval_frames must be a positive integer or null (every inferred frame)")

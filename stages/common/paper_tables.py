@@ -41,7 +41,7 @@ import io
 from dataclasses import dataclass
 
 __all__ = ["LABELS", "METHOD_ORDER", "STAND_IN_MARK", "TABLES", "PaperValue", "TableSpec", "columns_for_task",
-           "for_experiments", "paper_values", "render"]
+           "for_experiments", "paper_datasets", "paper_values", "render"]
 
 STAND_IN_MARK = "‡"  # the paper uses * and † for its own ablation names
 METHOD_ORDER = ("input", "vae_roundtrip", "dove", "per_frame", "latent_mse", "latent_mse_2x", "chopgrad_d0", "chopgrad_d1", "chopgrad_d2")
@@ -209,6 +209,11 @@ TABLES = {
     6: TableSpec(6, "VBench components for video inpainting (paper supplement Table 6)", "rows", TABLE_6_COLUMNS,
                  {"inpaint_box": "DL3DV", "inpaint_objects": "Waymo-Bbox", "inpaint_rovi": "ROVI"}, _CHOPGRAD),
 }
+
+
+def paper_datasets(task: str) -> set[str]:
+    """The paper's data sets a row of ``task`` may stand beside (its tables' data sets)."""
+    return {dataset for spec in TABLES.values() if task in spec.tasks for dataset in _PAPER_DATA[spec.number]}
 
 
 def for_experiments(spec: TableSpec, kinds: dict[str, tuple[str, str | None]]) -> TableSpec:

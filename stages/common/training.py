@@ -5,7 +5,7 @@ stage's params. Words: an *iteration* is one optimiser update (``train.iteration
 task); a *step* is one iteration of the decoder's own decode loop, as everywhere in :mod:`chopgrad`.
 
 A :class:`Method` is one row of the paper's Table 2 ablation, declared once in ``params.yaml``
-(``train.methods``); ``dvc.yaml`` runs one ``train@<method>`` per entry (``foreach``):
+(``train.methods``); ``dvc.yaml`` runs one ``train@<experiment>-<method>`` per method an experiment lists:
 
 ============ ==============================================================================
 ``decode``   ``chopgrad``: latent MSE + pixel loss through :func:`chopgrad.decode_loss` with ``d_trunc``;

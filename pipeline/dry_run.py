@@ -52,8 +52,9 @@ def plan(params_path: str | Path) -> dict:
         stages = _stages(Path(tmp))
     produced = {out for stage in stages for out in stage["outs"]}
     for stage in stages:
-        stage["missing"] = [dep for dep in stage["deps"] if not (REPO / dep).exists()
-                            and not any(dep == out or dep.startswith(out.rstrip("/") + "/") for out in produced)]
+        stage["missing"] = list(dict.fromkeys(
+            dep for dep in stage["deps"] if not (REPO / dep).exists()
+            and not any(dep == out or dep.startswith(out.rstrip("/") + "/") for out in produced)))
     data = experiments.read(params_path)
     runs = {}
     for key, run in data["runs"].items():

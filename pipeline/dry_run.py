@@ -55,10 +55,10 @@ def plan(params_path: str | Path) -> dict:
         stage["missing"] = list(dict.fromkeys(
             dep for dep in stage["deps"] if not (REPO / dep).exists()
             and not any(dep == out or dep.startswith(out.rstrip("/") + "/") for out in produced)))
-    data = experiments.read(params_path)
+    data, declared = experiments.load_checked(params_path)
     runs = {}
     for key, run in data["runs"].items():
-        experiment = experiments.load(params_path, data)[run["experiment"]]
+        experiment = declared[run["experiment"]]
         settings = experiments.train_mapping(data, experiment)
         world = settings["nproc_per_node"] * settings["nnodes"]
         runs[key] = {**{name: settings[name] for name in SHOWN}, "batch": world // settings["sequence_parallel"],

@@ -102,9 +102,7 @@ def plan_experiments(params_path: str | Path, train_dir: str | Path) -> list[Job
     from stages.common import experiments
     from stages.common.params import params_from_mapping
 
-    data = experiments.read(params_path)
-    declared = experiments.load(params_path, data)
-    experiments.check_runs(data, params_path)
+    data, declared = experiments.load_checked(params_path)
     jobs = []
     for experiment in declared.values():
         settings = params_from_mapping(STAGE, Params, experiments.infer_mapping(data, experiment),

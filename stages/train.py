@@ -498,7 +498,7 @@ def model_spec(params: Params, vae_config: dict) -> dict:
         "decoder_skip": params.decoder_skip,
         "timestep": params.timestep,
         **({"alpha": chopgrad.restoration.dove_alpha(params.transformer_path, params.timestep)} if cogvideox else {}),
-        "latents_mean": restoration.latent_stats(vae_config)[0], "latents_std": restoration.latent_stats(vae_config)[1],
+        **dict(zip(("latents_mean", "latents_std"), restoration.latent_stats(vae_config), strict=True)),
         "text": {"caption": params.caption, "encoder": params.text_encoder_path},
     }
 
@@ -585,8 +585,6 @@ def _start(params: Params, method: str, task: Task, vae_dir: Path, checkpoint_pa
     else:  # chained: the upstream experiment's model, architecture and weights (its spec is kept)
         model = restoration.load_model(start, vae_dir, info.device)
         model.restorer.train()
-        for param in model.transformer_trainable().values():
-            param.data = param.data.to(info.device)
     model.restorer.train()
     if info.device.type == "cuda" and params.activation_checkpointing:
         model.transformer.enable_gradient_checkpointing()
@@ -933,9 +931,7 @@ def main(argv: list[str] | None = None) -> None:
 def experiment_params(params_path: str | Path, name: str) -> tuple[Params, experiments.Experiment]:
     """The train params of experiment ``name`` (the train defaults, its overrides on top), checked with
     the whole ``experiments:`` / ``runs:`` declaration."""
-    data = experiments.read(params_path)
-    declared = experiments.load(params_path, data)
-    experiments.check_runs(data, params_path)
+    data, declared = experiments.load_checked(params_path)
     if name not in declared:
         raise ParamsError(f"{params_path}: no experiment {name!r}; the experiments are {', '.join(declared)}")
     experiment = declared[name]

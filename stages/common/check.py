@@ -69,9 +69,7 @@ def _experiment_problems(params_path: str | Path) -> list[str]:
     train, infer = (importlib.import_module(f"stages.{name}") for name in ("train", "infer"))  # as check() loads them
 
     try:
-        data = experiments.read(params_path)
-        declared = experiments.load(params_path, data)
-        experiments.check_runs(data, params_path)
+        data, declared = experiments.load_checked(params_path)
     except ParamsError as error:
         return [str(error)]
     problems = []

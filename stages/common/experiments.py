@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TASKS", "Experiment", "check_runs", "infer_mapping", "load", "main", "read", "run_key", "runs_table",
+__all__ = ["TASKS", "Experiment", "check_runs", "infer_mapping", "load", "load_checked", "main", "read", "run_key",
+           "runs_table",
            "train_mapping", "write_runs"]
 
 TASKS = ("nvs", "inpaint_box", "inpaint_objects", "inpaint_rovi", "driving", "sr")  # the paper's tasks
@@ -178,17 +179,27 @@ def runs_table(experiments: dict[str, Experiment], train_root: str = "data/train
     return table
 
 
-def check_runs(data: dict, path: str | Path = "params.yaml") -> None:
-    """Refuse a ``runs:`` table that does not match ``experiments:`` (ParamsError naming the fix)."""
+def check_runs(data: dict, path: str | Path = "params.yaml", declared: dict[str, Experiment] | None = None) -> None:
+    """Refuse a ``runs:`` table that does not match ``experiments:`` (ParamsError naming the fix).
+
+    ``declared``: the experiments of ``data`` when already loaded (:func:`load`)."""
     from stages.common.params import ParamsError
 
-    expected = runs_table(load(path, data))
+    expected = runs_table(load(path, data) if declared is None else declared)
     if data.get("runs") != expected:
         have = set(data.get("runs") or {})
         detail = (f"missing {sorted(set(expected) - have)}, extra {sorted(have - set(expected))}"
                   if have != set(expected) else "entries differ in their folders")
         raise ParamsError(f"{path}: the runs: table does not match experiments: ({detail}); rewrite it with "
                           f"`python -m stages.common.experiments --params {path}`")
+
+
+def load_checked(path: str | Path) -> tuple[dict, dict[str, Experiment]]:
+    """The params file's sections and its experiments, with its ``runs:`` table checked against them."""
+    data = read(path)
+    declared = load(path, data)
+    check_runs(data, path, declared)
+    return data, declared
 
 
 def train_mapping(data: dict, experiment: Experiment) -> dict[str, Any]:

@@ -252,19 +252,54 @@ def test_reader_loads_a_hand_written_nerfstudio_scene(tmp_path):
     # PNGs were written BGR with (B, G, R) = (n, 2n, 3n): RGB reads back (3n, 2n, n).
     assert scene.images[:, 0, 0].tolist() == [[3, 2, 1], [6, 4, 2], [30, 20, 10]]
     np.testing.assert_array_equal(scene.camtoworlds[:, 0, 3], [1, 2, 10])
-    np.testing.assert_array_equal(scene.intrinsics, [[10, 0, 4], [0, 11, 3], [0, 0, 1]])
-    np.testing.assert_array_equal(scene.distortion, [0.01, 0, 0, 0])
+    np.testing.assert_array_equal(scene.distortion, [0.01, 0, 0, 0])  # as recorded; the frames are undistorted
+    pinhole, maps = scenes.undistortion(np.array([[10.0, 0, 4], [0, 11, 3], [0, 0, 1]]), scene.distortion, 8, 6)
+    np.testing.assert_array_equal(scene.intrinsics, pinhole)
+    np.testing.assert_allclose(scene.intrinsics, [[10, 0, 4], [0, 11, 3], [0, 0, 1]], atol=0.2)
     assert scene.masks is None and scene.objects is None and "applied_transform" in scene.extra
     lazy = scenes.load_scene(tmp_path, load_images=False)
     assert lazy.images is None and lazy.num_frames == 3
     np.testing.assert_array_equal(lazy.read_images([2]), scene.images[2:])
 
 
+def test_reader_undistorts_an_opencv_camera_like_dl3dvs(tmp_path):
+    """Frames of an OpenCV camera (k1, k2, p1, p2 in transforms.json, as DL3DV records) are read as the
+    pinhole camera of ``Scene.intrinsics`` sees the scene: a smooth pattern of the normalised image plane,
+    distorted by the coefficients, reads back as that pattern at the new camera's pixels."""
+    height, width = 48, 64
+    camera = np.array([[50.0, 0, 31.5], [0, 52.0, 23.5], [0, 0, 1]])
+    distortion = np.array([-0.25, 0.06, 0.002, -0.003])
+
+    def pattern(x, y):  # the scene seen on the normalised plane, values in [40, 215]
+        return 127.5 + 87.5 * np.sin(4.0 * x + 1.0) * np.cos(3.0 * y)
+
+    v, u = np.mgrid[0:height, 0:width].astype(np.float64)
+    plane = cv2.undistortPoints(np.stack([u, v], -1).reshape(-1, 1, 2), camera, distortion).reshape(height, width, 2)
+    distorted = np.repeat(pattern(plane[..., 0], plane[..., 1])[..., None], 3, axis=-1).round().astype(np.uint8)
+    folder = tmp_path / "scene"
+    scenes.write_scene(folder, distorted[None].repeat(2, 0), camera, np.eye(4)[None].repeat(2, 0))
+    meta = json.loads((folder / "transforms.json").read_text())
+    meta.update(dict(zip(("k1", "k2", "p1", "p2"), distortion.tolist())))
+    (folder / "transforms.json").write_text(json.dumps(meta))
+
+    scene = scenes.load_scene(folder)
+    np.testing.assert_allclose(scene.distortion, distortion)
+    assert not np.allclose(scene.intrinsics, camera)  # the pinhole camera of the undistorted frames
+    fx, fy, cx, cy = scene.intrinsics[0, 0], scene.intrinsics[1, 1], scene.intrinsics[0, 2], scene.intrinsics[1, 2]
+    expected = pattern((u - cx) / fx, (v - cy) / fy)
+    inner = (slice(3, -3), slice(3, -3))
+    error = np.abs(scene.images[0, ..., 0].astype(float) - expected)[inner]
+    assert error.mean() < 2.0 and error.max() < 12.0
+    raw = np.abs(distorted[..., 0].astype(float) - expected)[inner]
+    assert raw.mean() > 5 * error.mean()  # the file as stored is far from the pinhole view
+    np.testing.assert_array_equal(scenes.load_scene(folder, load_images=False).read_images([1]), scene.images[1:])
+
+
 def test_reader_uses_a_downsampled_copy_like_dl3dv(tmp_path):
     write_by_hand(tmp_path, images_dir="images_2", size=(3, 4), w=8, h=6)  # listed images/ is absent
     scene = scenes.load_scene(tmp_path)
     assert scene.image_paths[0].parent.name == "images_2" and (scene.height, scene.width) == (3, 4)
-    np.testing.assert_allclose(scene.intrinsics, [[5, 0, 2], [0, 5.5, 1.5], [0, 0, 1]])
+    np.testing.assert_allclose(scene.intrinsics, [[5, 0, 2], [0, 5.5, 1.5], [0, 0, 1]], atol=0.1)  # k1 0.01: undistorted
     (tmp_path / "images_4").mkdir()
     with pytest.raises(SceneError, match=r"several resized copies \['images_2', 'images_4'\]"):
         scenes.load_scene(tmp_path)

@@ -527,7 +527,7 @@ def generate_scene(
 
 @dataclass(eq=False)
 class Scene:
-    """One scene as loaded from disk; intrinsics are those of the images as loaded."""
+    """One scene as loaded from disk; intrinsics are those of the frames as read (undistorted, a pinhole camera)."""
 
     folder: Path
     image_paths: list[Path]
@@ -535,27 +535,53 @@ class Scene:
     camtoworlds: np.ndarray  # [T, 4, 4] OpenGL / nerfstudio camera-to-world
     height: int
     width: int
-    distortion: np.ndarray  # [4] OpenCV k1, k2, p1, p2 (not applied; zero for our scenes)
+    distortion: np.ndarray  # [4] OpenCV k1, k2, p1, p2 as recorded (DL3DV's); frames are read undistorted
     images: np.ndarray | None = None  # [T, H, W, 3] uint8, None when loaded lazily
     mask_paths: list[Path] | None = None
     masks: np.ndarray | None = None  # [T, H, W] object labels, if the scene has masks/ and was loaded eagerly
     objects: list[ObjectBox] | None = None
     room: Room | None = None
     extra: dict = field(default_factory=dict)  # other keys of transforms.json, untouched
+    undistort_maps: tuple[np.ndarray, np.ndarray] | None = None  # cv2.remap maps when distortion is not zero
 
     @property
     def num_frames(self) -> int:
         return len(self.image_paths)
 
     def read_images(self, indices: Sequence[int] | None = None) -> np.ndarray:  # -> [t, H, W, 3] uint8
-        """Read frames (all, or ``indices``) from disk, checking their size."""
-        return _read_all(self.image_paths, indices, False, (self.height, self.width))
+        """Read frames (all, or ``indices``) from disk, checking their size; undistorted (:func:`undistortion`)."""
+        return _undistort(_read_all(self.image_paths, indices, False, (self.height, self.width)),
+                          self.undistort_maps, cv2.INTER_LINEAR)
 
     def read_masks(self, indices: Sequence[int] | None = None) -> np.ndarray:  # -> [t, H, W] labels
         """Read object-label masks (all, or ``indices``) from disk, checking their size."""
         if self.mask_paths is None:
             raise SceneError(f"Scene {self.folder} has no masks/ folder.")
-        return _read_all(self.mask_paths, indices, True, (self.height, self.width))
+        return _undistort(_read_all(self.mask_paths, indices, True, (self.height, self.width)),
+                          self.undistort_maps, cv2.INTER_NEAREST)
+
+
+def undistortion(intrinsics: np.ndarray, distortion: np.ndarray, width: int, height: int
+                 ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """The pinhole camera of the undistorted frames and the ``cv2.remap`` maps that undistort them.
+
+    DL3DV's ``transforms.json`` records an OpenCV camera (``k1, k2, p1, p2``). The frames are resampled
+    to a pinhole camera of the same size whose every pixel sees the scene (``cv2.getOptimalNewCameraMatrix``
+    with ``alpha = 0``, as gsplat's COLMAP parser does before it crops): the border that distortion
+    bends out of the frame is lost, nothing is invented. Zero coefficients: the camera as it is, no maps.
+    """
+    if not np.any(distortion):
+        return intrinsics, None
+    new, _ = cv2.getOptimalNewCameraMatrix(intrinsics, distortion, (width, height), 0, (width, height))
+    maps = cv2.initUndistortRectifyMap(intrinsics, distortion, None, new, (width, height), cv2.CV_32FC1)
+    return new, maps
+
+
+def _undistort(frames: np.ndarray, maps, interpolation: int) -> np.ndarray:  # [t, H, W(, 3)] -> same
+    if maps is None:
+        return frames
+    return np.stack([cv2.remap(frame, maps[0], maps[1], interpolation, borderMode=cv2.BORDER_REPLICATE)
+                     for frame in frames])
 
 
 def _read_all(paths: list[Path], indices, labels: bool, size: tuple[int, int]) -> np.ndarray:
@@ -716,12 +742,14 @@ def load_scene(folder: str | os.PathLike, image_dir: str | None = None, load_ima
         missing = next(p for p in mask_paths if not p.is_file())
         raise SceneNotFoundError(f"{mask_dir} exists but lacks {missing.name}; every frame needs its mask.")
     objects, room = _load_objects(folder / "objects.json")
+    distortion = np.array([camera[key] for key in ("k1", "k2", "p1", "p2")], float)
+    intrinsics, maps = undistortion(intrinsics, distortion, width, height)
     scene = Scene(
         folder=folder, image_paths=image_paths, intrinsics=intrinsics, camtoworlds=camtoworlds,
-        height=height, width=width,
-        distortion=np.array([camera[key] for key in ("k1", "k2", "p1", "p2")], float),
+        height=height, width=width, distortion=distortion,
         mask_paths=mask_paths, objects=objects, room=room,
         extra={key: value for key, value in meta.items() if key not in camera and key != "frames"},
+        undistort_maps=maps,
     )
     if load_images:
         scene.images = scene.read_images()

@@ -253,7 +253,7 @@ def test_reader_loads_a_hand_written_nerfstudio_scene(tmp_path):
     assert scene.images[:, 0, 0].tolist() == [[3, 2, 1], [6, 4, 2], [30, 20, 10]]
     np.testing.assert_array_equal(scene.camtoworlds[:, 0, 3], [1, 2, 10])
     np.testing.assert_array_equal(scene.distortion, [0.01, 0, 0, 0])  # as recorded; the frames are undistorted
-    pinhole, maps = scenes.undistortion(np.array([[10.0, 0, 4], [0, 11, 3], [0, 0, 1]]), scene.distortion, 8, 6)
+    pinhole, _ = scenes.undistortion(np.array([[10.0, 0, 4], [0, 11, 3], [0, 0, 1]]), scene.distortion, 8, 6)
     np.testing.assert_array_equal(scene.intrinsics, pinhole)
     np.testing.assert_allclose(scene.intrinsics, [[10, 0, 4], [0, 11, 3], [0, 0, 1]], atol=0.2)
     assert scene.masks is None and scene.objects is None and "applied_transform" in scene.extra

@@ -48,6 +48,12 @@ repro: install
 
 # The paper's settings (profiles/paper.yaml, every experiment of supplements B and C) become params.yaml;
 # `git checkout params.yaml` returns to the embedded default. The plan is printed: what runs, what must be in place.
+# Table 2's ablation over seeds 0 1 2 (pipeline/ablation.py): every training run, infer and evaluate once per
+# seed, then results/ablation/ablation.md with the mean and spread. Needs a finished `make repro` for the caches.
+.PHONY: ablation
+ablation: install
+	$(PY) -m pipeline.ablation --seeds 0 1 2
+
 .PHONY: profile-paper dry-run
 profile-paper: install
 	cp profiles/paper.yaml params.yaml

@@ -5,25 +5,27 @@ Every later stage decodes with the VAE this stage leaves in ``data/vae/`` (a dif
 the embedded stand-in and with the real thing.
 
 ``source: train`` trains a small ``AutoencoderKLWan`` (same architecture family as Wan 2.1's VAE:
-causal 3D convolutions, feature cache, 1 + 4k frames per latent clip, 8x spatial and 4x temporal
-compression, 16 latent channels; only narrower, ``base_dim`` 8 instead of 96) on random clips and
-crops of the training scenes, with Wan's reconstruction recipe reduced to what fits a CPU budget: an
-L1 loss plus a KL term weighted as in LDM/Wan (no perceptual or adversarial terms). The latent mean
-and standard deviation measured on the training clips are stored in the config as
-``latents_mean`` / ``latents_std``, as Wan's are.
+causal 3D convolutions, feature cache, 1 + 4k frames per latent clip, 4x temporal compression and
+16 latent channels; narrower, ``base_dim`` 16 instead of 96, and 4x spatial compression instead of
+8x in the embedded recipe) on random clips and crops of the training scenes, with Wan's reconstruction
+recipe reduced to what fits a CPU budget: an L1 loss plus a KL term weighted as in LDM/Wan (no
+perceptual or adversarial terms). The latent mean and standard deviation measured on the training
+clips are stored in the config as ``latents_mean`` / ``latents_std``, as Wan's are.
+
+The embedded default does not train here: it loads ``weights/embedded/vae/``, which this stage
+trained with ``profiles/embedded-vae.yaml`` (the command, its time and the hash of its output are in
+``weights/embedded/README.md``). What that recipe learned on the way:
 
 .. warning::
     A freshly initialised small Wan VAE first sits on a plateau near the mean colour (its decoder
     barely depends on the latents), then climbs out. The plateau is longest at high learning rates:
-    overfitting four frames, Adam at 1e-3 stayed on it for a few hundred steps while 1e-4 to 3e-4 left
-    it within about a hundred. On random clips of the embedded scenes the climb is slow, so the
-    embedded default (lr 3e-4, 400 steps, a few CPU minutes) ends near the mean-colour baseline, above
-    or below it depending on the machine (18.2 dB and 15.3 dB against 17.8 dB on two CPUs of the
-    project: the training amplifies floating-point differences between CPU kernels): compare
-    ``test_psnr`` with ``test_psnr_mean_colour`` (each test clip replaced by its own mean colour) in
-    ``metrics/vae.json``. The VAE is then a working causal-cache decoder for the
-    later stages but a weak reconstructor; longer runs (``dvc exp run -S vae.iterations=...``) or real
-    weights (``source: pretrained``) are the way to a better one.
+    at 1.5e-3 the 16-wide VAE was still on it after 600 updates, at 5e-4 it left it within about 400.
+    Training clips must be long: a VAE trained on 5-frame clips reconstructs the first 9 frames of a
+    held-out scene at 21.6 dB but all 33 at 18 dB (its causal cache drifts on frames it never saw in
+    training); 17-frame clips of 32 x 32 pixels cost the same as 5-frame clips of 64 x 64 and do not
+    drift. ``posterior: mode`` (the decoder sees the posterior mean) and a cosine decay are the rest
+    of the recipe. Compare ``test_psnr`` with ``test_psnr_mean_colour`` (each test clip replaced by
+    its own mean colour) in ``metrics/vae.json``.
 
 ``source: pretrained`` copies a local diffusers folder (e.g. the ``vae/`` folder of
 Wan-AI/Wan2.1-T2V-1.3B-Diffusers), loaded with ``local_files_only=True``; no network access.
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +73,9 @@ class Params:
     iterations: int  # optimiser updates
     lr: float  # AdamW peak learning rate
     betas: tuple[float, float]  # AdamW betas (LDM's autoencoders use 0.5, 0.9)
-    warmup_iterations: int  # linear warm-up of the learning rate, then constant
+    warmup_iterations: int  # linear warm-up of the learning rate, then lr_schedule
+    lr_schedule: Literal["constant", "cosine"]  # after warm-up: constant, or cosine decay to 0 at the last update
+    posterior: Literal["sample", "mode"]  # what the decoder sees in training: a posterior sample (LDM/Wan), or its mean
     kl_weight: float  # KL weight against an L1 summed over pixels (Wan/LDM recipe: 1e-6)
     grad_clip: float  # max gradient norm; the first steps of a fresh VAE are spiky
     eval_frames: int  # frames (1 + 4k) of each held-out scene reconstructed for the PSNR
@@ -210,8 +215,11 @@ def train(vae, videos: list[np.ndarray], params: Params) -> list[float]:
     generator = torch.Generator().manual_seed(params.seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=params.lr, betas=params.betas, weight_decay=0.0)
 
-    def lr_factor(step: int) -> float:  # linear warm-up, then constant
-        return min(1.0, (step + 1) / params.warmup_iterations) if params.warmup_iterations else 1.0
+    def lr_factor(step: int) -> float:  # linear warm-up, then constant or cosine decay
+        warm = min(1.0, (step + 1) / params.warmup_iterations) if params.warmup_iterations else 1.0
+        if params.lr_schedule == "cosine":
+            return warm * 0.5 * (1.0 + math.cos(math.pi * step / params.iterations))
+        return warm
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     vae.train()
@@ -219,7 +227,8 @@ def train(vae, videos: list[np.ndarray], params: Params) -> list[float]:
     for step in range(params.iterations):
         clips = sample_clips(videos, params, generator)  # [B, 3, T, H, W]
         posterior = vae.encode(clips).latent_dist
-        recon = vae.decode(posterior.sample(generator=generator)).sample  # [B, 3, T, H, W]
+        latents = posterior.mode() if params.posterior == "mode" else posterior.sample(generator=generator)
+        recon = vae.decode(latents).sample  # [B, 3, T, H, W]
         # L1 and KL both as sums per clip, divided by the pixel count: LDM's / Wan's weighting.
         pixels = clips[0].numel()
         loss = (recon - clips).abs().mean() + params.kl_weight * posterior.kl().mean() / pixels

@@ -111,7 +111,7 @@ def test_duplicate_key_is_an_error(tmp_path):
 
 def test_repo_vae_section_loads():
     params = load_params("vae", vae.Params, REPO / "params.yaml")
-    assert params.source == "train"
+    assert params.source == "pretrained" and params.pretrained_path == "weights/embedded/vae"  # shipped, in git
     assert params.clip_frames % 4 == 1
 
 
@@ -120,15 +120,15 @@ def test_repo_vae_section_loads():
     [
         ({"clip_frames": 8}, "vae.clip_frames must be 1 + 4k"),
         ({"eval_frames": 0}, "vae.eval_frames must be 1 + 4k"),
-        ({"crop": [60, 64]}, "vae.crop must be multiples of the spatial factor 8"),
-        ({"temporal_downsample": [False, True]}, "vae.temporal_downsample needs one entry per downsampling"),
+        ({"crop": [30, 32]}, "vae.crop must be multiples of the spatial factor 4"),
+        ({"temporal_downsample": [False, True, True]}, "vae.temporal_downsample needs one entry per downsampling"),
         ({"warmup_iterations": 10_000}, "vae.warmup_iterations must be in [0, iterations)"),
         ({"source": "download"}, "vae.source must be one of 'train', 'pretrained'"),
         ({"lr": "1e-3x"}, "vae.lr must be a number"),
     ],
 )
 def test_vae_out_of_range(tmp_path, change, message):
-    path = write_yaml(tmp_path / "p.yaml", {"vae": {**repo_section("vae"), **change}})
+    path = write_yaml(tmp_path / "p.yaml", {"vae": {**repo_section("vae"), "source": "train", **change}})
     with pytest.raises(ParamsError) as err:
         load_params("vae", vae.Params, path)
     assert message in str(err.value)

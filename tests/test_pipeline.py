@@ -159,7 +159,7 @@ def test_stage_deps_cover_the_code_they_import():
 TINY = {
     "scenes": {"num_scenes": 3, "num_test_scenes": 1, "frames": 9, "height": 16, "width": 24, "seed": 0,
                "num_objects": 1},
-    "vae": {"base_dim": 4, "z_dim": 4, "dim_mult": [1, 2, 2, 2], "clip_frames": 5, "crop": [16, 16],
+    "vae": {"source": "train", "base_dim": 4, "z_dim": 4, "dim_mult": [1, 2, 2, 2], "clip_frames": 5, "crop": [16, 16],
             "batch_size": 1, "iterations": 2, "warmup_iterations": 1, "eval_frames": 5},
     "masks": {"dilation": 1},
     "degrade": {"scale": 4},  # 16x24 -> 4x6 low-resolution frames
@@ -171,7 +171,8 @@ TINY = {
     "infer": {"max_frames": 5, "warmup_frames": 0, "sample_frames": 5},
     "evaluate": {"metrics": ["psnr", "ssim", "lpips_vgg", "temporal_flickering"], "frames": 0, "model_frames": 2},
     "analysis": {"clips": 1, "locality_frames": 9, "frames": 9, "max_distance": 2, "probes": 1, "d_trunc": [0, 1],
-                 "lpips_frames": 5, "backbone_layers": 1, "resource_frames": [5, 9]},
+                 "lpips_frames": 5, "backbone_layers": 1, "resource_frames": [5, 9], "losses": ["mse", "lpips"],
+                 "weights": "stand_in"},
 }
 # The tiny run's methods per experiment (each run is a process: a few, not the whole matrix).
 TINY_METHODS = {"nvs": ["chopgrad_d1", "latent_mse", "per_frame"], "inpaint_box": ["chopgrad_d1"],
@@ -215,7 +216,7 @@ def stage_names(repo: Path) -> list[str]:
 
 
 COPY = ["dvc.yaml", "params.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", ".gitignore", "stages",
-        "chopgrad", "pipeline"]
+        "chopgrad", "pipeline", "weights"]
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "-c", "commit.gpgsign=false"]
 
 

@@ -16,7 +16,7 @@ from stages.common import scenes, video
 TINY = vae.Params(
     source="train", pretrained_path=None, base_dim=4, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1,
     temporal_downsample=(False, True, True), clip_frames=5, crop=(16, 16), batch_size=1, iterations=3, lr=1e-3,
-    betas=(0.5, 0.9), warmup_iterations=1, kl_weight=1e-6, grad_clip=1.0, eval_frames=9, seed=0,
+    betas=(0.5, 0.9), warmup_iterations=1, lr_schedule="constant", posterior="sample", kl_weight=1e-6, grad_clip=1.0, eval_frames=9, seed=0,
     threads=1,
 )
 
@@ -123,3 +123,65 @@ def test_clear_errors(trained, scene_set, tmp_path):
     with pytest.raises(FileExistsError, match="is not a VAE folder"):
         vae.save_model(None, tmp_path / "precious")
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
+
+
+def test_cosine_schedule_decays_and_mode_trains_on_the_posterior_mean(scene_set):
+    videos = list(vae.load_videos(scene_set, "train").values())
+    params = dataclasses.replace(TINY, lr_schedule="cosine", posterior="mode", iterations=4, warmup_iterations=0)
+    model = vae.build_vae(params)
+    seen = []
+    original = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    torch.optim.AdamW.step = step
+    try:
+        vae.train(model, videos, params)
+    finally:
+        torch.optim.AdamW.step = original
+    assert seen == pytest.approx([params.lr * 0.5 * (1 + np.cos(np.pi * k / 4)) for k in range(4)])
+    # mode: the decoder sees the posterior mean (no noise): the first loss is the mean's L1 + KL
+    sampled = dataclasses.replace(params, posterior="sample")
+    mode_losses = vae.train(vae.build_vae(params), videos, params)
+    assert mode_losses != vae.train(vae.build_vae(sampled), videos, sampled)
+    generator = torch.Generator().manual_seed(params.seed)
+    clips = vae.sample_clips(videos, params, generator)
+    fresh = vae.build_vae(params)
+    posterior = fresh.encode(clips).latent_dist
+    first = (fresh.decode(posterior.mode()).sample - clips).abs().mean() \
+        + params.kl_weight * posterior.kl().mean() / clips[0].numel()
+    assert mode_losses[0] == pytest.approx(first.item(), rel=1e-5)
+
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE_KEYS = ("source", "pretrained_path")  # the only keys where params.yaml and the recipe differ
+
+
+def test_params_name_the_recipe_of_the_shipped_vae():
+    """params.yaml loads weights/embedded/vae; its training keys are profiles/embedded-vae.yaml's, which made it."""
+    from ruamel.yaml import YAML
+
+    shipped = YAML(typ="safe").load((REPO / "params.yaml").read_text())["vae"]
+    recipe = YAML(typ="safe").load((REPO / "profiles/embedded-vae.yaml").read_text())["vae"]
+    assert shipped["source"] == "pretrained" and shipped["pretrained_path"] == "weights/embedded/vae"
+    assert {k: v for k, v in shipped.items() if k not in RECIPE_KEYS} == \
+        {k: v for k, v in recipe.items() if k not in RECIPE_KEYS}
+    config = json.loads((REPO / "weights/embedded/vae/config.json").read_text())
+    assert config["_class_name"] == "AutoencoderKLWan"
+    assert (config["base_dim"], config["z_dim"], config["dim_mult"]) == \
+        (recipe["base_dim"], recipe["z_dim"], recipe["dim_mult"])
+    assert config["temperal_downsample"] == recipe["temporal_downsample"]
+
+
+def test_shipped_weights_are_the_recorded_ones():
+    """weights/embedded/README.md records the sha256 of the file the recipe's command wrote."""
+    import hashlib
+    import re
+
+    readme = (REPO / "weights/embedded/README.md").read_text()
+    recorded = re.search(r"sha256 ([0-9a-f]{64})\s+vae/diffusion_pytorch_model\.safetensors", readme)
+    assert recorded, "weights/embedded/README.md must record the VAE's sha256"
+    data = (REPO / "weights/embedded/vae/diffusion_pytorch_model.safetensors").read_bytes()
+    assert hashlib.sha256(data).hexdigest() == recorded.group(1)

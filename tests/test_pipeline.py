@@ -159,7 +159,8 @@ def test_stage_deps_cover_the_code_they_import():
 TINY = {
     "scenes": {"num_scenes": 3, "num_test_scenes": 1, "frames": 9, "height": 16, "width": 24, "seed": 0,
                "num_objects": 1},
-    "vae": {"source": "train", "base_dim": 4, "z_dim": 4, "dim_mult": [1, 2, 2, 2], "clip_frames": 5, "crop": [16, 16],
+    "vae": {"source": "train", "base_dim": 4, "z_dim": 4, "dim_mult": [1, 2, 2, 2], "temporal_downsample": [False, True, True],
+            "clip_frames": 5, "crop": [16, 16],
             "batch_size": 1, "iterations": 2, "warmup_iterations": 1, "eval_frames": 5},
     "masks": {"dilation": 1},
     "degrade": {"scale": 4},  # 16x24 -> 4x6 low-resolution frames

@@ -13,7 +13,8 @@ clips) and reruns ``infer`` and ``evaluate``; the data stages and the VAE do not
 
 ``results/ablation/ablation.md`` (and ``ablation.json``) then give, per experiment and method, the
 mean and the sample standard deviation over the seeds of each metric, and of the paired differences
-to the reference ``vae_roundtrip`` (where every restorer starts) and to the degraded ``input``: a
+to the reference ``vae_roundtrip`` (where every restorer starts), to ``latent_mse`` (ChopGrad*, the
+latent-only baseline of Table 2) and to the degraded ``input``: a
 method's difference in one seed is taken against the same seed's reference, so the spread of a
 difference is that of the method and not of the reference. ``input`` and ``vae_roundtrip`` do not
 depend on the seed (a check: their spread is 0). A difference whose mean is within one standard
@@ -34,6 +35,7 @@ from pathlib import Path
 __all__ = ["aggregate", "main", "render"]
 
 REFERENCES = ("input", "vae_roundtrip")  # rows that do not depend on train.seed
+BASELINES = (*REFERENCES, "latent_mse")  # paired differences against these (latent_mse: ChopGrad*, Table 2's baseline)
 METRICS = ("psnr", "ssim")  # what the embedded default's tables hold without weight files
 OUT = Path("results/ablation")
 
@@ -68,7 +70,7 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
                 if len(values) != len(per_seed):
                     continue
                 cells[metric] = _stats(values)
-                for reference in REFERENCES:
+                for reference in BASELINES:
                     if method == reference or reference not in methods:
                         continue
                     diffs = [data[name][method][metric] - data[name][reference][metric] for data in per_seed.values()]
@@ -95,14 +97,16 @@ def render(table: dict, seeds: list[int], minutes: dict[int, float] | None = Non
         lines += ["Minutes per seed (dvc repro evaluate): "
                   + ", ".join(f"seed {seed}: {value:.1f}" for seed, value in minutes.items()), ""]
     for name, rows in table.items():
-        header = "| method | PSNR | SSIM | PSNR vs vae_roundtrip | SSIM vs vae_roundtrip | PSNR vs input |"
-        lines += [f"## {name}", "", header, "|---|---|---|---|---|---|"]
+        header = ("| method | PSNR | SSIM | PSNR vs vae_roundtrip | SSIM vs vae_roundtrip | PSNR vs latent_mse "
+                  "| PSNR vs input |")
+        lines += [f"## {name}", "", header, "|---|---|---|---|---|---|---|"]
         order = [m for m in REFERENCES if m in rows] + [m for m in rows if m not in REFERENCES]
         for method in order:
             cells = rows[method]
             lines.append(f"| {method} | {_cell(cells.get('psnr'), 2)} | {_cell(cells.get('ssim'), 4)} "
                          f"| {_cell(cells.get('psnr_vs_vae_roundtrip'), 2, True)} "
                          f"| {_cell(cells.get('ssim_vs_vae_roundtrip'), 4, True)} "
+                         f"| {_cell(cells.get('psnr_vs_latent_mse'), 2, True)} "
                          f"| {_cell(cells.get('psnr_vs_input'), 2, True)} |")
         lines.append("")
     return "\n".join(lines)

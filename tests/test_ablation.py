@@ -70,3 +70,11 @@ def test_set_seed_keeps_the_rest_of_the_file(tmp_path):
     ablation._set_seed(path, 7)
     text = path.read_text()
     assert "seed: 7" in text and "# the seed" in text and "# top comment" in text and "lr: 1.0e-3" in text
+
+
+def test_methods_are_compared_with_latent_mse_seed_by_seed():
+    per_seed = {seed: _seed({"latent_mse": 20.0 + seed, "chopgrad_d1": 20.2 + seed}) for seed in range(3)}
+    table = ablation.aggregate(per_seed)["nvs"]
+    assert table["chopgrad_d1"]["psnr_vs_latent_mse"]["mean"] == pytest.approx(0.2)
+    assert table["chopgrad_d1"]["psnr_vs_latent_mse"]["std"] == pytest.approx(0.0)
+    assert "psnr_vs_latent_mse" not in table["latent_mse"]

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -41,9 +41,8 @@ OUT = Path("results/ablation")
 
 
 def _stats(values: list[float]) -> dict:
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return {"mean": mean, "std": std, "n": len(values)}
+    std = statistics.stdev(values) if len(values) > 1 else 0.0  # sample standard deviation
+    return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
 
 
 def aggregate(per_seed: dict[int, dict]) -> dict:

@@ -2,7 +2,10 @@
 
 Writes ``num_scenes`` scenes in the nerfstudio / DL3DV layout (``transforms.json``, ``images/``,
 plus ``masks/`` and ``objects.json``; see :mod:`stages.common.scenes`) and a ``split.json`` whose
-last ``num_test_scenes`` scenes are held out. Scene ``i`` depends only on ``(seed, i)``, so adding
+last ``num_test_scenes`` scenes are held out; and the same scenes as object-masked videos in ROVI's
+layout (``rovi/``: :mod:`stages.common.rovi`), which ``masks`` reads with the reader real ROVI takes;
+and each room filmed again along a level drive as a Waymo Open Dataset v2 segment (``waymo/training/``,
+``waymo/validation/``: :mod:`stages.common.waymo`), the source of ``masks``' Waymo-Bbox pairs. Scene ``i`` depends only on ``(seed, i)``, so adding
 scenes leaves the existing ones byte-identical. Sample videos (frames next to their object labels)
 and a metrics JSON go to ``--plots`` and ``--metrics``, by default inside the output folder.
 
@@ -22,7 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from stages.common import cli, scenes, video
+from stages.common import cli, rovi, scenes, video, waymo
 
 log = logging.getLogger("stages.scenes")
 
@@ -40,6 +43,9 @@ class Params:
     width: int  # frame width, pixels
     seed: int  # scene i is drawn from (seed, i)
     num_objects: int  # labelled boxes per scene
+    rovi_frames: int  # frames per video of the ROVI-layout copy in <out>/rovi/ (0: none written)
+    rovi_stride: int  # its frames are every rovi_stride-th frame of the scene (YouTube-VOS keeps every fifth)
+    waymo_frames: int  # frames per Waymo v2 segment in <out>/waymo/ (a level drive through each room; 0: none)
 
     def __post_init__(self):
         for name, value in vars(self).items():
@@ -57,6 +63,11 @@ class Params:
                              f"got {self.height}x{self.width}")
         if self.seed < 0:
             raise ValueError(f"scenes.seed must be >= 0, got {self.seed}")
+        if self.rovi_frames < 0 or self.rovi_stride < 1 or (self.rovi_frames - 1) * self.rovi_stride >= self.frames:
+            raise ValueError(f"scenes.rovi_frames ({self.rovi_frames}, >= 0) frames every rovi_stride "
+                             f"({self.rovi_stride}, >= 1) frames must fit in the {self.frames} frames of a scene")
+        if self.waymo_frames < 0:
+            raise ValueError(f"scenes.waymo_frames must be >= 0 (0: no Waymo segments), got {self.waymo_frames}")
         if not 0 <= self.num_objects <= MAX_OBJECTS:
             raise ValueError(f"scenes.num_objects must be in [0, {MAX_OBJECTS}], got {self.num_objects}")
 
@@ -75,6 +86,104 @@ def label_colours(labels: np.ndarray) -> np.ndarray:  # [T, H, W] -> [T, H, W, 3
     hsv = np.stack([hues, np.full(255, 200), np.full(255, 255)], axis=-1).astype(np.uint8)[None]
     palette[1:] = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0]
     return palette[labels]
+
+
+def rovi_videos(build: Path, renders: dict[str, scenes.Render], splits: dict[str, str],
+                params: Params) -> list[rovi.RoviVideo]:
+    """Each scene as a ROVI video: its first ``rovi_frames`` frames ``rovi_stride`` apart, the object labels
+    as ids, and per visible object the expression "the <name>" (``astronaut_box_2``: "the astronaut box 2")."""
+    keep = slice(0, params.rovi_frames * params.rovi_stride, params.rovi_stride)
+    videos = []
+    for name, render in renders.items():
+        ids = render.labels[keep]
+        visible = set(np.unique(ids).tolist())
+        objects = scenes.load_scene(build / name, load_images=False).objects or []
+        expressions = {box.label: "the " + box.name.replace("_", " ") for box in objects if box.label in visible}
+        if expressions:  # a video whose objects never enter the kept frames has nothing to inpaint
+            videos.append(rovi.RoviVideo(name, splits[name], render.images[keep], ids, expressions))
+    return videos
+
+
+WAYMO_SPLITS = {"train": "training", "test": "validation"}  # the release's split folders
+WAYMO_START_MICROS = 1_552_440_195_000_000  # the first frame's timestamp; frames are 100 ms apart (10 Hz)
+CAMERA_HEIGHT = 1.0  # metres above the floor: the front camera of the embedded segments
+ROOM_TO_WAYMO = np.array([[1.0, 0, 0], [0, 0, -1], [0, 1, 0]])  # room (y up) -> Waymo world (z up)
+WAYMO_CAMERA_IN_GL = np.array([[0.0, -1, 0], [0, 0, 1], [-1, 0, 0]])  # Waymo camera axes in OpenGL camera axes
+
+
+def _homogeneous(rotation: np.ndarray, translation=(0.0, 0.0, 0.0)) -> np.ndarray:  # -> [4, 4]
+    matrix = np.eye(4)
+    matrix[:3, :3], matrix[:3, 3] = rotation, translation
+    return matrix
+
+
+def camera_boxes(labels: np.ndarray, objects: list) -> list[dict[int, tuple]]:  # [T, H, W] -> per frame
+    """Per frame, each visible object's tight 2D box over its label pixels: ``label -> ((u, v), (w, h))``
+    in Waymo's pixel units (pixel ``i`` spans ``[i, i + 1)``)."""
+    out = []
+    for frame in labels:
+        boxes = {}
+        for box in objects:
+            rows, cols = np.nonzero(frame == box.label)
+            if len(rows):
+                u0, u1, v0, v1 = cols.min(), cols.max() + 1, rows.min(), rows.max() + 1
+                boxes[box.label] = (((u0 + u1) / 2, (v0 + v1) / 2), (float(u1 - u0), float(v1 - v0)))
+        out.append(boxes)
+    return out
+
+
+def waymo_segment(render: scenes.Render, camtoworlds: np.ndarray, intrinsics: np.ndarray, objects: list,
+                  camera_height: float = CAMERA_HEIGHT) -> tuple[list[waymo.Frame], list[waymo.CameraCalibration]]:
+    """A level drive as a Waymo v2 segment of one FRONT camera, in the data set's frames and units.
+
+    World: the room turned so that +z is up (``ROOM_TO_WAYMO``). Vehicle: on the floor below the camera,
+    +x forward, +y left, +z up; the camera sits ``camera_height`` above its origin with the vehicle's
+    axes (Waymo camera axes), so the extrinsic is one constant translation. 3D boxes: every object in every
+    frame (the data set labels objects out of the camera's view too), in the vehicle frame of that frame,
+    size (length, width, height) = the box's (x, z, y) extents, heading about +z. 2D boxes: the objects
+    seen in the frame, tight around their pixels. Ids are the object names (laser) and ``cam-`` + name.
+    """
+    height, width = render.images.shape[1:3]
+    camera = waymo.CameraCalibration(
+        name=waymo.CameraName.FRONT, intrinsics=np.asarray(intrinsics, float), distortion=np.zeros(5),
+        camera_to_vehicle=_homogeneous(np.eye(3), (0.0, 0.0, camera_height)), width=width, height=height)
+    world_from_gl = _homogeneous(ROOM_TO_WAYMO) @ camtoworlds @ _homogeneous(WAYMO_CAMERA_IN_GL)  # [T, 4, 4]
+    world_from_vehicle = world_from_gl @ np.linalg.inv(camera.camera_to_vehicle)
+    if not np.allclose(world_from_vehicle[:, 2, :3], [0, 0, 1], atol=1e-9):
+        raise scenes.SceneError("waymo_segment: the camera path is not level; a Waymo vehicle frame turns only "
+                                "about +z (use scenes.make_drive).")
+    boxes_2d = camera_boxes(render.labels, objects)
+    frames = []
+    for t, pose in enumerate(world_from_vehicle):
+        vehicle_yaw = np.arctan2(pose[1, 0], pose[0, 0])
+        vehicle_from_world = np.linalg.inv(pose)
+        boxes_3d = []
+        for box in objects:
+            center = vehicle_from_world @ np.append(ROOM_TO_WAYMO @ np.asarray(box.center), 1.0)
+            heading = (box.yaw - vehicle_yaw + np.pi) % (2 * np.pi) - np.pi
+            boxes_3d.append(waymo.Box3d(box.name, waymo.BoxType.TYPE_VEHICLE, tuple(center[:3].tolist()),
+                                        (box.size[0], box.size[2], box.size[1]), float(heading)))
+        names = {box.label: box.name for box in objects}
+        frames.append(waymo.Frame(
+            timestamp_micros=WAYMO_START_MICROS + 100_000 * t, world_from_vehicle=pose,
+            images={waymo.CameraName.FRONT: render.images[t]}, boxes_3d=boxes_3d,
+            boxes_2d={waymo.CameraName.FRONT: [waymo.Box2d(f"cam-{names[label]}", waymo.BoxType.TYPE_VEHICLE,
+                                                           center, size)
+                                               for label, (center, size) in boxes_2d[t].items()]}))
+    return frames, [camera]
+
+
+def write_drives(build: Path, names: dict[str, str], params: Params) -> int:
+    """Film each room along a level drive and write it as a Waymo v2 segment; returns the camera boxes written."""
+    count = 0
+    for index, (name, split) in enumerate(names.items()):
+        render, camtoworlds, intrinsics, spec = scenes.render_drive(
+            seed=[params.seed, index], frames=params.waymo_frames, height=params.height, width=params.width,
+            num_objects=params.num_objects, camera_height=CAMERA_HEIGHT)
+        frames, cameras = waymo_segment(render, camtoworlds, intrinsics, spec.objects)
+        waymo.write_segment(build / "waymo", WAYMO_SPLITS[split], name, frames, cameras)
+        count += sum(len(f.boxes_2d[waymo.CameraName.FRONT]) for f in frames)
+    return count
 
 
 def _metrics(renders: dict[str, scenes.Render], params: Params, num_train: int) -> dict:
@@ -122,10 +231,20 @@ def run(params: Params, out_dir: str | Path, metrics_path: str | Path | None = N
                 width=params.width, num_objects=params.num_objects)
             log.info("%s: %d frames in %.1f s", name, params.frames, time.perf_counter() - started)
         scenes.write_split(build, train, test)
+        videos = rovi_videos(build, renders, {**dict.fromkeys(train, "train"), **dict.fromkeys(test, "test")},
+                             params) if params.rovi_frames else []
+        if videos:
+            rovi.write_rovi(build / "rovi", videos)
+        splits = {**dict.fromkeys(train, "train"), **dict.fromkeys(test, "test")}
+        camera_box_count = write_drives(build, splits, params) if params.waymo_frames else 0
         for name in samples:
             frames = np.concatenate([renders[name].images, label_colours(renders[name].labels)], axis=2)
             video.write_video(plots_build / f"{name}.mp4", frames, fps=VIDEO_FPS)
         metrics = _metrics(renders, params, len(train))
+        metrics["rovi_videos"] = len(videos)
+        metrics["rovi_objects"] = sum(len(v.expressions) for v in videos)
+        metrics["waymo_segments"] = params.num_scenes if params.waymo_frames else 0
+        metrics["waymo_camera_boxes"] = camera_box_count
     video.write_json(metrics_path, metrics)  # once the set is in place, wherever the file lies
     log.info("wrote %d scenes (%d test) to %s", params.num_scenes, len(test), out_dir)
     return {"metrics": metrics, "videos": [plots_dir / f"{name}.mp4" for name in samples],

@@ -46,7 +46,8 @@ def write_yaml(path: Path, data: dict) -> None:
 # Reruns: every stage's outputs byte for byte, as DVC hashes them
 
 TINY = {  # the tiny pipeline of test_pipeline.py, with train cut to two methods and no network losses
-    "scenes": {"num_scenes": 3, "num_test_scenes": 1, "frames": 9, "height": 16, "width": 24, "num_objects": 1},
+    "scenes": {"num_scenes": 3, "num_test_scenes": 1, "frames": 9, "height": 16, "width": 24, "num_objects": 1,
+               "rovi_frames": 9, "rovi_stride": 1, "waymo_frames": 9},
     "vae": {"source": "train", "base_dim": 4, "z_dim": 4, "dim_mult": [1, 2, 2, 2], "temporal_downsample": [False, True, True],
             "clip_frames": 5, "crop": [16, 16],
             "batch_size": 1, "iterations": 2, "warmup_iterations": 1, "eval_frames": 5},

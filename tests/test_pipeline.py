@@ -158,7 +158,8 @@ def test_stage_deps_cover_the_code_they_import():
 
 TINY = {
     "scenes": {"num_scenes": 3, "num_test_scenes": 1, "frames": 9, "height": 16, "width": 24, "seed": 0,
-               "num_objects": 1},
+               "num_objects": 1,
+               "rovi_frames": 9, "rovi_stride": 1, "waymo_frames": 9},
     "vae": {"source": "train", "base_dim": 4, "z_dim": 4, "dim_mult": [1, 2, 2, 2], "temporal_downsample": [False, True, True],
             "clip_frames": 5, "crop": [16, 16],
             "batch_size": 1, "iterations": 2, "warmup_iterations": 1, "eval_frames": 5},
@@ -177,13 +178,16 @@ TINY = {
 }
 # The tiny run's methods per experiment (each run is a process: a few, not the whole matrix).
 TINY_METHODS = {"nvs": ["chopgrad_d1", "latent_mse", "per_frame"], "inpaint_box": ["chopgrad_d1"],
-                "inpaint_objects": ["latent_mse"], "driving": ["latent_mse"], "sr": ["chopgrad_d1", "per_frame"]}
+                "inpaint_objects": ["latent_mse"], "inpaint_rovi": ["chopgrad_d1"], "driving": ["latent_mse"],
+                "sr": ["chopgrad_d1", "per_frame"]}
 # Files each stage must leave in the tiny run (stage name: paths relative to the repo).
 PRODUCED = {
-    "scenes": ["data/scenes/split.json", "metrics/scenes.json"],
+    "scenes": ["data/scenes/split.json", "metrics/scenes.json", "data/scenes/rovi/train.json",
+               "data/scenes/waymo/validation/camera_image/scene_002.parquet"],
     "vae": ["data/vae/config.json", "data/vae/diffusion_pytorch_model.safetensors", "metrics/vae.json",
             "plots/vae/training_curve.png", "plots/vae/reconstruction.png", "plots/vae/reconstruction.mp4"],
-    "masks": ["data/masks/inpaint_box/pairs.json", "data/masks/inpaint_objects/pairs.json", "metrics/masks.json",
+    "masks": ["data/masks/inpaint_box/pairs.json", "data/masks/inpaint_objects/pairs.json",
+              "data/masks/inpaint_rovi/pairs.json", "metrics/masks.json",
               "plots/masks/inpaint_box_scene_000.mp4", "plots/masks/inpaint_objects_scene_002.mp4"],
     "degrade": ["data/degrade/sr/pairs.json", "metrics/degrade.json", "plots/degrade/sr_scene_000.mp4",
                 "plots/degrade/sr_scene_002.mp4"],

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stages import scenes as stage
-from stages.common import scenes, video
+from stages.common import rovi, scenes, video, waymo
 from stages.common.scenes import ObjectBox, Room, SceneError, SceneSpec
 
 TINY = {"frames": 4, "height": 20, "width": 28, "num_objects": 2, "texture_size": 32}
@@ -373,7 +373,7 @@ def test_split_round_trip_and_errors(tmp_path):
 # The stage.
 
 PARAMS = {"num_scenes": 3, "num_test_scenes": 1, "frames": 3, "height": 16, "width": 24, "seed": 5,
-          "num_objects": 2}
+          "num_objects": 2, "rovi_frames": 2, "rovi_stride": 2, "waymo_frames": 3}
 
 
 def test_stage_writes_a_loadable_set_and_replaces_it_atomically(tmp_path, monkeypatch):
@@ -386,6 +386,14 @@ def test_stage_writes_a_loadable_set_and_replaces_it_atomically(tmp_path, monkey
     assert video.read_video(result["videos"][0]).shape == (3, 16, 48, 3)  # frames beside their labels
     for name in ("scene_000", "scene_001", "scene_002"):
         assert scenes.load_scene(out / name).images.shape == (3, 16, 24, 3)
+    clips = rovi.load_rovi(out / "rovi")  # the ROVI-layout copy: frames 0 and 2, labels as object ids
+    assert clips and result["metrics"]["rovi_objects"] == len(clips)
+    for clip in clips:
+        scene = scenes.load_scene(out / clip.name.rsplit("_obj", 1)[0])
+        label = int(clip.name.rsplit("_obj", 1)[1])
+        np.testing.assert_array_equal(clip.mask, scene.read_masks([0, 2]) == label)
+        assert clip.prompt == "the " + next(o.name for o in scene.objects if o.label == label).replace("_", " ")
+        assert clip.split == ("test" if clip.name.startswith("scene_002") else "train")
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*.png")}
 
     def broken(folder, **kwargs):  # the second scene of a rerun fails
@@ -414,6 +422,7 @@ def test_stage_writes_a_loadable_set_and_replaces_it_atomically(tmp_path, monkey
     ({"height": 4}, r"height and scenes.width must be in \[8, 4096\]"),
     ({"seed": -1}, "seed must be >= 0"),
     ({"num_objects": 20}, r"num_objects must be in \[0, 8\]"),
+    ({"rovi_frames": 3}, "rovi_frames .* must fit in the 3 frames"),
     ({"frames": 2.5}, "frames must be an integer"),
 ])
 def test_stage_params_are_validated(change, match):
@@ -452,3 +461,54 @@ def test_stage_main_parses_argv_loads_params_and_logs(tmp_path, monkeypatch):
     assert logged["videos"] == ["scene_000.mp4", "scene_002.mp4"]
     assert logged["artifacts"] == ["split.json", "metrics.json"]
     assert scenes.load_split(tmp_path / "out")["test"] == ["scene_002"]
+
+
+def project_waymo(points: np.ndarray, camera) -> np.ndarray:  # [N, 3] camera frame -> [N, 2] pixels
+    """Waymo's pinhole projection (camera_model.cc, no distortion): (x, y, z) -> (-y / x, -z / x) -> pixels."""
+    normalised = np.stack([-points[:, 1] / points[:, 0], -points[:, 2] / points[:, 0]], axis=1)
+    return normalised * np.diag(camera.intrinsics)[:2] + camera.intrinsics[:2, 2]
+
+
+def test_stage_writes_each_room_as_a_waymo_segment_whose_boxes_match_its_pixels(tmp_path):
+    params = stage.Params(**{**PARAMS, "frames": 3, "waymo_frames": 6, "num_objects": 3, "height": 32, "width": 48})
+    out = tmp_path / "scenes"
+    result = stage.run(params, out)
+    root = out / "waymo"
+    assert waymo.list_segments(root, "training") == ["scene_000", "scene_001"]
+    assert waymo.list_segments(root, "validation") == ["scene_002"]
+    segment = waymo.read_segment(root, "validation", "scene_002")
+    assert segment.num_frames == 6 and np.all(np.diff(segment.timestamps_micros) == 100_000)  # 10 Hz
+    objects = scenes.load_scene(out / "scene_002", load_images=False).objects  # the same room
+    render, _, _, _ = scenes.render_drive(seed=[5, 2], frames=6, height=32, width=48, num_objects=3)
+    assert np.abs(segment.read_images().astype(int) - render.images).mean() < 3  # JPEG of the same frames
+    assert result["metrics"]["waymo_camera_boxes"] >= sum(len(b) for b in segment.boxes_2d)
+    vehicle_from_camera = segment.camera.camera_to_vehicle
+    seen = tight = 0
+    for t in range(segment.num_frames):
+        pose = segment.world_from_vehicle[t]
+        assert np.allclose(pose[2, :3], [0, 0, 1]) and np.isclose((pose @ vehicle_from_camera)[2, 3], 1.0)
+        assert sorted(b.object_id for b in segment.boxes_3d[t]) == sorted(o.name for o in objects)
+        for box in segment.boxes_3d[t]:  # the world box is the room's box: same centre and up axis
+            world = pose @ np.append(box.center, 1.0)
+            room = next(o for o in objects if o.name == box.object_id)
+            np.testing.assert_allclose(world[:3], [room.center[0], -room.center[2], room.center[1]], atol=1e-9)
+            assert box.size == (room.size[0], room.size[2], room.size[1])
+        for box2d in segment.boxes_2d[t]:  # its 3D box projects onto (a superset of) its pixels' box
+            box = next(b for b in segment.boxes_3d[t] if "cam-" + b.object_id == box2d.object_id)
+            c, s = np.cos(box.heading), np.sin(box.heading)
+            signs = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], float) / 2
+            local = signs * box.size
+            corners = local @ np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]).T + box.center  # vehicle frame
+            in_camera = (np.linalg.inv(vehicle_from_camera) @ np.c_[corners, np.ones(8)].T).T[:, :3]
+            if (in_camera[:, 0] <= 0.1).any():
+                continue  # partly behind the camera: its projection is unbounded
+            uv = project_waymo(in_camera, segment.camera)
+            (u, v), (w, h) = box2d.center, box2d.size
+            assert uv[:, 0].min() <= u - w / 2 + 1 and uv[:, 0].max() >= u + w / 2 - 1
+            assert uv[:, 1].min() <= v - h / 2 + 1 and uv[:, 1].max() >= v + h / 2 - 1
+            seen += 1
+            size = (segment.camera.width, segment.camera.height)
+            inside = uv.min() >= -1 and (uv.max(axis=0) <= np.add(size, 1)).all()
+            projected = np.clip([*uv.min(axis=0), *uv.max(axis=0)], 0, [*size, *size])
+            tight += inside and np.allclose(projected, [u - w / 2, v - h / 2, u + w / 2, v + h / 2], atol=1.5)
+    assert seen > 0 and tight > 0  # wholly in view (and not hidden): the pixels' box is the projected box

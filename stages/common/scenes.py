@@ -247,6 +247,35 @@ def make_trajectory(spec: SceneSpec, rng: np.random.Generator, frames: int) -> n
                      "use fewer objects.")
 
 
+def make_drive(spec: SceneSpec, rng: np.random.Generator, frames: int, camera_height: float = 1.0) -> np.ndarray:
+    """A driving-like path: a level camera (no pitch, no roll) at ``camera_height`` metres circling the
+    objects on an ellipse and looking at a target drifting near the room's centre, at its own height.
+
+    A level camera keeps the vehicle frame of a Waymo segment upright (boxes turn only about +z), and a
+    constant height keeps its camera-to-vehicle extrinsic constant, as the data set's are.
+
+    Returns:
+        ``[T, 4, 4]`` OpenGL camera-to-world matrices.
+
+    Raises:
+        SceneError: no sampled path keeps 0.3 m away from every object.
+    """
+    x_size, _, z_size = spec.room.size
+    s = np.linspace(0.0, 1.0, frames)[:, None]  # [T, 1]
+    for _ in range(100):
+        radii = rng.uniform(0.62, 0.78, 2) * np.array([x_size, z_size]) / 2
+        angle = rng.uniform(0, 2 * np.pi) + rng.choice([-1, 1]) * rng.uniform(0.3, 0.6) * 2 * np.pi * s
+        eye = np.concatenate([radii[0] * np.cos(angle), np.full_like(s, camera_height),
+                              radii[1] * np.sin(angle)], axis=1)  # [T, 3]
+        phase = rng.uniform(0, 2 * np.pi, 2)
+        target = np.concatenate([0.4 * np.sin(2 * np.pi * s + phase[0]), np.full_like(s, camera_height),
+                                 0.4 * np.cos(2 * np.pi * s + phase[1])], axis=1)
+        if all(_box_distance(box, eye).min() > 0.3 for box in spec.objects):
+            return look_at(eye, target)
+    raise SceneError(f"No level camera path clears the objects of a room of size {spec.room.size}; "
+                     "use fewer objects.")
+
+
 def _box_distance(box: ObjectBox, points: np.ndarray) -> np.ndarray:  # [N, 3] -> [N], 0 inside
     local = (points - np.asarray(box.center)) @ box.rotation  # [N, 3]
     return np.linalg.norm(np.maximum(np.abs(local) - np.asarray(box.size) / 2, 0.0), axis=-1)
@@ -523,6 +552,32 @@ def generate_scene(
     result = render(spec, intrinsics, camtoworlds, height, width, supersample)
     write_scene(folder, result.images, intrinsics, camtoworlds, result.labels, spec.objects, spec.room)
     return result
+
+
+def render_drive(
+    *,
+    seed: int | Sequence[int],
+    frames: int,
+    height: int = 64,
+    width: int = 96,
+    num_objects: int = 3,
+    fov_deg: float = 70.0,
+    supersample: int = 2,
+    texture_size: int = 128,
+    camera_height: float = 1.0,
+) -> tuple[Render, np.ndarray, np.ndarray, SceneSpec]:
+    """Film the room of :func:`generate_scene` (same ``seed``, same room and objects) along a level
+    driving-like path (:func:`make_drive`); nothing is written.
+
+    Returns:
+        ``(render, camtoworlds [T, 4, 4] OpenGL, intrinsics [3, 3], spec)``.
+    """
+    rng = np.random.default_rng(seed)
+    spec = make_spec(rng, num_objects, texture_size)
+    drive_rng = np.random.default_rng([*np.atleast_1d(seed).tolist(), 1])  # the scene's own path stays as it was
+    camtoworlds = make_drive(spec, drive_rng, frames, camera_height)
+    intrinsics = make_intrinsics(height, width, fov_deg)
+    return render(spec, intrinsics, camtoworlds, height, width, supersample), camtoworlds, intrinsics, spec
 
 
 @dataclass(eq=False)

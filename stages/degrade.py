@@ -15,22 +15,24 @@ sequence, so it stays temporally consistent; the noise itself is drawn per frame
 HR frames are centre-cropped to multiples of ``scale`` first. The pair's ``lowres`` is the LR
 video, its ``input`` that video upsampled bicubically to the HR size, its ``target`` the HR video.
 
-With ``vsr_path`` set, the test pairs come instead from a public VSR test set in the folder-of-frames
-layout (UDM10, SPMCS, YouHQ40 as DOVE ships them: ``<root>/GT/<video>/*.png`` and
-``<root>/LQ/<video>/*.png``; see :func:`iter_vsr_set`); the training pairs stay the degraded scenes.
+With ``train_videos`` set, the training pairs are DOVE's training videos (a ``videos.txt`` list,
+:mod:`stages.common.vsr`) degraded the same way, instead of the train scenes of ``--scenes``. Each test
+set of ``vsr_sets`` (DOVE's layout: ``<set>/GT/<video>/*.png``, ``<set>/LQ/<video>/*.png``; UDM10,
+SPMCS, YouHQ40, RealVSR, MVSR4x) becomes a test-only pairs folder ``<test-sets>/<label>/``, which an
+experiment's ``test_sets`` scores as rows of their own.
 
     python -m stages.degrade --params params.yaml --scenes data/scenes --out data/degrade/sr \
-        --metrics metrics/degrade.json --plots plots/degrade
+        --test-sets data/degrade/test_sets --metrics metrics/degrade.json --plots plots/degrade
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 import tempfile
 import time
 import zlib
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,14 +42,13 @@ import imageio_ffmpeg
 import numpy as np
 from tqdm import tqdm
 
-from stages.common import cli, measure, pairs, scenes, video
+from stages.common import cli, measure, pairs, scenes, video, vsr
 
 log = logging.getLogger("stages.degrade")
 
 STAGE = "degrade"
 FPS = 24  # the pairs' playback rate (docs/interfaces.md); also the rate the compressor sees
 INTERPOLATIONS = {"area": cv2.INTER_AREA, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
-LQ_DIRS = ("LQ", "BIx4", "BDx4")  # DOVE's test sets; mmagic's UDM10 / SPMCS (bicubic, blur-downsampled)
 
 
 class DegradeError(ValueError):
@@ -73,8 +74,9 @@ class Params:
     poisson_scale2: Range  # second-order (Real-ESRGAN: 0.05..2.5)
     crf: tuple[int, int]  # libx264 constant rate factor range, one drawn per scene (higher: blockier)
     seed: int  # scene s is degraded with draws from (seed, crc32(s))
-    vsr_path: str | None  # a VSR test set (<root>/GT/<video>/*.png, <root>/LQ/...): the test pairs; or null
-    vsr_lq_dir: str | None  # its low-quality folder name; null: the one of LQ, BIx4, BDx4 present
+    train_videos: str | None  # a DOVE training folder (videos.txt + the videos): the train pairs; null: --scenes' train
+    vsr_sets: dict[str, str]  # label -> a VSR test set in DOVE's layout (GT/, LQ/): a test-only pairs folder each
+    vsr_lq_dir: str | None  # their low-quality folder name; null: the one of LQ, BIx4, BDx4 present
 
     def __post_init__(self):
         if not 1 <= self.scale <= 16:
@@ -100,8 +102,12 @@ class Params:
         if self.seed < 0:
             raise ValueError(f"degrade.seed must be >= 0, got {self.seed}")
         if self.vsr_lq_dir is not None and Path(self.vsr_lq_dir).name != self.vsr_lq_dir:
-            raise ValueError(f"degrade.vsr_lq_dir must be a folder name inside vsr_path (e.g. LQ), "
+            raise ValueError(f"degrade.vsr_lq_dir must be a folder name inside each test set (e.g. LQ), "
                              f"got {self.vsr_lq_dir!r}")
+        bad = [label for label in self.vsr_sets if not re.fullmatch(r"[A-Za-z0-9_]+", label)]
+        if bad:
+            raise ValueError(f"degrade.vsr_sets: labels {bad} must be letters, digits and _ (they name folders "
+                             "and table rows), e.g. {UDM10: data/external/vsr/UDM10}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -259,81 +265,6 @@ def crop_to_multiple(frames: np.ndarray, scale: int) -> np.ndarray:  # [T, H, W,
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Public VSR test sets: <root>/GT/<video>/*.png and <root>/LQ/<video>/*.png
-
-
-@dataclass(frozen=True)
-class VsrVideo:
-    name: str
-    gt: Path  # folder of HR frames
-    lq: Path  # folder of LR frames
-
-
-def index_vsr_set(root: str | Path, lq_dir: str | None, scale: int) -> list[VsrVideo]:
-    """Check a VSR test set's layout (names, frame counts, sizes against ``scale``) without reading it all.
-
-    Raises:
-        DegradeError: no GT/ or LQ folder (or several LQ candidates), videos only on one side, frame
-            counts that differ, or frame sizes where GT != LQ x ``scale``.
-    """
-    root = Path(root)
-    if not (root / "GT").is_dir():
-        raise DegradeError(f"degrade.vsr_path: {root} has no GT/ folder; a VSR test set holds GT/<video>/*.png "
-                           "and LQ/<video>/*.png (DOVE's UDM10, SPMCS, YouHQ40).")
-    if lq_dir is None:
-        found = [name for name in LQ_DIRS if (root / name).is_dir()]
-        if len(found) != 1:
-            raise DegradeError(f"degrade.vsr_path: {root} holds {found or 'none'} of the low-quality folders "
-                               f"{list(LQ_DIRS)}; set degrade.vsr_lq_dir to the one to use.")
-        lq_dir = found[0]
-    elif not (root / lq_dir).is_dir():
-        raise DegradeError(f"degrade.vsr_lq_dir: {root / lq_dir} is not a folder.")
-    gt_names = {p.name for p in (root / "GT").iterdir() if p.is_dir() and not p.name.startswith(".")}
-    lq_names = {p.name for p in (root / lq_dir).iterdir() if p.is_dir() and not p.name.startswith(".")}
-    if gt_names != lq_names or not gt_names:
-        raise DegradeError(f"{root}: GT/ and {lq_dir}/ must hold the same video folders; only in GT: "
-                           f"{sorted(gt_names - lq_names)}, only in {lq_dir}: {sorted(lq_names - gt_names)}.")
-    videos = []
-    for name in sorted(gt_names):
-        entry = VsrVideo(name, root / "GT" / name, root / lq_dir / name)
-        try:
-            gt, lq = video.list_frames(entry.gt), video.list_frames(entry.lq)
-            gt_size, lq_size = video.read_image(gt[0]).shape[:2], video.read_image(lq[0]).shape[:2]
-        except video.MediaError as error:
-            raise DegradeError(f"{root}: video {name!r}: {error}") from error
-        try:  # paired by name, not position: a frame missing on one side must not shift the others
-            video.match_frames({"GT": entry.gt, lq_dir: entry.lq})
-        except video.MediaError as error:
-            what = (f"mismatched frame counts: {len(gt)} GT frames but {len(lq)} {lq_dir} frames"
-                    if len(gt) != len(lq) else "mismatched frame names")
-            raise DegradeError(f"{root}: video {name!r} has {what}; {error} Every HR frame needs its LR "
-                               "frame.") from error
-        if gt_size != (lq_size[0] * scale, lq_size[1] * scale):
-            raise DegradeError(f"{root}: video {name!r}: GT frames are {gt_size[1]}x{gt_size[0]}, {lq_dir} frames "
-                               f"{lq_size[1]}x{lq_size[0]}; with degrade.scale {scale} GT must be exactly {scale}x "
-                               "the LR size (scale not dividing: set degrade.scale to the set's factor).")
-        videos.append(entry)
-    return videos
-
-
-def iter_vsr_set(root: str | Path, lq_dir: str | None, scale: int) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-    """A VSR test set in the folder-of-frames layout, one video at a time (they need not fit in memory).
-
-    Frames are ``*.png`` in natural order, GT and LR paired by name. The whole layout is checked first
-    (:func:`index_vsr_set`).
-
-    Yields:
-        ``(video, gt [T, H, W, 3], lq [T, H/s, W/s, 3])``, uint8, videos in name order.
-    """
-    for entry in index_vsr_set(root, lq_dir, scale):
-        try:
-            gt, lq = video.read_frames(entry.gt), video.read_frames(entry.lq)
-        except video.MediaError as error:
-            raise DegradeError(f"{root}: video {entry.name!r}: {error}") from error
-        yield entry.name, gt, lq
-
-
-# ----------------------------------------------------------------------------------------------------------
 # The stage
 
 
@@ -351,59 +282,93 @@ def _check_scenes(scenes_dir: Path, scale: int, splits: tuple[str, ...]) -> list
     return checked
 
 
+def _train_videos(params: Params) -> list[tuple[str, Path]]:
+    """(name, path) of every DOVE training video, each probed (size against the scale) before any work."""
+    listed = []
+    for path in vsr.read_video_list(params.train_videos):
+        try:
+            info = video.probe_video(path)
+        except video.MediaError as error:
+            raise DegradeError(f"{path} (listed in {Path(params.train_videos) / vsr.VIDEO_LIST}) is not a "
+                               f"readable video: {error}") from error
+        if info.height < params.scale or info.width < params.scale:
+            raise DegradeError(f"{path} is {info.width}x{info.height}, smaller than degrade.scale {params.scale}.")
+        name = path.stem
+        if any(name == other for other, _ in listed):
+            raise DegradeError(f"{path}: two training videos are named {name!r}; the pairs are named by file stem.")
+        listed.append((name, path))
+    return listed
+
+
 def run(params: Params, scenes_dir: str | Path, out_dir: str | Path, metrics_path: str | Path,
-        plots_dir: str | Path) -> dict:
-    """Write the ``sr`` pairs folder ``out_dir`` (replacing it atomically), sample videos and metrics.
+        plots_dir: str | Path, test_sets_dir: str | Path | None = None) -> dict:
+    """Write the ``sr`` pairs folder ``out_dir`` and one test pairs folder per ``vsr_sets`` entry under
+    ``test_sets_dir`` (each replaced atomically), sample videos and metrics.
 
     Args:
         params: the ``degrade:`` section.
-        scenes_dir: the scene set (train and test scenes; only train ones when ``vsr_path`` is set).
+        scenes_dir: the scene set: its test scenes (and, without ``train_videos``, its train scenes) degraded.
         out_dir: the pairs folder to (re)create, e.g. ``data/degrade/sr``.
-        metrics_path: metrics JSON: PSNR of input vs target per scene and the degradation drawn.
+        metrics_path: metrics JSON: PSNR of input vs target per video and the degradation drawn.
         plots_dir: folder (re)created with the sample videos (input | target).
+        test_sets_dir: the folder (re)created with ``<label>/`` pairs folders, e.g. ``data/degrade/test_sets``;
+            needed when ``vsr_sets`` is not empty.
 
     Returns:
         ``{"metrics": {...}, "videos": [paths]}``.
     """
     scenes_dir, out_dir, plots_dir = Path(scenes_dir), Path(out_dir), Path(plots_dir)
-    splits = ("train",) if params.vsr_path is not None else pairs.SPLITS
-    checked = _check_scenes(scenes_dir, params.scale, splits)
-    if params.vsr_path is not None:
-        index_vsr_set(params.vsr_path, params.vsr_lq_dir, params.scale)  # layout errors before any work
+    if params.vsr_sets and test_sets_dir is None:
+        raise DegradeError("degrade.vsr_sets names test sets but no folder was given for them (--test-sets).")
+    checked = _check_scenes(scenes_dir, params.scale, ("test",) if params.train_videos else pairs.SPLITS)
+    train_videos = _train_videos(params) if params.train_videos else []
+    for root in params.vsr_sets.values():
+        vsr.index_vsr_set(root, params.vsr_lq_dir, params.scale)  # layout errors before any work
+    targets = [out_dir, plots_dir] + ([Path(test_sets_dir)] if test_sets_dir is not None else [])
 
-    per_scene, videos, samples = {}, [], {}
-    with video.staged_outputs(plots_dir) as (plots_build,), pairs.PairsWriter(out_dir, "sr", FPS) as writer:
-        for name, split, scene in tqdm(checked, desc="degrade", unit="scene", disable=None):
-            target = crop_to_multiple(scene.read_images(), params.scale)
-            rng = scene_rng(params.seed, name)
-            degradation = sample_degradation(params, rng)
-            lowres = degrade(target, degradation, params.scale, rng)
-            per_scene[name] = _add(writer, name, split, lowres, target, samples)
-            per_scene[name]["degradation"] = degradation.describe()
-        if params.vsr_path is not None:
-            for name, target, lowres in iter_vsr_set(params.vsr_path, params.vsr_lq_dir, params.scale):
-                per_scene[name] = _add(writer, name, "test", lowres, target, samples)
-        for split, (name, frames) in sorted(samples.items()):
-            path = video.write_video(plots_build / f"sr_{name}.mp4", frames, fps=FPS)
+    per_video, videos, samples = {}, [], {}
+    with video.staged_outputs(*targets) as (build, plots_build, *test_build):
+        with pairs.PairsWriter(build, "sr", FPS) as writer:
+            sources = [(name, "train", lambda path=path: video.read_video(path)) for name, path in train_videos]
+            sources += [(name, split, scene.read_images) for name, split, scene in checked]
+            for name, split, read in tqdm(sources, desc="degrade", unit="video", disable=None):
+                target = crop_to_multiple(read(), params.scale)
+                rng = scene_rng(params.seed, name)
+                degradation = sample_degradation(params, rng)
+                lowres = degrade(target, degradation, params.scale, rng)
+                per_video[name] = _add(writer, name, split, lowres, target, samples, "sr")
+                per_video[name]["degradation"] = degradation.describe()
+            writer.commit()
+        per_set = {}
+        for label, root in params.vsr_sets.items():
+            with pairs.PairsWriter(test_build[0] / label, "sr", FPS) as writer:
+                scored = [_add(writer, name, "test", lowres, target, samples, label)
+                          for name, target, lowres in vsr.iter_vsr_set(root, params.vsr_lq_dir, params.scale)]
+                writer.commit()
+            per_set[label] = {"pairs": len(scored),
+                              "psnr_input": round(float(np.mean([s["psnr_input"] for s in scored])), 4)}
+        for (group, split), (name, frames) in sorted(samples.items()):
+            path = video.write_video(plots_build / f"{group}_{name}.mp4", frames, fps=FPS)
             videos.append(plots_dir / path.name)
-        writer.commit()
-    metrics = {"scale": params.scale, "pairs": len(per_scene)}
+    metrics = {"scale": params.scale, "pairs": len(per_video)}
     for split in pairs.SPLITS:
-        values = [s["psnr_input"] for s in per_scene.values() if s["split"] == split]
+        values = [s["psnr_input"] for s in per_video.values() if s["split"] == split]
         metrics[f"{split}_pairs"] = len(values)
         metrics[f"psnr_input_{split}"] = round(float(np.mean(values)), 4) if values else None
-    metrics["scenes"] = per_scene
+    metrics["test_sets"] = per_set
+    metrics["scenes"] = per_video
     video.write_json(metrics_path, metrics)
     return {"metrics": metrics, "videos": videos}
 
 
 def _add(writer: pairs.PairsWriter, name: str, split: str, lowres: np.ndarray, target: np.ndarray,
-         samples: dict) -> dict:
-    """Write one pair (input = bicubic upsampling of ``lowres``); returns its statistics."""
+         samples: dict, group: str) -> dict:
+    """Write one pair (input = bicubic upsampling of ``lowres``); returns its statistics. The first pair of
+    each (group, split) becomes a sample video."""
     model_input = upsample(lowres, *target.shape[1:3])
     writer.add(name, split, model_input, target, lowres=lowres)
-    if split not in samples:
-        samples[split] = (name, np.concatenate([model_input, target], axis=2))  # input | target
+    if (group, split) not in samples:
+        samples[(group, split)] = (name, np.concatenate([model_input, target], axis=2))  # input | target
     return {"split": split, "psnr_input": round(measure.psnr(model_input, target), 4), "frames": len(target)}
 
 
@@ -413,16 +378,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="pairs folder to (re)create, e.g. data/degrade/sr")
     parser.add_argument("--metrics", required=True, help="metrics JSON file, e.g. metrics/degrade.json")
     parser.add_argument("--plots", required=True, help="folder for the sample videos, e.g. plots/degrade")
+    parser.add_argument("--test-sets", default=None,
+                        help="folder of the vsr_sets' test pairs folders, e.g. data/degrade/test_sets")
     args = parser.parse_args(argv)
     params = cli.start(STAGE, Params, args.params)
     from stages.common.tracking import stage_run
 
     with stage_run(STAGE, params) as tracker:
         started = time.perf_counter()
-        result = run(params, args.scenes, args.out, args.metrics, args.plots)
+        result = run(params, args.scenes, args.out, args.metrics, args.plots, args.test_sets)
         metrics = result["metrics"]
         tracker.log_metrics({key: value for key, value in metrics.items() if isinstance(value, (int, float))}
                             | {f"psnr_input/{name}": scene["psnr_input"] for name, scene in metrics["scenes"].items()}
+                            | {f"psnr_input/{label}": entry["psnr_input"] for label, entry in metrics["test_sets"].items()}
                             | {"seconds": round(time.perf_counter() - started, 2)})
         for path in result["videos"]:
             tracker.log_video(path)

@@ -134,6 +134,7 @@ class Source:
     task: str | None = None  # the paper task (its tables); None: the pairs folder's own task
     eval_frames: int | None = None  # first frames evaluated (None: every inferred frame)
     paper_dataset: str | None = None  # the paper's data set its rows stand beside (None: the task's default)
+    trained_as: str | None = None  # the experiment whose models ran (its training seconds); None: this name
 
 
 def sources_of(params_path: str | os.PathLike) -> list[Source]:
@@ -142,7 +143,8 @@ def sources_of(params_path: str | os.PathLike) -> list[Source]:
 
     data = experiments.read(params_path)
     declared = experiments.load(params_path, data)
-    return [Source(e.name, Path(e.pairs), e.task, e.eval_frames, e.paper_dataset) for e in declared.values()]
+    return [Source(e.name, Path(e.pairs), e.experiment.task, e.experiment.eval_frames, e.paper_dataset,
+                   e.experiment.name) for e in experiments.evaluations(declared)]
 
 
 @dataclass
@@ -159,6 +161,7 @@ class TaskPlan:
     kind: str = ""  # the paper task (its tables)
     eval_frames: int | None = None  # first frames evaluated (None: all inferred)
     paper_dataset: str | None = None
+    trained_as: str = ""  # the experiment whose models ran here (metrics/train/<method>/<trained_as>.json)
 
 
 def _read_json(path: Path, fix: str) -> dict:
@@ -228,7 +231,8 @@ def plan(params: Params, infer_dir: str | os.PathLike, train_metrics: str | os.P
         if manifest["task"] != kind:
             raise EvaluateError(f"{folder} holds {manifest['task']!r} pairs but {source.name} is a {kind!r} experiment")
         tasks[source.name] = TaskPlan(source.name, folder, float(manifest["fps"]), test, kind=kind,
-                                      eval_frames=source.eval_frames, paper_dataset=source.paper_dataset)
+                                      eval_frames=source.eval_frames, paper_dataset=source.paper_dataset,
+                                      trained_as=source.trained_as or source.name)
 
     infer_dir, train_metrics, infer_metrics = Path(infer_dir), Path(train_metrics), Path(infer_metrics)
     method_dirs = sorted(p for p in infer_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) \
@@ -264,11 +268,12 @@ def plan(params: Params, infer_dir: str | os.PathLike, train_metrics: str | os.P
             task.seconds_per_frame[method] = _seconds(timed, (method, task.task, "seconds_per_frame"), infer_metrics,
                                                       infer_fix)
             if task.timing[method].get("reference") is not True:  # a reference (vae_roundtrip) trains nothing
-                path = train_metrics / method / f"{task.task}.json"
-                fix = f"the train stage writes it (re-run `train@{task.task}-{method}`)"
+                path = train_metrics / method / f"{task.trained_as}.json"
+                fix = f"the train stage writes it (re-run `train@{task.trained_as}-{method}`)"
                 if path not in trained:
                     trained[path] = _read_json(path, fix)
-                task.train_seconds[method] = _seconds(trained[path], ("tasks", task.task, "train_seconds"), path, fix)
+                task.train_seconds[method] = _seconds(trained[path], ("tasks", task.trained_as, "train_seconds"), path,
+                                                      fix)
     for task in tasks.values():  # only the input to score: every frame (or the first eval_frames)
         for pair in task.pairs:
             task.lengths.setdefault(pair["scene"], min(pair["frames"], task.eval_frames or pair["frames"]))

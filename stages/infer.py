@@ -92,8 +92,9 @@ class Job:
 
 
 def plan_experiments(params_path: str | Path, train_dir: str | Path) -> list[Job]:
-    """Every (experiment, method) of a params file's ``experiments:``, and each experiment's VAE round
-    trip, with the experiment's own infer settings; checked before any work.
+    """Every (experiment, method) of a params file's ``experiments:`` on the experiment's test pairs and on
+    each of its ``test_sets`` (as task ``<experiment>_<label>``), and the VAE round trip of each, with the
+    experiment's own infer settings; checked before any work.
 
     Raises:
         ValueError: a model of a declared (experiment, method) missing from ``train_dir``, a pairs folder
@@ -104,24 +105,26 @@ def plan_experiments(params_path: str | Path, train_dir: str | Path) -> list[Job
 
     data, declared = experiments.load_checked(params_path)
     jobs = []
-    for experiment in declared.values():
+    for evaluation in experiments.evaluations(declared):  # each experiment's own test pairs, then its test_sets
+        experiment = evaluation.experiment
         settings = params_from_mapping(STAGE, Params, experiments.infer_mapping(data, experiment),
                                        source=f"{params_path} (infer with experiments.{experiment.name}.infer)")
         vae_dir = Path(experiment.vae)
         spatial = restoration.spatial_factor(json.loads((restoration.check_vae_folder(vae_dir) / "config.json").read_text()))
-        manifest = pairs_io.load_manifest(experiment.pairs, check_frames=False)
+        manifest = pairs_io.load_manifest(evaluation.pairs, check_frames=False)
         if manifest["task"] != experiment.task:
-            raise ValueError(f"{experiment.pairs} holds {manifest['task']!r} pairs but experiments.{experiment.name}.task "
-                             f"is {experiment.task!r}")
-        test = _checked_test_pairs(settings, experiment.name, manifest, spatial)
+            where = "" if evaluation.name == experiment.name else f" (its test set {evaluation.name})"
+            raise ValueError(f"{evaluation.pairs} holds {manifest['task']!r} pairs but experiments.{experiment.name}.task "
+                             f"is {experiment.task!r}{where}")
+        test = _checked_test_pairs(settings, evaluation.name, manifest, spatial)
         for method in experiment.methods:
             model_dir = Path(train_dir) / method / experiment.name
             if not (model_dir / restoration.SPEC_FILE).is_file():
                 raise ValueError(f"{model_dir} holds no trained model: run train@{experiments.run_key(experiment.name, method)} "
                                  "(`dvc repro train`)")
-            jobs.append(Job(method, experiment.name, model_dir, test, float(manifest["fps"]), vae_dir, settings))
+            jobs.append(Job(method, evaluation.name, model_dir, test, float(manifest["fps"]), vae_dir, settings))
         if settings.vae_roundtrip:
-            jobs.append(Job(ROUNDTRIP, experiment.name, None, test, float(manifest["fps"]), vae_dir, settings))
+            jobs.append(Job(ROUNDTRIP, evaluation.name, None, test, float(manifest["fps"]), vae_dir, settings))
     return jobs
 
 

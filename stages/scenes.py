@@ -5,7 +5,10 @@ plus ``masks/`` and ``objects.json``; see :mod:`stages.common.scenes`) and a ``s
 last ``num_test_scenes`` scenes are held out; and the same scenes as object-masked videos in ROVI's
 layout (``rovi/``: :mod:`stages.common.rovi`), which ``masks`` reads with the reader real ROVI takes;
 and each room filmed again along a level drive as a Waymo Open Dataset v2 segment (``waymo/training/``,
-``waymo/validation/``: :mod:`stages.common.waymo`), the source of ``masks``' Waymo-Bbox pairs. Scene ``i`` depends only on ``(seed, i)``, so adding
+``waymo/validation/``: :mod:`stages.common.waymo`), the source of ``masks``' Waymo-Bbox pairs; and,
+in DOVE's layouts (:mod:`stages.common.vsr`), the train scenes as training videos (``dove/``: ``videos.txt``
+and mp4s) and the test scenes as a VSR test set (``vsr/bicubic/``: ``GT/`` and bicubic ``LQ/``), which
+``degrade`` reads. Scene ``i`` depends only on ``(seed, i)``, so adding
 scenes leaves the existing ones byte-identical. Sample videos (frames next to their object labels)
 and a metrics JSON go to ``--plots`` and ``--metrics``, by default inside the output folder.
 
@@ -25,7 +28,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from stages.common import cli, rovi, scenes, video, waymo
+from stages.common import cli, rovi, scenes, video, vsr, waymo
 
 log = logging.getLogger("stages.scenes")
 
@@ -46,6 +49,9 @@ class Params:
     rovi_frames: int  # frames per video of the ROVI-layout copy in <out>/rovi/ (0: none written)
     rovi_stride: int  # its frames are every rovi_stride-th frame of the scene (YouTube-VOS keeps every fifth)
     waymo_frames: int  # frames per Waymo v2 segment in <out>/waymo/ (a level drive through each room; 0: none)
+    dove_frames: int  # frames per training video of the DOVE-layout copy of the train scenes in <out>/dove/ (0: none)
+    vsr_frames: int  # frames per video of the VSR test set <out>/vsr/bicubic/ made of the test scenes (0: none)
+    vsr_scale: int  # its GT / LQ size ratio (DOVE: 4)
 
     def __post_init__(self):
         for name, value in vars(self).items():
@@ -66,6 +72,11 @@ class Params:
         if self.rovi_frames < 0 or self.rovi_stride < 1 or (self.rovi_frames - 1) * self.rovi_stride >= self.frames:
             raise ValueError(f"scenes.rovi_frames ({self.rovi_frames}, >= 0) frames every rovi_stride "
                              f"({self.rovi_stride}, >= 1) frames must fit in the {self.frames} frames of a scene")
+        if self.dove_frames > self.frames or self.vsr_frames > self.frames:
+            raise ValueError(f"scenes.dove_frames ({self.dove_frames}) and scenes.vsr_frames ({self.vsr_frames}) "
+                             f"must be at most scenes.frames ({self.frames})")
+        if self.vsr_scale < 1 or (self.vsr_frames and min(self.height, self.width) < self.vsr_scale):
+            raise ValueError(f"scenes.vsr_scale must be >= 1 and at most the frame size, got {self.vsr_scale}")
         if self.waymo_frames < 0:
             raise ValueError(f"scenes.waymo_frames must be >= 0 (0: no Waymo segments), got {self.waymo_frames}")
         if not 0 <= self.num_objects <= MAX_OBJECTS:
@@ -104,6 +115,7 @@ def rovi_videos(build: Path, renders: dict[str, scenes.Render], splits: dict[str
     return videos
 
 
+VSR_LABEL = "bicubic"  # the embedded VSR test set: <out>/vsr/bicubic/ (GT and LQ = bicubic GT / vsr_scale)
 WAYMO_SPLITS = {"train": "training", "test": "validation"}  # the release's split folders
 WAYMO_START_MICROS = 1_552_440_195_000_000  # the first frame's timestamp; frames are 100 ms apart (10 Hz)
 CAMERA_HEIGHT = 1.0  # metres above the floor: the front camera of the embedded segments
@@ -237,6 +249,12 @@ def run(params: Params, out_dir: str | Path, metrics_path: str | Path | None = N
             rovi.write_rovi(build / "rovi", videos)
         splits = {**dict.fromkeys(train, "train"), **dict.fromkeys(test, "test")}
         camera_box_count = write_drives(build, splits, params) if params.waymo_frames else 0
+        if params.dove_frames:  # the train scenes as DOVE's training videos
+            vsr.write_video_list(build / "dove", {name: renders[name].images[:params.dove_frames] for name in train},
+                                 fps=VIDEO_FPS)
+        if params.vsr_frames and test:  # the test scenes as a VSR test set (GT and its bicubic downsampling)
+            vsr.write_vsr_set(build / "vsr" / VSR_LABEL, {name: renders[name].images[:params.vsr_frames]
+                                                          for name in test}, params.vsr_scale)
         for name in samples:
             frames = np.concatenate([renders[name].images, label_colours(renders[name].labels)], axis=2)
             video.write_video(plots_build / f"{name}.mp4", frames, fps=VIDEO_FPS)

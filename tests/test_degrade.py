@@ -13,14 +13,14 @@ import pytest
 import skimage.data
 
 from stages import degrade
-from stages.common import measure, pairs, scenes, video
+from stages.common import measure, pairs, scenes, video, vsr
 from stages.common.params import ParamsError, params_from_mapping
 
 PARAMS = degrade.Params(
     scale=4, kernel_size=(7, 21), blur_sigma=(0.2, 3.0), blur_sigma2=(0.2, 1.5), anisotropic_prob=0.5,
     second_blur_prob=0.8, resize_range=(0.3, 1.5), gaussian_noise_prob=0.5, noise_sigma=(1.0, 30.0),
     noise_sigma2=(1.0, 25.0), poisson_scale=(0.05, 3.0), poisson_scale2=(0.05, 2.5), crf=(18, 35), seed=0,
-    vsr_path=None, vsr_lq_dir=None,
+    train_videos=None, vsr_sets={}, vsr_lq_dir=None,
 )
 
 
@@ -103,7 +103,8 @@ def test_crop_to_multiple_is_centred():
 
 
 def run_stage(tmp: Path, scene_set: Path, params=PARAMS) -> dict:
-    return degrade.run(params, scene_set, tmp / "sr", tmp / "metrics" / "degrade.json", tmp / "plots")
+    return degrade.run(params, scene_set, tmp / "sr", tmp / "metrics" / "degrade.json", tmp / "plots",
+                       tmp / "test_sets")
 
 
 def test_stage_writes_sr_pairs_from_the_scenes(tmp_path, scene_set):
@@ -144,19 +145,73 @@ def write_vsr_set(root: Path, gt_frames: int = 3, lq_frames: int = 3, lq_size=(4
     return root
 
 
-def test_vsr_test_set_gives_the_test_pairs(tmp_path, scene_set):
-    root = write_vsr_set(tmp_path / "UDM10")
-    result = run_stage(tmp_path, scene_set, dataclasses.replace(PARAMS, vsr_path=str(root)))
-    loaded = pairs.load_pairs(tmp_path / "sr")
-    assert [(p["scene"], p["split"]) for p in loaded] == [("scene_0", "train"), ("scene_1", "train"),
-                                                         ("calendar", "test"), ("walk", "test")]
-    frames = pairs.read_pair(loaded[3])
-    gt = np.stack([cv2.imread(str(p))[..., ::-1] for p in sorted((root / "GT" / "walk").iterdir())])
-    lq = np.stack([cv2.imread(str(p))[..., ::-1] for p in sorted((root / "LQ" / "walk").iterdir())])
+def test_each_vsr_set_becomes_a_test_pairs_folder_of_its_own(tmp_path, scene_set):
+    udm10, spmcs = write_vsr_set(tmp_path / "UDM10"), write_vsr_set(tmp_path / "SPMCS", gt_frames=2, lq_frames=2)
+    params = dataclasses.replace(PARAMS, vsr_sets={"UDM10": str(udm10), "SPMCS": str(spmcs)})
+    result = run_stage(tmp_path, scene_set, params)
+    assert [(p["scene"], p["split"]) for p in pairs.load_pairs(tmp_path / "sr")] == [
+        ("scene_0", "train"), ("scene_1", "train"), ("scene_2", "test")]  # the sr folder as without sets
+    assert sorted(p.name for p in (tmp_path / "test_sets").iterdir()) == ["SPMCS", "UDM10"]
+    loaded = pairs.load_pairs(tmp_path / "test_sets" / "UDM10")
+    assert [(p["scene"], p["split"]) for p in loaded] == [("calendar", "test"), ("walk", "test")]
+    frames = pairs.read_pair(loaded[1])
+    gt = np.stack([cv2.imread(str(p))[..., ::-1] for p in sorted((udm10 / "GT" / "walk").iterdir())])
+    lq = np.stack([cv2.imread(str(p))[..., ::-1] for p in sorted((udm10 / "LQ" / "walk").iterdir())])
     np.testing.assert_array_equal(frames["target"], gt)
     np.testing.assert_array_equal(frames["lowres"], lq)
     np.testing.assert_array_equal(frames["input"], degrade.upsample(lq, 16, 24))
-    assert result["metrics"]["test_pairs"] == 2 and "degradation" not in result["metrics"]["scenes"]["walk"]
+    assert pairs.load_pairs(tmp_path / "test_sets" / "SPMCS")[0]["frames"] == 2
+    assert result["metrics"]["test_sets"]["UDM10"]["pairs"] == 2 and "walk" not in result["metrics"]["scenes"]
+    assert "bicubic" not in result["metrics"]["test_sets"]
+    assert "UDM10_calendar.mp4" in {p.name for p in (tmp_path / "plots").iterdir()}
+
+
+def test_vsr_sets_need_a_folder_for_their_pairs(tmp_path, scene_set):
+    params = dataclasses.replace(PARAMS, vsr_sets={"UDM10": str(write_vsr_set(tmp_path / "UDM10"))})
+    with pytest.raises(degrade.DegradeError, match="--test-sets"):
+        degrade.run(params, scene_set, tmp_path / "sr", tmp_path / "m.json", tmp_path / "plots")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["UDM10"]
+
+
+def test_write_vsr_set_is_read_back_by_the_reader(tmp_path):
+    clips = {"a": photo_video(3, 18, 26), "b": photo_video(2, 16, 24, shift=7)}
+    root = vsr.write_vsr_set(tmp_path / "set", clips, scale=4)
+    read = {name: (gt, lq) for name, gt, lq in vsr.iter_vsr_set(root, None, 4)}
+    np.testing.assert_array_equal(read["a"][0], clips["a"][:, 1:17, 1:25])  # centre crop to multiples of 4
+    expected = np.stack([cv2.resize(f, (6, 4), interpolation=cv2.INTER_CUBIC) for f in clips["a"][:, 1:17, 1:25]])
+    np.testing.assert_array_equal(read["a"][1], expected)
+    assert read["b"][1].shape == (2, 4, 6, 3)
+    with pytest.raises(vsr.VsrError, match="already exists"):
+        vsr.write_vsr_set(root, clips, scale=4)
+
+
+def test_dove_training_videos_give_the_train_pairs(tmp_path, scene_set):
+    clips = {"clip_b": photo_video(6, 24, 32), "clip_a": photo_video(4, 24, 32, shift=9)}
+    root = vsr.write_video_list(tmp_path / "dove", clips)
+    assert (root / "videos.txt").read_text() == "videos/clip_b.mp4\nvideos/clip_a.mp4\n"
+    result = run_stage(tmp_path, scene_set, dataclasses.replace(PARAMS, train_videos=str(root)))
+    loaded = pairs.load_pairs(tmp_path / "sr")
+    assert [(p["scene"], p["split"], p["frames"]) for p in loaded] == [
+        ("clip_a", "train", 4), ("clip_b", "train", 6), ("scene_2", "test", 5)]  # the scenes' test split stays
+    frames = pairs.read_pair(loaded[1])
+    np.testing.assert_array_equal(frames["target"], video.read_video(root / "videos" / "clip_b.mp4"))
+    assert np.abs(frames["target"].astype(int) - clips["clip_b"]).mean() < 4  # H.264 at CRF 18
+    np.testing.assert_array_equal(frames["lowres"], lowres_of(frames["target"], 0, "clip_b"))
+    assert result["metrics"]["train_pairs"] == 2
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda root: (root / "videos.txt").unlink(), "videos.txt not found"),
+    (lambda root: (root / "videos.txt").write_text("videos/clip.mp4\nvideos/gone.mp4\n"), "line 2: 'videos/gone.mp4'"),
+    (lambda root: (root / "videos.txt").write_text("\n"), "lists no video"),
+    (lambda root: (root / "videos" / "clip.mp4").write_bytes(b"not a video"), "not a readable video"),
+])
+def test_a_broken_training_folder_is_rejected_before_any_output(tmp_path, scene_set, edit, message):
+    root = vsr.write_video_list(tmp_path / "dove", {"clip": photo_video(3, 16, 24)})
+    edit(root)
+    with pytest.raises((vsr.VsrError, degrade.DegradeError), match=message):
+        run_stage(tmp_path / "out", scene_set, dataclasses.replace(PARAMS, train_videos=str(root)))
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("kwargs, lq_dir, message", [
@@ -167,16 +222,16 @@ def test_vsr_test_set_gives_the_test_pairs(tmp_path, scene_set):
 ])
 def test_a_broken_vsr_set_is_rejected_before_any_output(tmp_path, scene_set, kwargs, lq_dir, message):
     root = write_vsr_set(tmp_path / "set", **kwargs)
-    with pytest.raises(degrade.DegradeError, match=message):
-        run_stage(tmp_path, scene_set, dataclasses.replace(PARAMS, vsr_path=str(root), vsr_lq_dir=lq_dir))
+    with pytest.raises(vsr.VsrError, match=message):
+        run_stage(tmp_path, scene_set, dataclasses.replace(PARAMS, vsr_sets={"UDM10": str(root)}, vsr_lq_dir=lq_dir))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]  # nothing written, no temporaries
 
 
 def test_vsr_videos_on_one_side_only_are_named(tmp_path):
     root = write_vsr_set(tmp_path / "set")
     (root / "GT" / "extra").mkdir()
-    with pytest.raises(degrade.DegradeError, match=r"only in GT: \['extra'\]"):
-        degrade.index_vsr_set(root, None, 4)
+    with pytest.raises(vsr.VsrError, match=r"only in GT: \['extra'\]"):
+        vsr.index_vsr_set(root, None, 4)
 
 
 def test_a_failure_mid_run_keeps_the_previous_output(tmp_path, scene_set, monkeypatch):
@@ -209,6 +264,7 @@ def test_scenes_smaller_than_the_scale_are_rejected(tmp_path):
     ("kernel_size", [8, 21], "degrade.kernel_size"), ("blur_sigma", [0.0, 1.0], "degrade.blur_sigma"),
     ("noise_sigma", [5.0, 1.0], "degrade.noise_sigma"), ("gaussian_noise_prob", 1.5, "gaussian_noise_prob"),
     ("vsr_lq_dir", "../LQ", "degrade.vsr_lq_dir"), ("crf", [18.5, 30], "degrade.crf"),
+    ("vsr_sets", {"UDM-10": "x"}, "degrade.vsr_sets"),
 ])
 def test_bad_params_name_the_key(key, value, message):
     values = {**dataclasses.asdict(PARAMS), key: value}

@@ -83,6 +83,28 @@ def test_wan_nvs_with_2x2_tiles_trains_infers_and_evaluates(tmp_path, monkeypatc
     assert "| nvs (this run) | chopgrad_d1 | ours |" in (tmp_path / "tables" / "table2.md").read_text()
 
 
+@pytest.mark.slow  # training, inference and evaluation on three test sets
+def test_test_sets_run_the_experiments_models_and_get_rows_of_their_own(tmp_path, monkeypatch, tracking):
+    data = write_inputs(tmp_path / "inputs", tasks=("sr",), frames=5, height=16, width=32)
+    extra = write_inputs(tmp_path / "more", tasks=("sr",), frames=5, height=16, width=32)["pairs"][0]
+    entries = {"sr": experiment("sr", data["pairs"][0], data["vae"], ["chopgrad_d1"], train={"iterations": 1},
+                                test_sets={"UDM10": str(extra), "rooms": str(extra)})}
+    write_params(tmp_path / "params.yaml", entries, loss_sr={"mse": 1.0})
+    declared = experiments.load(tmp_path / "params.yaml")
+    assert [(e.name, e.experiment.name, e.paper_dataset) for e in experiments.evaluations(declared)] == [
+        ("sr", "sr", None), ("sr_UDM10", "sr", "UDM10"), ("sr_rooms", "sr", None)]
+    assert list(write_params(tmp_path / "params.yaml", entries, loss_sr={"mse": 1.0})["runs"]) == ["sr-chopgrad_d1"]
+    train_run(tmp_path, "sr", "chopgrad_d1", monkeypatch)
+    result = infer_and_evaluate(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "infer" / "chopgrad_d1").iterdir()) == ["sr", "sr_UDM10", "sr_rooms"]
+    timing = json.loads((tmp_path / "infer" / "chopgrad_d1" / "sr_UDM10" / "timing.json").read_text())
+    assert timing["scenes"] == ["scene_2"]  # the test pairs of the test set's folder
+    assert set(result["results"]) == {"sr", "sr_UDM10", "sr_rooms"}
+    assert set(result["results"]["sr_UDM10"]) == {"input", "chopgrad_d1"}
+    table = (tmp_path / "tables" / "table1.md").read_text()
+    assert "| sr_UDM10 (this run) | PSNR ↑ |" in table and "| sr_rooms (this run) | PSNR ↑ |" in table
+
+
 @pytest.mark.slow  # Mirage's two phases, the chained ChopGrad run, inference and evaluation
 def test_chopgrad_starts_from_mirage_with_4x4_tiles_on_a_latent_they_do_not_divide(tmp_path, monkeypatch, tracking):
     data = write_inputs(tmp_path / "inputs", tasks=("driving",), frames=9, height=48, width=80)
@@ -156,6 +178,8 @@ def test_bad_declarations_are_refused_naming_the_experiment(tmp_path):
         ({"eval_frames": 0}, "eval_frames must be a positive integer or null"),
         ({"paper_dataset": "DL3DV-Benchmrk"}, "paper_dataset 'DL3DV-Benchmrk' is not a data set of the paper's nvs"),
         ({"colour": "red"}, r"unknown key\(s\) \['colour'\]"),
+        ({"test_sets": {"UDM-10": "x"}}, "test_sets must map labels"),
+        ({"test_sets": ["x"]}, "test_sets must map labels"),
     ]
     for change, message in cases:
         broken = copy.deepcopy(data)
@@ -166,6 +190,11 @@ def test_bad_declarations_are_refused_naming_the_experiment(tmp_path):
     named["experiments"]["a-b"] = named["experiments"].pop("a")
     with pytest.raises(ParamsError, match="may not contain '-'"):
         experiments.load(path, named)
+    clash = copy.deepcopy(data)
+    clash["experiments"]["a_x"] = copy.deepcopy(clash["experiments"]["a"])
+    clash["experiments"]["a"]["test_sets"] = {"x": str(tmp_path)}
+    with pytest.raises(ParamsError, match=r"\['a_x'\] name both an experiment and an experiment's test set"):
+        experiments.load(path, clash)
 
 
 def test_a_stale_runs_table_is_refused_and_rewritten(tmp_path):

@@ -47,7 +47,8 @@ def write_yaml(path: Path, data: dict) -> None:
 
 TINY = {  # the tiny pipeline of test_pipeline.py, with train cut to two methods and no network losses
     "scenes": {"num_scenes": 3, "num_test_scenes": 1, "frames": 9, "height": 16, "width": 24, "num_objects": 1,
-               "rovi_frames": 9, "rovi_stride": 1, "waymo_frames": 9},
+               "rovi_frames": 9, "rovi_stride": 1, "waymo_frames": 9,
+               "dove_frames": 9, "vsr_frames": 5},
     "vae": {"source": "train", "base_dim": 4, "z_dim": 4, "dim_mult": [1, 2, 2, 2], "temporal_downsample": [False, True, True],
             "clip_frames": 5, "crop": [16, 16],
             "batch_size": 1, "iterations": 2, "warmup_iterations": 1, "eval_frames": 5},
@@ -74,8 +75,9 @@ STAGES = [
     ("vae", ["data/vae", "plots/vae"], lambda m, p: m.run(p, "data/scenes", "data/vae", "metrics/vae.json", "plots/vae")),
     ("masks", ["data/masks", "plots/masks"],
      lambda m, p: m.run(p, "data/scenes", "data/masks", "metrics/masks.json", "plots/masks")),
-    ("degrade", ["data/degrade/sr", "plots/degrade"],
-     lambda m, p: m.run(p, "data/scenes", "data/degrade/sr", "metrics/degrade.json", "plots/degrade")),
+    ("degrade", ["data/degrade/sr", "data/degrade/test_sets", "plots/degrade"],
+     lambda m, p: m.run(p, "data/scenes", "data/degrade/sr", "metrics/degrade.json", "plots/degrade",
+                        "data/degrade/test_sets")),
     ("splat", ["data/splat", "plots/splat"],
      lambda m, p: m.run(p, "data/scenes", "data/splat", "metrics/splat.json", "plots/splat")),
     ("reinsert", ["data/reinsert", "plots/reinsert"], lambda m, p: m.run(

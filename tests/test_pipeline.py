@@ -116,11 +116,13 @@ def test_real_data_enter_through_fixed_places_the_stages_depend_on():
     stages = read_yaml(REPO / "dvc.yaml")["stages"]
     paper = YAML(typ="safe", pure=True).load((REPO / "profiles" / "paper.yaml").read_text())
     for stage, key, folder in (("splat", "scene_dir", "data/external/dl3dv"), ("reinsert", "scene_dir", "data/external/dl3dv"),
-                               ("masks", "rovi_path", "data/external/rovi"), ("degrade", "vsr_path", "data/external/vsr")):
+                               ("masks", "rovi_path", "data/external/rovi"), ("masks", "waymo_path", "data/external/waymo"),
+                               ("degrade", "train_videos", "data/external/dove"),
+                               ("degrade", "vsr_sets", "data/external/vsr")):
         assert folder in stages[stage]["deps"], (stage, folder)
         assert (REPO / folder / "README.md").is_file(), "the fixed place exists in a fresh clone (DVC needs its deps)"
-        assert paper[stage][key].startswith(folder), (stage, key)  # the paper profile reads it there
-    assert (REPO / "data" / "external" / "waymo" / "README.md").is_file()
+        values = paper[stage][key].values() if isinstance(paper[stage][key], dict) else [paper[stage][key]]
+        assert values and all(value.startswith(folder) for value in values), (stage, key)  # the paper profile reads it there
 
 
 def test_no_stage_imports_another():
@@ -159,7 +161,8 @@ def test_stage_deps_cover_the_code_they_import():
 TINY = {
     "scenes": {"num_scenes": 3, "num_test_scenes": 1, "frames": 9, "height": 16, "width": 24, "seed": 0,
                "num_objects": 1,
-               "rovi_frames": 9, "rovi_stride": 1, "waymo_frames": 9},
+               "rovi_frames": 9, "rovi_stride": 1, "waymo_frames": 9,
+               "dove_frames": 9, "vsr_frames": 5},
     "vae": {"source": "train", "base_dim": 4, "z_dim": 4, "dim_mult": [1, 2, 2, 2], "temporal_downsample": [False, True, True],
             "clip_frames": 5, "crop": [16, 16],
             "batch_size": 1, "iterations": 2, "warmup_iterations": 1, "eval_frames": 5},
@@ -189,8 +192,8 @@ PRODUCED = {
     "masks": ["data/masks/inpaint_box/pairs.json", "data/masks/inpaint_objects/pairs.json",
               "data/masks/inpaint_rovi/pairs.json", "metrics/masks.json",
               "plots/masks/inpaint_box_scene_000.mp4", "plots/masks/inpaint_objects_scene_002.mp4"],
-    "degrade": ["data/degrade/sr/pairs.json", "metrics/degrade.json", "plots/degrade/sr_scene_000.mp4",
-                "plots/degrade/sr_scene_002.mp4"],
+    "degrade": ["data/degrade/sr/pairs.json", "data/degrade/test_sets/bicubic/pairs.json", "metrics/degrade.json",
+                "plots/degrade/sr_scene_000.mp4", "plots/degrade/sr_scene_002.mp4", "plots/degrade/bicubic_scene_002.mp4"],
     "splat": ["data/splat/nvs/pairs.json", "data/splat/nvs/test/scene_002/input/00008.png",
               "data/splat/gaussians/scene_000.safetensors", "data/splat/gaussians/scene_002.safetensors",
               "metrics/splat.json", "plots/splat/training.png", "plots/splat/frames.png",

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stages import scenes as stage
-from stages.common import rovi, scenes, video, waymo
+from stages.common import rovi, scenes, video, vsr, waymo
 from stages.common.scenes import ObjectBox, Room, SceneError, SceneSpec
 
 TINY = {"frames": 4, "height": 20, "width": 28, "num_objects": 2, "texture_size": 32}
@@ -373,7 +373,8 @@ def test_split_round_trip_and_errors(tmp_path):
 # The stage.
 
 PARAMS = {"num_scenes": 3, "num_test_scenes": 1, "frames": 3, "height": 16, "width": 24, "seed": 5,
-          "num_objects": 2, "rovi_frames": 2, "rovi_stride": 2, "waymo_frames": 3}
+          "num_objects": 2, "rovi_frames": 2, "rovi_stride": 2, "waymo_frames": 3,
+          "dove_frames": 2, "vsr_frames": 3, "vsr_scale": 4}
 
 
 def test_stage_writes_a_loadable_set_and_replaces_it_atomically(tmp_path, monkeypatch):
@@ -394,6 +395,12 @@ def test_stage_writes_a_loadable_set_and_replaces_it_atomically(tmp_path, monkey
         np.testing.assert_array_equal(clip.mask, scene.read_masks([0, 2]) == label)
         assert clip.prompt == "the " + next(o.name for o in scene.objects if o.label == label).replace("_", " ")
         assert clip.split == ("test" if clip.name.startswith("scene_002") else "train")
+    listed = vsr.read_video_list(out / "dove")  # the train scenes as DOVE's training videos
+    assert [p.name for p in listed] == ["scene_000.mp4", "scene_001.mp4"]
+    assert np.abs(video.read_video(listed[0]).astype(int) - scenes.load_scene(out / "scene_000").images[:2]).mean() < 6
+    (name, gt, lq), = vsr.iter_vsr_set(out / "vsr" / "bicubic", None, 4)  # the test scene as a VSR test set
+    assert name == "scene_002" and gt.shape == (3, 16, 24, 3) and lq.shape == (3, 4, 6, 3)
+    np.testing.assert_array_equal(gt, scenes.load_scene(out / "scene_002").images)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*.png")}
 
     def broken(folder, **kwargs):  # the second scene of a rerun fails
@@ -423,6 +430,7 @@ def test_stage_writes_a_loadable_set_and_replaces_it_atomically(tmp_path, monkey
     ({"seed": -1}, "seed must be >= 0"),
     ({"num_objects": 20}, r"num_objects must be in \[0, 8\]"),
     ({"rovi_frames": 3}, "rovi_frames .* must fit in the 3 frames"),
+    ({"dove_frames": 4}, "must be at most scenes.frames"),
     ({"frames": 2.5}, "frames must be an integer"),
 ])
 def test_stage_params_are_validated(change, match):

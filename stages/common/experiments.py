@@ -14,6 +14,12 @@ experiment trains on and overrides any of those keys for itself::
         infer: {max_frames: 297}    # overrides of infer keys
         eval_frames: 294            # first frames evaluated (null: every inferred frame)
         paper_dataset: null         # the paper's data set these rows stand beside (null: the task's default)
+        test_sets: {}               # {UDM10: data/degrade/test_sets/UDM10}: more test sets for its trained models
+
+Each entry of ``test_sets`` is one more test set of the experiment's trained models: ``infer`` runs every
+model of the experiment on that pairs folder's test pairs and ``evaluate`` scores them as rows of their
+own, named ``<experiment>_<label>`` (Table 1: one row group per VSR test set); a label that is a data
+set of the paper's table for the task (``UDM10``) is placed beside it. Nothing is trained for them.
 
 DVC runs one ``train@<experiment>-<method>`` per (experiment, method): ``dvc.yaml`` iterates over the
 ``runs:`` table, which lists each pair with the folders it depends on (DVC cannot look one section
@@ -26,17 +32,19 @@ experiment's params reruns only its runs (and ``infer`` / ``evaluate``, which re
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TASKS", "Experiment", "check_runs", "infer_mapping", "load", "load_checked", "main", "read", "run_key",
+__all__ = ["TASKS", "Evaluation", "Experiment", "check_runs", "evaluations", "infer_mapping", "load", "load_checked", "main", "read", "run_key",
            "runs_table",
            "train_mapping", "write_runs"]
 
 TASKS = ("nvs", "inpaint_box", "inpaint_objects", "inpaint_rovi", "driving", "sr")  # the paper's tasks
-_KEYS = ("task", "pairs", "vae", "methods", "start", "train", "infer", "eval_frames", "paper_dataset")
+_KEYS = ("task", "pairs", "vae", "methods", "start", "train", "infer", "eval_frames", "paper_dataset", "test_sets")
+LABEL = re.compile(r"[A-Za-z0-9_]+")  # a test set's label: a part of folder and row names
 NOT_OVERRIDABLE = ("methods",)  # train keys an experiment cannot override (the method catalogue is shared)
 
 
@@ -52,10 +60,34 @@ class Experiment:
     infer: dict[str, Any] = field(default_factory=dict)
     eval_frames: int | None = None
     paper_dataset: str | None = None
+    test_sets: dict[str, str] = field(default_factory=dict)  # label -> pairs folder, evaluated as <name>_<label>
 
     def start_folder(self, train_root: str | Path = "data/train") -> Path | None:
         """The trained model folder this experiment starts from (None: from its backbone)."""
         return None if self.start is None else Path(train_root) / self.start["method"] / self.start["experiment"]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One test set of an experiment's trained models: what ``infer`` runs them on and ``evaluate`` scores."""
+
+    name: str  # rows and folders: data/infer/<method>/<name>
+    experiment: Experiment  # whose models run (data/train/<method>/<experiment.name>), with its VAE and infer settings
+    pairs: str  # the pairs folder whose test pairs are restored
+    paper_dataset: str | None  # the paper's data set the rows stand beside (None: the task's default)
+
+
+def evaluations(declared: dict[str, Experiment]) -> list[Evaluation]:
+    """Every test set of every experiment: its own pairs first, then each of its ``test_sets``."""
+    from stages.common.paper_tables import paper_datasets
+
+    out = []
+    for experiment in declared.values():
+        out.append(Evaluation(experiment.name, experiment, experiment.pairs, experiment.paper_dataset))
+        for label, folder in experiment.test_sets.items():
+            dataset = label if label in paper_datasets(experiment.task) else None
+            out.append(Evaluation(f"{experiment.name}_{label}", experiment, folder, dataset))
+    return out
 
 
 def run_key(experiment: str, method: str) -> str:
@@ -134,11 +166,22 @@ def load(path: str | Path = "params.yaml", data: dict | None = None) -> dict[str
         frames = entry.get("eval_frames")
         if frames is not None and (not isinstance(frames, int) or isinstance(frames, bool) or frames < 1):
             raise ParamsError(f"{where}.eval_frames must be a positive integer or null (every inferred frame)")
+        test_sets = entry.get("test_sets") or {}
+        if not isinstance(test_sets, dict) or not all(isinstance(k, str) and LABEL.fullmatch(k) and isinstance(v, str)
+                                                      for k, v in test_sets.items()):
+            raise ParamsError(f"{where}.test_sets must map labels (letters, digits, _) to pairs folders, e.g. "
+                              "{UDM10: data/degrade/test_sets/UDM10}; got " + repr(test_sets))
         experiments[name] = Experiment(
             name, entry["task"], str(entry["pairs"]), str(entry["vae"]), tuple(listed), start,
-            dict(entry.get("train") or {}), dict(entry.get("infer") or {}), frames, entry.get("paper_dataset"))
+            dict(entry.get("train") or {}), dict(entry.get("infer") or {}), frames, entry.get("paper_dataset"),
+            dict(test_sets))
     for experiment in experiments.values():
         _check_start(experiments, experiment, path)
+    names = [e.name for e in evaluations(experiments)]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:
+        raise ParamsError(f"{path}: {clash} name both an experiment and an experiment's test set "
+                          "(<experiment>_<label>); rename the label or the experiment")
     return experiments
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,8 +230,6 @@ def write_rovi(root: str | os.PathLike, videos: Sequence[RoviVideo], jpeg_qualit
     from PIL import Image
 
     root = Path(root)
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise RoviError(f"write_rovi: {root} already exists and is not an empty folder; remove it first.")
     names = [v.name for v in videos]
     if not videos or len(set(names)) != len(names):
         raise RoviError(f"write_rovi: needs videos of distinct names, got {names}.")
@@ -246,8 +243,7 @@ def write_rovi(root: str | os.PathLike, videos: Sequence[RoviVideo], jpeg_qualit
         if absent or not v.expressions or min(v.expressions) < 1:
             raise RoviError(f"write_rovi: video {v.name!r} has expressions for object ids "
                             f"{sorted(v.expressions)}; ids must be >= 1 and appear in its masks (absent: {absent}).")
-    tmp = video.temp_folder(root)
-    try:
+    with video.new_folder(root, "write_rovi", RoviError) as tmp:
         index: dict[str, dict] = {split: {} for split in pairs.SPLITS}
         palette = _palette()
         for v in videos:
@@ -269,9 +265,4 @@ def write_rovi(root: str | os.PathLike, videos: Sequence[RoviVideo], jpeg_qualit
         for split, entries in index.items():
             if entries:
                 video.write_json(tmp / f"{split}.json", {"videos": entries})
-        if root.exists():
-            root.rmdir()
-        os.replace(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return root

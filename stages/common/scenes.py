@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -488,10 +487,7 @@ def write_scene(
     if len(camtoworlds) != len(images) or (masks is not None and masks.shape != images.shape[:3]):
         raise SceneError(f"write_scene({folder}): {len(images)} images, {len(camtoworlds)} poses, masks of "
                          f"shape {None if masks is None else masks.shape}; they must agree frame for frame.")
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise SceneError(f"write_scene: {folder} already exists and is not an empty folder; remove it first.")
-    tmp = video.temp_folder(folder)
-    try:
+    with video.new_folder(folder, "write_scene", SceneError) as tmp:
         paths = video.write_frames(tmp / "images", images)
         if masks is not None:
             video.write_frames(tmp / "masks", masks)
@@ -511,11 +507,6 @@ def write_scene(
                 "room": None if room is None else {"size": list(room.size)},
                 "objects": [box.to_json() for box in objects],
             })
-        if folder.exists():
-            folder.rmdir()
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "from_tensor",
     "list_frames",
     "match_frames",
+    "new_folder",
     "probe_video",
     "read_frames",
     "read_image",
@@ -174,6 +175,27 @@ def swap_in(built: Path, target: Path) -> None:
     os.replace(built, target)
     if old is not None:
         shutil.rmtree(old)
+
+
+@contextmanager
+def new_folder(folder: str | os.PathLike, what: str, error: type[Exception] = MediaError) -> Iterator[Path]:
+    """Build a folder that must not exist yet (or be empty) aside, and move it into place at the end;
+    on an exception nothing is left, neither the folder nor its build.
+
+    Raises:
+        error: ``folder`` exists and is not an empty folder (``what`` names the caller in the message).
+    """
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise error(f"{what}: {folder} already exists and is not an empty folder; remove it first.")
+    tmp = temp_folder(folder)
+    try:
+        yield tmp
+        if folder.exists():
+            folder.rmdir()
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextmanager

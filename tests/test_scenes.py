@@ -359,14 +359,48 @@ def test_split_round_trip_and_errors(tmp_path):
     for name in ("a", "b", "c"):
         (tmp_path / name).mkdir()
     scenes.write_split(tmp_path, ["a", "b"], ["c"])
-    assert scenes.load_split(tmp_path) == {"train": ["a", "b"], "test": ["c"]}
-    with pytest.raises(SceneError, match=r"\['a'\] are in both train and test"):
+    assert json.loads((tmp_path / "split.json").read_text()) == {"train": ["a", "b"], "test": ["c"]}
+    assert scenes.load_split(tmp_path) == {"train": ["a", "b"], "test": ["c"], "validation": []}
+    scenes.write_split(tmp_path, ["a"], ["c"], validation=["b"])
+    assert scenes.load_split(tmp_path) == {"train": ["a"], "test": ["c"], "validation": ["b"]}
+    with pytest.raises(SceneError, match=r"\['a'\] are in more than one of train, test"):
         scenes.write_split(tmp_path, ["a"], ["a"])
+    (tmp_path / "split.json").write_text(json.dumps({"train": ["a"], "test": ["c"], "validation": ["a"]}))
+    with pytest.raises(SceneError, match=r"lists scenes \['a'\] twice"):
+        scenes.load_split(tmp_path)
+    (tmp_path / "split.json").write_text(json.dumps({"train": ["a"], "test": ["c"], "val": ["b"]}))
+    with pytest.raises(SceneError, match="optionally 'validation'"):
+        scenes.load_split(tmp_path)
+    scenes.write_split(tmp_path, ["a", "b"], ["c"])
     (tmp_path / "c").rmdir()
     with pytest.raises(FileNotFoundError, match=r"names scene 'c' but .* is missing"):
         scenes.load_split(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"split\.json not found"):
         scenes.load_split(tmp_path / "a")
+
+
+def test_the_papers_95_40_5_split_of_a_dl3dv_folder(tmp_path, capsys):
+    for index in range(140):  # DL3DV-Benchmark's layout: <hash>/nerfstudio/transforms.json (a few flat ones)
+        inner = tmp_path / f"{index:03d}scene" / ("nerfstudio" if index % 7 else "")
+        inner.mkdir(parents=True, exist_ok=True)
+        (inner / "transforms.json").write_text("{}")
+    (tmp_path / "notes").mkdir()  # not a scene
+    stage_main = scenes.main
+    stage_main(["split", str(tmp_path), "--seed", "3"])
+    assert "95 train, 40 test, 5 validation" in capsys.readouterr().out
+    split = scenes.load_split(tmp_path)
+    assert [len(split[k]) for k in ("train", "test", "validation")] == [95, 40, 5]
+    assert sorted(split["train"] + split["test"] + split["validation"]) == scenes.scene_folders(tmp_path)
+    assert split["test"] == sorted(split["test"])  # each list in natural order
+    first = (tmp_path / "split.json").read_bytes()
+    scenes.make_split(tmp_path, 95, 40, 5, seed=3)
+    assert (tmp_path / "split.json").read_bytes() == first  # seeded
+    assert scenes.make_split(tmp_path, 95, 40, 5, seed=4) and scenes.load_split(tmp_path)["test"] != split["test"]
+    with pytest.raises(SceneError, match="holds 140 scene folders; the split asks for 95 train \\+ 40 test \\+ 4"):
+        scenes.make_split(tmp_path, 95, 40, 4)
+    with pytest.raises(SystemExit):
+        stage_main(["split", str(tmp_path), "--validation", "0"])
+    assert "make the counts add up" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,7 +414,7 @@ PARAMS = {"num_scenes": 3, "num_test_scenes": 1, "frames": 3, "height": 16, "wid
 def test_stage_writes_a_loadable_set_and_replaces_it_atomically(tmp_path, monkeypatch):
     out = tmp_path / "data" / "scenes"
     result = stage.run(stage.Params(**PARAMS), out)
-    assert scenes.load_split(out) == {"train": ["scene_000", "scene_001"], "test": ["scene_002"]}
+    assert scenes.load_split(out) == {"train": ["scene_000", "scene_001"], "test": ["scene_002"], "validation": []}
     assert result["metrics"]["total_frames"] == 9 and result["metrics"]["num_test_scenes"] == 1
     assert json.loads((out / "metrics.json").read_text()) == result["metrics"]
     assert [p.name for p in result["videos"]] == ["scene_000.mp4", "scene_002.mp4"]

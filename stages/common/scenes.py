@@ -57,10 +57,14 @@ __all__ = [
     "load_split",
     "load_texture",
     "look_at",
+    "make_drive",
     "make_intrinsics",
     "make_spec",
+    "make_split",
     "make_trajectory",
     "render",
+    "render_drive",
+    "scene_folders",
     "write_scene",
     "write_split",
 ]
@@ -803,23 +807,94 @@ def load_scene(folder: str | os.PathLike, image_dir: str | None = None, load_ima
     return scene
 
 
-def write_split(folder: str | os.PathLike, train: list[str], test: list[str]) -> Path:
-    """Write ``<folder>/split.json`` naming the train and test scenes (disjoint), atomically."""
+def write_split(folder: str | os.PathLike, train: list[str], test: list[str],
+                validation: Sequence[str] = ()) -> Path:
+    """Write ``<folder>/split.json`` naming the train and test (and validation) scenes, disjoint, atomically."""
     folder = Path(folder)
-    if set(train) & set(test):
-        raise SceneError(f"Scenes {sorted(set(train) & set(test))} are in both train and test.")
-    video.write_json(folder / "split.json", {"train": list(train), "test": list(test)})
+    lists = {"train": list(train), "test": list(test), **({"validation": list(validation)} if validation else {})}
+    names = [name for names in lists.values() for name in names]
+    if len(set(names)) != len(names):
+        raise SceneError(f"Scenes {sorted({n for n in names if names.count(n) > 1})} are in more than one of "
+                         f"{', '.join(lists)}.")
+    video.write_json(folder / "split.json", lists)
     return folder / "split.json"
 
 
 def load_split(folder: str | os.PathLike) -> dict[str, list[str]]:
-    """Read ``<folder>/split.json``, ``{"train": [...], "test": [...]}``; every scene folder must exist."""
+    """Read ``<folder>/split.json``, ``{"train": [...], "test": [...]}`` and optionally ``"validation"``
+    (returned as ``[]`` when absent); the lists are disjoint and every scene folder must exist.
+
+    The validation scenes (the paper's 5 of DL3DV-Benchmark) are held out of both: no stage reads them.
+    """
     folder = Path(folder)
-    split = _read_json(folder / "split.json", "a scene set holds split.json; the scenes stage writes it.")
-    if set(split) != {"train", "test"} or not all(isinstance(v, list) for v in split.values()):
-        raise SceneError(f"{folder / 'split.json'} must have exactly the lists 'train' and 'test'.")
-    for name in split["train"] + split["test"]:
+    split = _read_json(folder / "split.json", "a scene set holds split.json; the scenes stage writes it "
+                       "(for a DL3DV download: `python -m stages.common.scenes split <folder>`).")
+    if not {"train", "test"} <= set(split) <= {"train", "test", "validation"} \
+            or not all(isinstance(v, list) for v in split.values()):
+        raise SceneError(f"{folder / 'split.json'} must have the lists 'train' and 'test' (and optionally "
+                         "'validation'), nothing else.")
+    split.setdefault("validation", [])
+    names = [name for names in split.values() for name in names]
+    if len(set(names)) != len(names):
+        raise SceneError(f"{folder / 'split.json'} lists scenes {sorted({n for n in names if names.count(n) > 1})} "
+                         "twice; each scene belongs to one of train, test, validation.")
+    for name in names:
         if not (folder / name).is_dir():
             raise SceneNotFoundError(f"{folder / 'split.json'} names scene {name!r} but {folder / name} "
                                      "is missing.")
     return split
+
+
+def scene_folders(root: str | os.PathLike) -> list[str]:
+    """The scene folders of a set, in natural order: those holding ``transforms.json`` (or DL3DV-Benchmark's
+    ``nerfstudio/transforms.json``)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SceneNotFoundError(f"{root} is not a folder of scenes.")
+    return sorted((p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                   and ((p / "transforms.json").is_file() or (p / "nerfstudio" / "transforms.json").is_file())),
+                  key=_natural_key)
+
+
+def make_split(root: str | os.PathLike, train: int, test: int, validation: int = 0, seed: int = 0) -> Path:
+    """Split the scenes of ``root`` at random (seeded) into ``train``, ``test`` and ``validation`` scenes and
+    write ``<root>/split.json`` (the paper's DL3DV-Benchmark split: 95, 40, 5 of its 140 scenes).
+
+    Raises:
+        SceneError: the counts do not add up to the scenes found (naming both), or a count is negative.
+    """
+    names = scene_folders(root)
+    if min(train, test, validation) < 0 or train + test + validation != len(names) or not train or not test:
+        raise SceneError(f"{root} holds {len(names)} scene folders; the split asks for {train} train + {test} test "
+                         f"+ {validation} validation = {train + test + validation} (train and test at least 1): "
+                         "make the counts add up to the scenes there.")
+    order = np.random.default_rng(seed).permutation(len(names))
+    chosen = [names[i] for i in order]
+    parts = chosen[:train], chosen[train:train + test], chosen[train + test:]
+    return write_split(root, *(sorted(part, key=_natural_key) for part in parts))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m stages.common.scenes",
+        description="Write split.json for a folder of nerfstudio / DL3DV scenes (e.g. the paper's 95/40/5 split of "
+                    "DL3DV-Benchmark's 140 scenes).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    split = commands.add_parser("split", help="a seeded random train/test/validation split")
+    split.add_argument("root", help="the folder of scene folders, e.g. data/external/dl3dv")
+    split.add_argument("--train", type=int, default=95)
+    split.add_argument("--test", type=int, default=40)
+    split.add_argument("--validation", type=int, default=5)
+    split.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        path = make_split(args.root, args.train, args.test, args.validation, args.seed)
+    except SceneError as error:
+        parser.exit(2, f"error: {error}\n")
+    print(f"wrote {path}: {args.train} train, {args.test} test, {args.validation} validation scenes")
+
+
+if __name__ == "__main__":
+    main()

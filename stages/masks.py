@@ -1,6 +1,6 @@
 """Stage ``masks``: (masked video, ground truth) pairs for video inpainting (paper section 4.3, supplement B.3).
 
-Three mask sources, each written as a pairs folder (:mod:`stages.common.pairs`) under ``--out``:
+Four pairs folders, one per mask source and video source, (:mod:`stages.common.pairs`) under ``--out``:
 
 - ``inpaint_box``: a fixed central box of half the height and half the width in every frame of every
   scene of ``--scenes`` (nerfstudio / DL3DV folders), the paper's DL3DV inpainting task (B.3: "a fixed
@@ -10,6 +10,8 @@ Three mask sources, each written as a pairs folder (:mod:`stages.common.pairs`) 
   Open Dataset v2 segments (:mod:`stages.common.waymo`): a seeded random half (``object_fraction``,
   at least one) of the vehicles that one camera's boxes show, each masked by its camera box in every
   frame it appears in, grown by ``dilation`` pixels.
+- ``inpaint_box_waymo`` (with ``inpaint_objects``): the central box on the same segments, the paper's
+  Waymo box inpainting (Table 3's Waymo rows; task ``inpaint_box``).
 - ``inpaint_rovi`` (only when ``rovi_path`` is set): dataset-provided per-object masks with a text
   prompt, read from a folder in the ROVI / Refer-YouTube-VOS layout (:mod:`stages.common.rovi`).
 
@@ -239,8 +241,8 @@ def run(params: Params, scenes_dir: str | Path, out_dir: str | Path, metrics_pat
             masked = apply_mask(frames, mask, params.fill)
             writer.add(name, split, masked, frames, mask=as_mask_frames(mask), prompt=prompt)
             areas.append(float(mask.mean()))  # only the area: real sets do not fit in memory
-            if split not in samples.setdefault(writer.task, {}):
-                samples[writer.task][split] = (name, _sample(masked, mask, frames))
+            if split not in samples.setdefault(writer.folder.name, {}):  # per pairs folder: inpaint_box_waymo too
+                samples[writer.folder.name][split] = (name, _sample(masked, mask, frames))
 
         box_areas = []
         with pairs.PairsWriter(build / "inpaint_box", "inpaint_box", FPS) as writer:
@@ -251,12 +253,15 @@ def run(params: Params, scenes_dir: str | Path, out_dir: str | Path, metrics_pat
         metrics["inpaint_box"] = {"pairs": len(box_areas), **_area(box_areas)}
 
         if segments:
-            object_areas, skipped = [], []
+            object_areas, box_waymo_areas, skipped = [], [], []
             camera = waymo.CameraName[params.waymo_camera]
-            with pairs.PairsWriter(build / "inpaint_objects", "inpaint_objects", FPS) as writer:
-                for name, split, folder in tqdm(segments, desc="inpaint_objects", unit="segment", disable=None):
+            with pairs.PairsWriter(build / "inpaint_objects", "inpaint_objects", FPS) as writer, \
+                    pairs.PairsWriter(build / "inpaint_box_waymo", "inpaint_box", FPS) as box_writer:
+                for name, split, folder in tqdm(segments, desc="waymo", unit="segment", disable=None):
                     segment = waymo.read_segment(params.waymo_path, folder, name, camera)
                     count = params.waymo_frames or segment.num_frames
+                    frames = segment.read_images(range(count))
+                    add(box_writer, name, split, frames, box_mask(*frames.shape[:3]), box_waymo_areas)
                     vehicles = vehicle_ids(segment, count)
                     if not vehicles:  # a segment without a vehicle in view has nothing to inpaint
                         skipped.append(name)
@@ -264,17 +269,18 @@ def run(params: Params, scenes_dir: str | Path, out_dir: str | Path, metrics_pat
                                     "inpaint_objects", name, params.waymo_camera, count)
                         continue
                     chosen[name] = choose_objects(vehicles, params.object_fraction, scene_rng(params.seed, name))
-                    frames = segment.read_images(range(count))
                     add(writer, name, split, frames, waymo_bbox_mask(segment, chosen[name], count, params.dilation),
                         object_areas)
                 if not object_areas:
                     raise MaskError(f"no segment of {params.waymo_path} shows a vehicle box in camera "
                                     f"{params.waymo_camera}; inpaint_objects (Waymo-Bbox) has nothing to mask.")
                 writer.commit()
+                box_writer.commit()
             metrics["inpaint_objects"] = {
                 "pairs": len(object_areas), **_area(object_areas),
                 "objects_chosen_mean": round(float(np.mean([len(c) for c in chosen.values()])), 4),
                 "segments_without_vehicles": len(skipped)}
+            metrics["inpaint_box_waymo"] = {"pairs": len(box_waymo_areas), **_area(box_waymo_areas)}
 
         if params.rovi_path is not None:
             rovi_areas = []

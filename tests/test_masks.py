@@ -166,7 +166,8 @@ def with_waymo(root: Path, **changes) -> masks.Params:
 def test_stage_writes_box_pairs_from_scenes_and_waymo_bbox_pairs_from_segments(tmp_path, scene_set, waymo_set):
     params = with_waymo(waymo_set, dilation=1, fill=0)
     result = run_stage(tmp_path, scene_set, params)
-    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["inpaint_box", "inpaint_objects"]
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["inpaint_box", "inpaint_box_waymo",
+                                                                      "inpaint_objects"]
     box_pairs = pairs.load_pairs(tmp_path / "masks" / "inpaint_box")
     assert [(p["scene"], p["split"]) for p in box_pairs] == [("scene_0", "train"), ("scene_1", "train"),
                                                              ("scene_2", "test")]
@@ -187,13 +188,18 @@ def test_stage_writes_box_pairs_from_scenes_and_waymo_bbox_pairs_from_segments(t
         expected = dilate_oracle(boxes_oracle(segment, result["chosen"][pair["scene"]]), 1)
         check_pair(pair, expected, segment.read_images(), 0)  # the decoded JPEGs are the ground truth
 
+    waymo_box = pairs.load_pairs(tmp_path / "masks" / "inpaint_box_waymo")  # the central box on every segment
+    assert [(p["scene"], p["split"]) for p in waymo_box] == [("seg_a", "train"), ("seg_b", "train"), ("seg_c", "test")]
+    segment = waymo.read_segment(waymo_set, "training", "seg_b")
+    check_pair(waymo_box[1], masks.box_mask(FRAMES, HEIGHT, WIDTH), segment.read_images(), 0)
+
     metrics = json.loads((tmp_path / "metrics" / "masks.json").read_text())
-    assert metrics == result["metrics"]
+    assert metrics == result["metrics"] and metrics["inpaint_box_waymo"]["pairs"] == 3
     assert metrics["inpaint_box"]["mask_area_fraction"] == 0.25 and metrics["inpaint_box"]["pairs"] == 3
     assert 0 < metrics["inpaint_objects"]["mask_area_fraction"] < 0.5
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
-        "inpaint_box_scene_0.mp4", "inpaint_box_scene_2.mp4", "inpaint_objects_seg_a.mp4",
-        "inpaint_objects_seg_c.mp4"]
+        "inpaint_box_scene_0.mp4", "inpaint_box_scene_2.mp4", "inpaint_box_waymo_seg_a.mp4",
+        "inpaint_box_waymo_seg_c.mp4", "inpaint_objects_seg_a.mp4", "inpaint_objects_seg_c.mp4"]
     sample = video.read_video(tmp_path / "plots" / "inpaint_box_scene_0.mp4")
     assert sample.shape == (FRAMES, HEIGHT, 3 * WIDTH, 3)  # masked | mask | target
 

@@ -181,7 +181,8 @@ TINY = {
 }
 # The tiny run's methods per experiment (each run is a process: a few, not the whole matrix).
 TINY_METHODS = {"nvs": ["chopgrad_d1", "latent_mse", "per_frame"], "inpaint_box": ["chopgrad_d1"],
-                "inpaint_objects": ["latent_mse"], "inpaint_rovi": ["chopgrad_d1"], "driving": ["latent_mse"],
+                "inpaint_objects": ["latent_mse"], "inpaint_rovi": ["chopgrad_d1"], "inpaint_box_waymo": ["latent_mse"],
+                "driving": ["latent_mse"],
                 "sr": ["chopgrad_d1", "per_frame"]}
 # Files each stage must leave in the tiny run (stage name: paths relative to the repo).
 PRODUCED = {
@@ -190,7 +191,7 @@ PRODUCED = {
     "vae": ["data/vae/config.json", "data/vae/diffusion_pytorch_model.safetensors", "metrics/vae.json",
             "plots/vae/training_curve.png", "plots/vae/reconstruction.png", "plots/vae/reconstruction.mp4"],
     "masks": ["data/masks/inpaint_box/pairs.json", "data/masks/inpaint_objects/pairs.json",
-              "data/masks/inpaint_rovi/pairs.json", "metrics/masks.json",
+              "data/masks/inpaint_rovi/pairs.json", "data/masks/inpaint_box_waymo/pairs.json", "metrics/masks.json",
               "plots/masks/inpaint_box_scene_000.mp4", "plots/masks/inpaint_objects_scene_002.mp4"],
     "degrade": ["data/degrade/sr/pairs.json", "data/degrade/test_sets/bicubic/pairs.json", "metrics/degrade.json",
                 "plots/degrade/sr_scene_000.mp4", "plots/degrade/sr_scene_002.mp4", "plots/degrade/bicubic_scene_002.mp4"],

@@ -104,10 +104,10 @@ class Params:
         if self.vsr_lq_dir is not None and Path(self.vsr_lq_dir).name != self.vsr_lq_dir:
             raise ValueError(f"degrade.vsr_lq_dir must be a folder name inside each test set (e.g. LQ), "
                              f"got {self.vsr_lq_dir!r}")
-        bad = [label for label in self.vsr_sets if not re.fullmatch(r"[A-Za-z0-9_]+", label)]
+        bad = [label for label in self.vsr_sets if not re.fullmatch(r"[A-Za-z0-9_]+", label) or label == "sr"]
         if bad:
             raise ValueError(f"degrade.vsr_sets: labels {bad} must be letters, digits and _ (they name folders "
-                             "and table rows), e.g. {UDM10: data/external/vsr/UDM10}")
+                             "and table rows), other than sr (the sr pairs' own), e.g. {UDM10: data/external/vsr/UDM10}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -322,6 +322,10 @@ def run(params: Params, scenes_dir: str | Path, out_dir: str | Path, metrics_pat
         raise DegradeError("degrade.vsr_sets names test sets but no folder was given for them (--test-sets).")
     checked = _check_scenes(scenes_dir, params.scale, ("test",) if params.train_videos else pairs.SPLITS)
     train_videos = _train_videos(params) if params.train_videos else []
+    clash = sorted({name for name, _ in train_videos} & {name for name, _, _ in checked})
+    if clash:
+        raise DegradeError(f"training videos {clash} of {params.train_videos} have the names of test scenes of "
+                           f"{scenes_dir}; the sr pairs are named by them: rename the videos.")
     for root in params.vsr_sets.values():
         vsr.index_vsr_set(root, params.vsr_lq_dir, params.scale)  # layout errors before any work
     targets = [out_dir, plots_dir] + ([Path(test_sets_dir)] if test_sets_dir is not None else [])

@@ -172,9 +172,19 @@ def _check_scenes(scenes_dir: Path) -> list[tuple[str, str, scenes.Scene]]:
             for split_name in pairs.SPLITS for name in split[split_name]]
 
 
-def _waymo_segments(params: Params) -> list[tuple[str, str, str]]:
-    """(context name, pairs split, split folder) of every segment to mask; every segment read and checked
-    (components, camera, frames, boxes) before any image is decoded or anything written."""
+@dataclass(frozen=True)
+class WaymoSource:
+    name: str  # the segment's context name: the pair's scene name
+    split: str  # the pairs' split: train or test
+    folder: str  # the release's split folder it is read from
+    frames: int  # frames kept
+    vehicles: tuple[str, ...]  # camera object ids of the vehicles seen in those frames
+    fps: float  # its camera's frame rate, from the timestamps (the release: 10 Hz)
+
+
+def _waymo_segments(params: Params) -> list[WaymoSource]:
+    """Every segment to mask, each read and checked (components, camera, frames, boxes, a vehicle in view
+    somewhere) before any image is decoded or anything written."""
     root = Path(params.waymo_path)
     if not root.is_dir():
         raise MaskError(f"masks.waymo_path: {root} is not a folder; point it at a Waymo Open Dataset v2 folder "
@@ -193,12 +203,20 @@ def _waymo_segments(params: Params) -> list[tuple[str, str, str]]:
         raise MaskError(f"Waymo segment(s) {twice} are both training and test segments; a segment may be in one "
                         "split only (check masks.waymo_train_segments / waymo_test_segments).")
     camera = waymo.CameraName[params.waymo_camera]
-    for name, _, folder in chosen:
+    sources = []
+    for name, split, folder in chosen:
         segment = waymo.read_segment(root, folder, name, camera)
         if params.waymo_frames > segment.num_frames:
             raise MaskError(f"{segment.path}: segment {name} has {segment.num_frames} frames, fewer than "
                             f"masks.waymo_frames ({params.waymo_frames}); lower it, or 0 for every frame.")
-    return chosen
+        count = params.waymo_frames or segment.num_frames
+        steps = np.diff(segment.timestamps_micros[:count])
+        fps = round(1e6 / float(np.median(steps)), 3) if len(steps) else FPS
+        sources.append(WaymoSource(name, split, folder, count, tuple(vehicle_ids(segment, count)), fps))
+    if not any(source.vehicles for source in sources):
+        raise MaskError(f"no segment of {params.waymo_path} shows a vehicle box in camera {params.waymo_camera}; "
+                        "inpaint_objects (Waymo-Bbox) has nothing to mask.")
+    return sources
 
 
 def _sample(masked: np.ndarray, mask: np.ndarray, target: np.ndarray) -> np.ndarray:  # -> [T, H, 3W, 3]
@@ -255,32 +273,30 @@ def run(params: Params, scenes_dir: str | Path, out_dir: str | Path, metrics_pat
         if segments:
             object_areas, box_waymo_areas, skipped = [], [], []
             camera = waymo.CameraName[params.waymo_camera]
-            with pairs.PairsWriter(build / "inpaint_objects", "inpaint_objects", FPS) as writer, \
-                    pairs.PairsWriter(build / "inpaint_box_waymo", "inpaint_box", FPS) as box_writer:
-                for name, split, folder in tqdm(segments, desc="waymo", unit="segment", disable=None):
-                    segment = waymo.read_segment(params.waymo_path, folder, name, camera)
-                    count = params.waymo_frames or segment.num_frames
-                    frames = segment.read_images(range(count))
-                    add(box_writer, name, split, frames, box_mask(*frames.shape[:3]), box_waymo_areas)
-                    vehicles = vehicle_ids(segment, count)
-                    if not vehicles:  # a segment without a vehicle in view has nothing to inpaint
-                        skipped.append(name)
+            fps = float(np.median([source.fps for source in segments]))  # the pairs' rate: the cameras' (10 Hz)
+            with pairs.PairsWriter(build / "inpaint_objects", "inpaint_objects", fps) as writer, \
+                    pairs.PairsWriter(build / "inpaint_box_waymo", "inpaint_box", fps) as box_writer:
+                for source in tqdm(segments, desc="waymo", unit="segment", disable=None):
+                    segment = waymo.read_segment(params.waymo_path, source.folder, source.name, camera)
+                    frames = segment.read_images(range(source.frames))
+                    add(box_writer, source.name, source.split, frames, box_mask(*frames.shape[:3]), box_waymo_areas)
+                    if not source.vehicles:  # a segment without a vehicle in view has nothing to inpaint
+                        skipped.append(source.name)
                         log.warning("%s: no vehicle box of camera %s in its first %d frames; left out of "
-                                    "inpaint_objects", name, params.waymo_camera, count)
+                                    "inpaint_objects", source.name, params.waymo_camera, source.frames)
                         continue
-                    chosen[name] = choose_objects(vehicles, params.object_fraction, scene_rng(params.seed, name))
-                    add(writer, name, split, frames, waymo_bbox_mask(segment, chosen[name], count, params.dilation),
-                        object_areas)
-                if not object_areas:
-                    raise MaskError(f"no segment of {params.waymo_path} shows a vehicle box in camera "
-                                    f"{params.waymo_camera}; inpaint_objects (Waymo-Bbox) has nothing to mask.")
+                    picked = choose_objects(list(source.vehicles), params.object_fraction,
+                                            scene_rng(params.seed, source.name))
+                    chosen[source.name] = picked
+                    add(writer, source.name, source.split, frames,
+                        waymo_bbox_mask(segment, picked, source.frames, params.dilation), object_areas)
                 writer.commit()
                 box_writer.commit()
             metrics["inpaint_objects"] = {
                 "pairs": len(object_areas), **_area(object_areas),
                 "objects_chosen_mean": round(float(np.mean([len(c) for c in chosen.values()])), 4),
-                "segments_without_vehicles": len(skipped)}
-            metrics["inpaint_box_waymo"] = {"pairs": len(box_waymo_areas), **_area(box_waymo_areas)}
+                "segments_without_vehicles": len(skipped), "fps": fps}
+            metrics["inpaint_box_waymo"] = {"pairs": len(box_waymo_areas), **_area(box_waymo_areas), "fps": fps}
 
         if params.rovi_path is not None:
             rovi_areas = []

@@ -72,9 +72,12 @@ class Params:
         if self.rovi_frames < 0 or self.rovi_stride < 1 or (self.rovi_frames - 1) * self.rovi_stride >= self.frames:
             raise ValueError(f"scenes.rovi_frames ({self.rovi_frames}, >= 0) frames every rovi_stride "
                              f"({self.rovi_stride}, >= 1) frames must fit in the {self.frames} frames of a scene")
-        if self.dove_frames > self.frames or self.vsr_frames > self.frames:
+        if not (0 <= self.dove_frames <= self.frames and 0 <= self.vsr_frames <= self.frames):
             raise ValueError(f"scenes.dove_frames ({self.dove_frames}) and scenes.vsr_frames ({self.vsr_frames}) "
-                             f"must be at most scenes.frames ({self.frames})")
+                             f"must be in [0, scenes.frames = {self.frames}] (0: not written)")
+        if (self.vsr_frames or self.waymo_frames) and not self.num_test_scenes:
+            raise ValueError("scenes.vsr_frames and scenes.waymo_frames make test data from the test scenes: set "
+                             "scenes.num_test_scenes >= 1, or set them to 0")
         if self.vsr_scale < 1 or (self.vsr_frames and min(self.height, self.width) < self.vsr_scale):
             raise ValueError(f"scenes.vsr_scale must be >= 1 and at most the frame size, got {self.vsr_scale}")
         if self.waymo_frames < 0:
@@ -115,7 +118,7 @@ def rovi_videos(build: Path, renders: dict[str, scenes.Render], splits: dict[str
     return videos
 
 
-VSR_LABEL = "bicubic"  # the embedded VSR test set: <out>/vsr/bicubic/ (GT and LQ = bicubic GT / vsr_scale)
+VSR_LABEL = "bicubic"  # the embedded VSR test set: <out>/vsr/bicubic/ (GT and LQ = OpenCV bicubic GT / vsr_scale)
 WAYMO_SPLITS = {"train": "training", "test": "validation"}  # the release's split folders
 WAYMO_START_MICROS = 1_552_440_195_000_000  # the first frame's timestamp; frames are 100 ms apart (10 Hz)
 CAMERA_HEIGHT = 1.0  # metres above the floor: the front camera of the embedded segments
@@ -243,11 +246,14 @@ def run(params: Params, out_dir: str | Path, metrics_path: str | Path | None = N
                 width=params.width, num_objects=params.num_objects)
             log.info("%s: %d frames in %.1f s", name, params.frames, time.perf_counter() - started)
         scenes.write_split(build, train, test)
-        videos = rovi_videos(build, renders, {**dict.fromkeys(train, "train"), **dict.fromkeys(test, "test")},
-                             params) if params.rovi_frames else []
-        if videos:
-            rovi.write_rovi(build / "rovi", videos)
         splits = {**dict.fromkeys(train, "train"), **dict.fromkeys(test, "test")}
+        videos = rovi_videos(build, renders, splits, params) if params.rovi_frames else []
+        if params.rovi_frames and not videos:
+            raise scenes.SceneError(f"scenes.rovi_frames: no object is seen in the first {params.rovi_frames} frames "
+                                    f"(every {params.rovi_stride}th) of any scene, so the ROVI copy would be empty; "
+                                    "raise rovi_frames or rovi_stride, or set rovi_frames to 0")
+        if videos:
+            rovi.write_rovi(build / "rovi", videos, frame_step=params.rovi_stride)
         camera_box_count = write_drives(build, splits, params) if params.waymo_frames else 0
         if params.dove_frames:  # the train scenes as DOVE's training videos
             vsr.write_video_list(build / "dove", {name: renders[name].images[:params.dove_frames] for name in train},

@@ -205,6 +205,8 @@ def test_dove_training_videos_give_the_train_pairs(tmp_path, scene_set):
     (lambda root: (root / "videos.txt").write_text("videos/clip.mp4\nvideos/gone.mp4\n"), "line 2: 'videos/gone.mp4'"),
     (lambda root: (root / "videos.txt").write_text("\n"), "lists no video"),
     (lambda root: (root / "videos" / "clip.mp4").write_bytes(b"not a video"), "not a readable video"),
+    (lambda root: (root / "videos" / "clip.mp4").rename(root / "videos" / "scene_2.mp4")  # returns the new path
+     and (root / "videos.txt").write_text("videos/scene_2.mp4\n"), r"\['scene_2'\] .* have the names of test scenes"),
 ])
 def test_a_broken_training_folder_is_rejected_before_any_output(tmp_path, scene_set, edit, message):
     root = vsr.write_video_list(tmp_path / "dove", {"clip": photo_video(3, 16, 24)})
@@ -264,7 +266,7 @@ def test_scenes_smaller_than_the_scale_are_rejected(tmp_path):
     ("kernel_size", [8, 21], "degrade.kernel_size"), ("blur_sigma", [0.0, 1.0], "degrade.blur_sigma"),
     ("noise_sigma", [5.0, 1.0], "degrade.noise_sigma"), ("gaussian_noise_prob", 1.5, "gaussian_noise_prob"),
     ("vsr_lq_dir", "../LQ", "degrade.vsr_lq_dir"), ("crf", [18.5, 30], "degrade.crf"),
-    ("vsr_sets", {"UDM-10": "x"}, "degrade.vsr_sets"),
+    ("vsr_sets", {"UDM-10": "x"}, "degrade.vsr_sets"), ("vsr_sets", {"sr": "x"}, "other than sr"),
 ])
 def test_bad_params_name_the_key(key, value, message):
     values = {**dataclasses.asdict(PARAMS), key: value}

@@ -546,7 +546,8 @@ def test_main_logs_one_nested_mlflow_run_per_method_and_task(project, tmp_path, 
                            "model_frames": 3, "vbench_frames": 0, "fvd_clips": 2,
                            "fvd_clip_frames": 16, "device": "cpu", "threads": 1},
               "train": {"methods": {m: {} for m in METHODS}},
-              "experiments": {"nvs": {"task": "nvs", "pairs": folders[0], "vae": "data/vae", "methods": list(METHODS)}}}
+              "experiments": {"nvs": {"task": "nvs", "pairs": folders[0], "vae": "data/vae", "methods": list(METHODS),
+                                      "start": None, "train": {}}}}
     (tmp_path / "params.yaml").write_text(json.dumps(params))  # JSON is YAML
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     evaluate.main(["--params", str(tmp_path / "params.yaml"), "--infer", str(project / "infer"),

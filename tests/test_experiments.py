@@ -186,6 +186,10 @@ def test_bad_declarations_are_refused_naming_the_experiment(tmp_path):
         broken["experiments"]["a"].update(change)
         with pytest.raises(ParamsError, match=message):
             experiments.load(path, broken)
+    bare = copy.deepcopy(data)
+    del bare["experiments"]["a"]["train"]  # a train@ run depends on it (dvc.yaml): it must be written, {} or not
+    with pytest.raises(ParamsError, match=r"missing key\(s\) \['train'\]"):
+        experiments.load(path, bare)
     named = copy.deepcopy(data)
     named["experiments"]["a-b"] = named["experiments"].pop("a")
     with pytest.raises(ParamsError, match="may not contain '-'"):

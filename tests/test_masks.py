@@ -193,6 +193,7 @@ def test_stage_writes_box_pairs_from_scenes_and_waymo_bbox_pairs_from_segments(t
     segment = waymo.read_segment(waymo_set, "training", "seg_b")
     check_pair(waymo_box[1], masks.box_mask(FRAMES, HEIGHT, WIDTH), segment.read_images(), 0)
 
+    assert pairs.load_manifest(tmp_path / "masks" / "inpaint_objects")["fps"] == 10  # the segments' 10 Hz
     metrics = json.loads((tmp_path / "metrics" / "masks.json").read_text())
     assert metrics == result["metrics"] and metrics["inpaint_box_waymo"]["pairs"] == 3
     assert metrics["inpaint_box"]["mask_area_fraction"] == 0.25 and metrics["inpaint_box"]["pairs"] == 3

@@ -464,7 +464,9 @@ def test_stage_writes_a_loadable_set_and_replaces_it_atomically(tmp_path, monkey
     ({"seed": -1}, "seed must be >= 0"),
     ({"num_objects": 20}, r"num_objects must be in \[0, 8\]"),
     ({"rovi_frames": 3}, "rovi_frames .* must fit in the 3 frames"),
-    ({"dove_frames": 4}, "must be at most scenes.frames"),
+    ({"dove_frames": 4}, r"must be in \[0, scenes.frames = 3\]"),
+    ({"vsr_frames": -5}, r"must be in \[0, scenes.frames = 3\]"),
+    ({"num_test_scenes": 0}, "make test data from the test scenes"),
     ({"frames": 2.5}, "frames must be an integer"),
 ])
 def test_stage_params_are_validated(change, match):
@@ -503,6 +505,14 @@ def test_stage_main_parses_argv_loads_params_and_logs(tmp_path, monkeypatch):
     assert logged["videos"] == ["scene_000.mp4", "scene_002.mp4"]
     assert logged["artifacts"] == ["split.json", "metrics.json"]
     assert scenes.load_split(tmp_path / "out")["test"] == ["scene_002"]
+
+
+def test_a_rovi_copy_without_any_object_in_view_is_an_error_not_an_empty_folder(tmp_path):
+    with pytest.raises(SceneError, match="no object is seen in the first 2 frames"):
+        stage.run(stage.Params(**{**PARAMS, "num_objects": 0}), tmp_path / "scenes")
+    assert not (tmp_path / "scenes").exists()
+    stage.run(stage.Params(**{**PARAMS, "num_objects": 0, "rovi_frames": 0}), tmp_path / "scenes")  # none asked
+    assert not (tmp_path / "scenes" / "rovi").exists()
 
 
 def project_waymo(points: np.ndarray, camera) -> np.ndarray:  # [N, 3] camera frame -> [N, 2] pixels

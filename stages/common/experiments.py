@@ -45,6 +45,7 @@ __all__ = ["TASKS", "Evaluation", "Experiment", "check_runs", "evaluations", "in
 TASKS = ("nvs", "inpaint_box", "inpaint_objects", "inpaint_rovi", "driving", "sr")  # the paper's tasks
 _KEYS = ("task", "pairs", "vae", "methods", "start", "train", "infer", "eval_frames", "paper_dataset", "test_sets")
 LABEL = re.compile(r"[A-Za-z0-9_]+")  # a test set's label: a part of folder and row names
+REQUIRED = ("task", "pairs", "vae", "methods", "start", "train")  # what train@ runs depend on (dvc.yaml params)
 NOT_OVERRIDABLE = ("methods",)  # train keys an experiment cannot override (the method catalogue is shared)
 
 
@@ -129,7 +130,7 @@ def load(path: str | Path = "params.yaml", data: dict | None = None) -> dict[str
         if not isinstance(entry, dict):
             raise ParamsError(f"{where} must be a mapping of {', '.join(_KEYS)}")
         unknown = sorted(set(entry) - set(_KEYS))
-        missing = [key for key in ("task", "pairs", "vae", "methods") if key not in entry]
+        missing = [key for key in REQUIRED if key not in entry]
         if unknown or missing:
             raise ParamsError(f"{where}: unknown key(s) {unknown} / missing key(s) {missing}; an experiment takes "
                               f"{', '.join(_KEYS)}")

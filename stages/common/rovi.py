@@ -216,12 +216,13 @@ def _palette() -> list[int]:  # DAVIS / YouTube-VOS style: id 0 black, then well
     return [channel for colour in colours for channel in colour]
 
 
-def write_rovi(root: str | os.PathLike, videos: Sequence[RoviVideo], jpeg_quality: int = 95) -> Path:
+def write_rovi(root: str | os.PathLike, videos: Sequence[RoviVideo], jpeg_quality: int = 95,
+               frame_step: int = 5) -> Path:
     """Write ``videos`` as a folder in ROVI's layout (read back by :func:`iter_rovi`), atomically.
 
     Frames are JPEGs (as YouTube-VOS ships them), masks palette PNGs whose values are object ids, the
-    frame stems ``00000``, ``00005``, ... (YouTube-VOS keeps every fifth frame and names frames by
-    their number). Every object id of ``expressions`` must appear in the video's ``ids``.
+    frame stems the source frame numbers ``0, frame_step, 2 frame_step, ...`` (YouTube-VOS keeps every
+    fifth frame and names frames by their number: ``00000``, ``00005``, ...). Every object id of ``expressions`` must appear in the video's ``ids``.
 
     Raises:
         RoviError: ``root`` exists and is not empty, two videos share a name, a split is not train or
@@ -247,7 +248,7 @@ def write_rovi(root: str | os.PathLike, videos: Sequence[RoviVideo], jpeg_qualit
         index: dict[str, dict] = {split: {} for split in pairs.SPLITS}
         palette = _palette()
         for v in videos:
-            stems = [f"{5 * t:05d}" for t in range(len(v.frames))]
+            stems = [f"{frame_step * t:05d}" for t in range(len(v.frames))]
             (tmp / "JPEGImages" / v.name).mkdir(parents=True)
             (tmp / "Annotations" / v.name).mkdir(parents=True)
             for stem, frame, ids in zip(stems, v.frames, v.ids, strict=True):

@@ -114,8 +114,10 @@ def iter_vsr_set(root: str | Path, lq_dir: str | None, scale: int) -> Iterator[t
 
 def write_vsr_set(root: str | os.PathLike, videos: Mapping[str, np.ndarray], scale: int) -> Path:
     """Write a test set in DOVE's layout, atomically: each video's frames (centre-cropped to multiples of
-    ``scale``) as ``GT/<video>/00000.png ...`` and their bicubic ``1 / scale`` downsampling (OpenCV's
-    ``INTER_CUBIC``; the classic "BI" degradation of UDM10's ``BIx4``) as ``LQ/<video>/...``.
+    ``scale``) as ``GT/<video>/frame_00001.png ...`` and their bicubic ``1 / scale`` downsampling as
+    ``LQ/<video>/...``. The downsampling is OpenCV's ``INTER_CUBIC``, which does not low-pass first:
+    UDM10's ``BIx4`` used MATLAB's ``imresize`` (antialiased bicubic), so this LQ aliases more and its
+    scores are not comparable with the published ones.
 
     Raises:
         VsrError: ``root`` exists and is not empty, no videos, or a video smaller than ``scale``.

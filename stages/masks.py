@@ -54,6 +54,8 @@ class Params:
     object_fraction: float  # share of each segment's labelled vehicles masked (Waymo-Bbox: 0.5), at least one
     dilation: int  # pixels each object mask grows by (square), so object edges do not leak through
     seed: int  # the vehicle choice of segment s is drawn from (seed, crc32(s))
+    scene_dir: str | None  # a real DL3DV / nerfstudio set (split.json) for inpaint_box; null: the --scenes set
+    image_dir: str | None  # read its frames from this folder of each scene (DL3DV's images_4); null: the listed
     waymo_path: str | None  # a Waymo Open Dataset v2 folder (<split>/<component>/<segment>.parquet), or null
     waymo_camera: str  # the camera filmed from: FRONT, FRONT_LEFT, FRONT_RIGHT, SIDE_LEFT or SIDE_RIGHT
     waymo_train_split: str  # its split folder of the training pairs (the release's: training)
@@ -75,6 +77,9 @@ class Params:
             raise ValueError(f"masks.dilation must be >= 0 pixels, got {self.dilation}")
         if self.seed < 0:
             raise ValueError(f"masks.seed must be >= 0, got {self.seed}")
+        if self.scene_dir is not None and not Path(self.scene_dir).is_dir():
+            raise ValueError(f"masks.scene_dir: {self.scene_dir} is not a folder; point it at a DL3DV / nerfstudio "
+                             "scene set (scene folders and split.json), or null for the --scenes set")
         cameras = [c.name for c in waymo.CameraName if c != waymo.CameraName.UNKNOWN]
         if self.waymo_camera not in cameras:
             raise ValueError(f"masks.waymo_camera must be one of {', '.join(cameras)}, got {self.waymo_camera!r}")
@@ -165,10 +170,11 @@ def as_mask_frames(mask: np.ndarray) -> np.ndarray:  # [T, H, W] bool -> [T, H, 
 # The stage
 
 
-def _check_scenes(scenes_dir: Path) -> list[tuple[str, str, scenes.Scene]]:
-    """(name, split, scene) for every scene of the set, layouts checked; nothing decoded."""
+def _check_scenes(scenes_dir: Path, image_dir: str | None = None) -> list[tuple[str, str, scenes.Scene]]:
+    """(name, split, scene) for every train and test scene of the set (DL3DV-Benchmark's ``<scene>/nerfstudio/``
+    too), layouts checked; nothing decoded."""
     split = scenes.load_split(scenes_dir)
-    return [(name, split_name, scenes.load_scene(scenes_dir / name, load_images=False))
+    return [(name, split_name, scenes.load_scene(scenes.scene_root(scenes_dir / name), image_dir, load_images=False))
             for split_name in pairs.SPLITS for name in split[split_name]]
 
 
@@ -237,7 +243,8 @@ def run(params: Params, scenes_dir: str | Path, out_dir: str | Path, metrics_pat
 
     Args:
         params: the ``masks:`` section.
-        scenes_dir: the scene set (``split.json`` and nerfstudio / DL3DV scene folders): ``inpaint_box``.
+        scenes_dir: the scene set (``split.json`` and nerfstudio / DL3DV scene folders): ``inpaint_box``, unless
+            ``params.scene_dir`` names another (real DL3DV).
         out_dir: the folder to (re)create, holding one pairs folder per task.
         metrics_path: metrics JSON (mask area fraction per task, vehicles chosen per segment).
         plots_dir: folder (re)created with the sample videos (masked | mask | target).
@@ -246,7 +253,8 @@ def run(params: Params, scenes_dir: str | Path, out_dir: str | Path, metrics_pat
         ``{"metrics": {...}, "videos": [paths], "chosen": {segment: [camera object ids]}}``.
     """
     scenes_dir, out_dir, plots_dir = Path(scenes_dir), Path(out_dir), Path(plots_dir)
-    checked = _check_scenes(scenes_dir)  # every input checked before any work
+    checked = _check_scenes(Path(params.scene_dir) if params.scene_dir else scenes_dir,  # every input checked first
+                            params.image_dir)
     segments = _waymo_segments(params) if params.waymo_path is not None else []
     if params.rovi_path is not None:
         rovi.check_rovi(params.rovi_path)

@@ -6,6 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -13,7 +14,8 @@ from stages import masks
 from stages.common import pairs, scenes, video, waymo
 from stages.common.params import ParamsError, params_from_mapping
 
-PARAMS = masks.Params(fill=127, object_fraction=0.5, dilation=0, seed=0, waymo_path=None, waymo_camera="FRONT",
+PARAMS = masks.Params(fill=127, object_fraction=0.5, dilation=0, seed=0, scene_dir=None, image_dir=None,
+                      waymo_path=None, waymo_camera="FRONT",
                       waymo_train_split="training", waymo_test_split="validation", waymo_train_segments=None,
                       waymo_test_segments=None, waymo_frames=0, rovi_path=None, rovi_frames=0, rovi_size=None)
 FRAMES, HEIGHT, WIDTH = 4, 16, 24
@@ -208,6 +210,29 @@ def test_stage_writes_box_pairs_from_scenes_and_waymo_bbox_pairs_from_segments(t
     assert run_stage(again, scene_set, params)["chosen"] == result["chosen"]  # deterministic
     for a, b in zip(sorted((tmp_path / "masks").rglob("*.png")), sorted((again / "masks").rglob("*.png"))):
         assert a.read_bytes() == b.read_bytes()
+
+
+def test_a_dl3dv_benchmark_set_gives_the_box_pairs_at_its_images_4_size(tmp_path, scene_set):
+    dl3dv = tmp_path / "dl3dv"  # DL3DV-Benchmark's nesting: <scene>/nerfstudio/transforms.json, a resized copy
+    intrinsics = np.array([[40.0, 0, 24], [0, 40.0, 16], [0, 0, 1]])
+    for index, name in enumerate(["9a1b", "7c2d"]):
+        frames = textured(FRAMES, 32, 48, 20 + index)
+        root = dl3dv / name / "nerfstudio"
+        scenes.write_scene(root, frames, intrinsics, np.tile(np.eye(4), (FRAMES, 1, 1)))
+        for path in sorted((root / "images").iterdir()):
+            (root / "images_4").mkdir(exist_ok=True)
+            small = cv2.resize(video.read_image(path), (24, 16), interpolation=cv2.INTER_AREA)
+            video.write_image(root / "images_4" / path.name, small)
+    scenes.write_split(dl3dv, ["9a1b"], ["7c2d"])
+    params = dataclasses.replace(PARAMS, scene_dir=str(dl3dv), image_dir="images_4")
+    run_stage(tmp_path, scene_set, params)  # --scenes is the embedded set; scene_dir wins
+    loaded = pairs.load_pairs(tmp_path / "masks" / "inpaint_box")
+    assert [(p["scene"], p["split"], p["height"], p["width"]) for p in loaded] == [("9a1b", "train", 16, 24),
+                                                                                 ("7c2d", "test", 16, 24)]
+    target = video.read_frames(dl3dv / "7c2d" / "nerfstudio" / "images_4")
+    check_pair(loaded[1], masks.box_mask(FRAMES, 16, 24), target, PARAMS.fill)
+    with pytest.raises(ParamsError, match="masks.scene_dir"):
+        params_from_mapping("masks", masks.Params, {**dataclasses.asdict(PARAMS), "scene_dir": str(tmp_path / "no")})
 
 
 def test_segment_lists_choose_the_split_and_first_frames_are_kept(tmp_path, scene_set, waymo_set):

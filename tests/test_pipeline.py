@@ -117,6 +117,7 @@ def test_real_data_enter_through_fixed_places_the_stages_depend_on():
     paper = YAML(typ="safe", pure=True).load((REPO / "profiles" / "paper.yaml").read_text())
     for stage, key, folder in (("splat", "scene_dir", "data/external/dl3dv"), ("reinsert", "scene_dir", "data/external/dl3dv"),
                                ("masks", "rovi_path", "data/external/rovi"), ("masks", "waymo_path", "data/external/waymo"),
+                               ("masks", "scene_dir", "data/external/dl3dv"),
                                ("degrade", "train_videos", "data/external/dove"),
                                ("degrade", "vsr_sets", "data/external/vsr")):
         assert folder in stages[stage]["deps"], (stage, folder)

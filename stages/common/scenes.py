@@ -65,6 +65,7 @@ __all__ = [
     "render",
     "render_drive",
     "scene_folders",
+    "scene_root",
     "write_scene",
     "write_split",
 ]
@@ -845,6 +846,14 @@ def load_split(folder: str | os.PathLike) -> dict[str, list[str]]:
     return split
 
 
+def scene_root(folder: str | os.PathLike) -> Path:
+    """The folder holding transforms.json: ``folder`` or, DL3DV-Benchmark style, ``folder/nerfstudio``."""
+    folder = Path(folder)
+    if not (folder / "transforms.json").is_file() and (folder / "nerfstudio" / "transforms.json").is_file():
+        return folder / "nerfstudio"
+    return folder
+
+
 def scene_folders(root: str | os.PathLike) -> list[str]:
     """The scene folders of a set, in natural order: those holding ``transforms.json`` (or DL3DV-Benchmark's
     ``nerfstudio/transforms.json``)."""
@@ -852,7 +861,7 @@ def scene_folders(root: str | os.PathLike) -> list[str]:
     if not root.is_dir():
         raise SceneNotFoundError(f"{root} is not a folder of scenes.")
     return sorted((p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
-                   and ((p / "transforms.json").is_file() or (p / "nerfstudio" / "transforms.json").is_file())),
+                   and (scene_root(p) / "transforms.json").is_file()),
                   key=_natural_key)
 
 

@@ -652,9 +652,9 @@ class SceneEntry:
 
 def scene_root(folder: Path) -> Path:
     """The folder holding transforms.json: ``folder`` or, DL3DV-Benchmark style, ``folder/nerfstudio``."""
-    if not (folder / "transforms.json").is_file() and (folder / "nerfstudio" / "transforms.json").is_file():
-        return folder / "nerfstudio"
-    return folder
+    from stages.common import scenes
+
+    return scenes.scene_root(folder)
 
 
 def scene_entries(source: str | Path) -> list[SceneEntry]:

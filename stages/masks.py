@@ -191,34 +191,19 @@ class WaymoSource:
 def _waymo_segments(params: Params) -> list[WaymoSource]:
     """Every segment to mask, each read and checked (components, camera, frames, boxes, a vehicle in view
     somewhere) before any image is decoded or anything written."""
-    root = Path(params.waymo_path)
-    if not root.is_dir():
-        raise MaskError(f"masks.waymo_path: {root} is not a folder; point it at a Waymo Open Dataset v2 folder "
-                        "(<split>/camera_image/<segment>.parquet, ...; docs/data.md), or set it to null.")
-    chosen = []
-    for split, folder, listing in (("train", params.waymo_train_split, params.waymo_train_segments),
-                                   ("test", params.waymo_test_split, params.waymo_test_segments)):
-        names = waymo.read_segment_list(listing) if listing else waymo.list_segments(root, folder)
-        if not names:
-            raise MaskError(f"{root / folder / 'camera_image'} holds no segment; the {split} pairs of "
-                            "inpaint_objects need at least one (or list them with "
-                            f"masks.waymo_{split}_segments).")
-        chosen += [(name, split, folder) for name in names]
-    twice = sorted({name for name, _, _ in chosen if sum(n == name for n, _, _ in chosen) > 1})
-    if twice:
-        raise MaskError(f"Waymo segment(s) {twice} are both training and test segments; a segment may be in one "
-                        "split only (check masks.waymo_train_segments / waymo_test_segments).")
+    chosen = waymo.choose_segments(params.waymo_path, {
+        "train": (params.waymo_train_split, params.waymo_train_segments),
+        "test": (params.waymo_test_split, params.waymo_test_segments)}, "masks")
     camera = waymo.CameraName[params.waymo_camera]
     sources = []
     for name, split, folder in chosen:
-        segment = waymo.read_segment(root, folder, name, camera)
+        segment = waymo.read_segment(params.waymo_path, folder, name, camera)
         if params.waymo_frames > segment.num_frames:
             raise MaskError(f"{segment.path}: segment {name} has {segment.num_frames} frames, fewer than "
                             f"masks.waymo_frames ({params.waymo_frames}); lower it, or 0 for every frame.")
         count = params.waymo_frames or segment.num_frames
-        steps = np.diff(segment.timestamps_micros[:count])
-        fps = round(1e6 / float(np.median(steps)), 3) if len(steps) else FPS
-        sources.append(WaymoSource(name, split, folder, count, tuple(vehicle_ids(segment, count)), fps))
+        sources.append(WaymoSource(name, split, folder, count, tuple(vehicle_ids(segment, count)),
+                                   waymo.frame_rate(segment, count)))
     if not any(source.vehicles for source in sources):
         raise MaskError(f"no segment of {params.waymo_path} shows a vehicle box in camera {params.waymo_camera}; "
                         "inpaint_objects (Waymo-Bbox) has nothing to mask.")

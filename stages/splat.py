@@ -13,7 +13,7 @@ Outputs (built under temporary names and swapped in at the end):
 
 - ``<out>/nvs/``: the pairs folder (``pairs.json``; ``<split>/<scene>/input`` = renders,
   ``<split>/<scene>/target`` = ground truth; PNG frames ``00000.png, ...``);
-- ``<out>/gaussians/<scene>.safetensors``: the reconstruction (read by the ``reinsert`` stage);
+- ``<out>/gaussians/<scene>.safetensors``: the reconstruction;
 - ``--metrics``: per-scene PSNR at the held-out frames (those not trained on) and at the training frames;
 - ``--plots``: ``videos/<scene>.mp4`` (render | ground truth), ``frames.png`` (held-out frames) and
   ``training.png`` (loss and Gaussian count).
@@ -202,25 +202,6 @@ def reconstruct(entry: gs.SceneEntry, scene: scenes.Scene, frames: np.ndarray, p
 # Outputs
 
 
-def plot_curves(histories: dict[str, dict], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), dpi=100)
-    for name, history in histories.items():
-        axes[0].plot(history["loss"], lw=0.8, label=name)
-        axes[1].plot(history["num_gaussians"], lw=1.2, label=name)
-    axes[0].set(xlabel="step", ylabel="0.8 L1 + 0.2 (1 - SSIM)", yscale="log", title="training loss")
-    axes[1].set(xlabel="step", ylabel="Gaussians", title="DefaultStrategy densification")
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
 def plot_frames(samples: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], path: Path,
                 columns: int = 5) -> Path:
     """Rows of render / ground truth at held-out frames of each sample scene, with each frame's PSNR."""
@@ -277,7 +258,7 @@ def run(params: Params, scenes_dir: str | Path, out_dir: str | Path, metrics_pat
                          result["measures"]["num_gaussians"], result["measures"]["seconds"])
             writer.commit()
         plots_dir.mkdir(parents=True, exist_ok=True)
-        figures = [plot_curves({n: r["history"] for n, r in results.items()}, plots_dir / "training.png")]
+        figures = [gs.plot_training({n: r["history"] for n, r in results.items()}, plots_dir / "training.png")]
         if frame_samples:
             figures.append(plot_frames(frame_samples, plots_dir / "frames.png"))
     metrics = summarise({n: r["measures"] for n, r in results.items()}, time.perf_counter() - started)

@@ -56,7 +56,9 @@ TINY = {  # the tiny pipeline of test_pipeline.py, with train cut to two methods
     "degrade": {"scale": 4},
     "splat": {"every": 4, "iterations": 10, "sh_degree_interval": 5, "init_num_points": 200, "refine_start_iter": 3,
               "refine_stop_iter": 8, "refine_every": 3, "reset_every": 100},
-    "reinsert": {"asset_views": 2, "asset_iterations": 5, "asset_points": 40, "min_visible_pixels": 4},
+    "reinsert": {"every": 4, "iterations": 10, "sh_degree_interval": 5, "background_points": 100, "actor_points": 20,
+                 "refine_start_iter": 3, "refine_stop_iter": 8, "refine_every": 3, "reset_every": 100,
+                 "asset_views": 2, "asset_iterations": 5, "asset_points": 40, "min_visible_pixels": 4},
     "train": {"num_layers": 1, "head_dim": 8, "ffn_dim": 32, "text_dim": 16, "freq_dim": 16, "iterations": 1,
               "clip_frames": 5, "crop": [16, 16], "checkpoint_every": 1, "sample_frames": 5,
               "methods": {"chopgrad_d1": {"decode": "chopgrad", "d_trunc": 1, "iterations_factor": 1}},
@@ -81,7 +83,7 @@ STAGES = [
     ("splat", ["data/splat", "plots/splat"],
      lambda m, p: m.run(p, "data/scenes", "data/splat", "metrics/splat.json", "plots/splat")),
     ("reinsert", ["data/reinsert", "plots/reinsert"], lambda m, p: m.run(
-        p, "data/scenes", "data/splat/gaussians", "data/reinsert", "metrics/reinsert.json", "plots/reinsert")),
+        p, "data/reinsert", "metrics/reinsert.json", "plots/reinsert")),
     ("train", ["data/train/chopgrad_d1"], lambda m, p: [m.run(  # as train@<experiment>-chopgrad_d1, one each
         p, "chopgrad_d1", "data/vae", [pairs], "data/train/chopgrad_d1", f"metrics/train/chopgrad_d1/{Path(pairs).name}.json",
         f"checkpoints/train/{Path(pairs).name}-chopgrad_d1", stand_in_home=".weights/stand_in") for pairs in PAIRS]),

@@ -268,13 +268,13 @@ def break_component(root: Path, tag: str) -> None:
 
 
 @pytest.mark.parametrize("change, error, message", [
-    (lambda tmp, root: {"waymo_path": str(tmp / "nowhere")}, masks.MaskError, "is not a folder"),
+    (lambda tmp, root: {"waymo_path": str(tmp / "nowhere")}, waymo.WaymoNotFoundError, "masks.waymo_path: .* is not a folder"),
     (lambda tmp, root: {"waymo_camera": "SIDE_LEFT"}, waymo.WaymoError, "camera 4 .SIDE_LEFT."),
     (lambda tmp, root: {"waymo_frames": FRAMES + 1}, masks.MaskError, "fewer than masks.waymo_frames"),
     (lambda tmp, root: {"waymo_test_split": "testing"}, waymo.WaymoNotFoundError, "testing/camera_image not found"),
     (lambda tmp, root: (tmp / "l.txt").write_text("seg_a\n") and {"waymo_test_segments": str(tmp / "l.txt"),
                                                                   "waymo_test_split": "training"},
-     masks.MaskError, "both training and test segments"),
+     waymo.WaymoError, "both training and test segments"),
     (lambda tmp, root: break_component(root, "vehicle_pose") or {}, waymo.WaymoNotFoundError, "vehicle_pose"),
 ])
 def test_bad_waymo_input_is_rejected_before_any_output(tmp_path, scene_set, change, error, message):

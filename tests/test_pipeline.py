@@ -115,7 +115,7 @@ def test_real_data_enter_through_fixed_places_the_stages_depend_on():
 
     stages = read_yaml(REPO / "dvc.yaml")["stages"]
     paper = YAML(typ="safe", pure=True).load((REPO / "profiles" / "paper.yaml").read_text())
-    for stage, key, folder in (("splat", "scene_dir", "data/external/dl3dv"), ("reinsert", "scene_dir", "data/external/dl3dv"),
+    for stage, key, folder in (("splat", "scene_dir", "data/external/dl3dv"), ("reinsert", "waymo_path", "data/external/waymo"),
                                ("masks", "rovi_path", "data/external/rovi"), ("masks", "waymo_path", "data/external/waymo"),
                                ("masks", "scene_dir", "data/external/dl3dv"),
                                ("degrade", "train_videos", "data/external/dove"),
@@ -171,7 +171,9 @@ TINY = {
     "degrade": {"scale": 4},  # 16x24 -> 4x6 low-resolution frames
     "splat": {"every": 4, "iterations": 10, "sh_degree_interval": 5, "init_num_points": 200, "refine_start_iter": 3,
               "refine_stop_iter": 8, "refine_every": 3, "reset_every": 100},
-    "reinsert": {"asset_views": 2, "asset_iterations": 5, "asset_points": 40, "min_visible_pixels": 4},
+    "reinsert": {"every": 4, "iterations": 10, "sh_degree_interval": 5, "background_points": 100, "actor_points": 20,
+                 "refine_start_iter": 3, "refine_stop_iter": 8, "refine_every": 3, "reset_every": 100,
+                 "asset_views": 2, "asset_iterations": 5, "asset_points": 40, "min_visible_pixels": 4},
     "train": {"num_layers": 1, "head_dim": 8, "ffn_dim": 32, "text_dim": 16, "freq_dim": 16, "iterations": 1,
               "clip_frames": 5, "crop": [16, 16], "checkpoint_every": 1, "sample_frames": 5},
     "infer": {"max_frames": 5, "warmup_frames": 0, "sample_frames": 5},
@@ -202,7 +204,7 @@ PRODUCED = {
               "plots/splat/videos/scene_000.mp4", "plots/splat/videos/scene_002.mp4"],
     "reinsert": ["data/reinsert/driving/pairs.json", "data/reinsert/driving/train/scene_001/target/00008.png",
                  "data/reinsert/gaussians/scene_002.safetensors", "metrics/reinsert.json",
-                 "plots/reinsert/frames.png", "plots/reinsert/videos/scene_000.mp4"],
+                 "plots/reinsert/frames.png", "plots/reinsert/training.png", "plots/reinsert/videos/scene_000.mp4"],
     **{f"train@{task}-{method}": [f"data/train/{method}/{task}/{name}"
                                   for name in ("config.json", "model.safetensors", "train.json", "sample.mp4")]
        + [f"metrics/train/{method}/{task}.json"]

@@ -1,5 +1,7 @@
-"""The reinsert stage: removal and reinsertion of exactly the object's Gaussians, the orientation check with
-pluggable generator / estimator, and the stage end to end on generated scenes, with its bad-input errors."""
+"""The driving scenes and the reinsert stage: Waymo segments as a background plus rigid actors (geometry checked
+against the rendered object pixels), placement, exact removal and reinsertion, the orientation check with a
+pluggable generator / estimator, and the stage end to end on segments in the v2 schema, with its bad-input
+errors."""
 
 from __future__ import annotations
 
@@ -13,34 +15,36 @@ import pytest
 import torch
 
 from stages import reinsert as stage
-from stages import splat
+from stages import scenes as scenes_stage
+from stages.common import drive, waymo
 from stages.common import pairs as pairs_folder
-from stages.common import scenes, video
+from stages.common import scenes
 from stages.common import splat as gs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-
-BOX = scenes.ObjectBox(label=2, name="crate", center=(0.4, 0.3, -0.2), size=(1.0, 0.5, 0.3), yaw=0.6)
-
-
-def random_gaussians(means: torch.Tensor, sh_bases: int, seed: int) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    count = len(means)
-    return {"means": means.float(), "quats": torch.randn(count, 4, generator=generator),
-            "scales": torch.randn(count, 3, generator=generator) - 3,
-            "opacities": torch.randn(count, generator=generator),
-            "sh0": torch.randn(count, 1, 3, generator=generator),
-            "shN": torch.randn(count, sh_bases - 1, 3, generator=generator)}
+FRAMES, HEIGHT, WIDTH = 12, 24, 32
+SEGMENTS = {"seg_a": ("training", 0), "seg_b": ("training", 1), "seg_c": ("validation", 2)}  # name -> (split, seed)
 
 
-def box_points(box: scenes.ObjectBox, count: int, seed: int, yaw: float | None = None, centre=None) -> torch.Tensor:
-    """Uniform points in ``box`` (optionally turned to ``yaw`` and moved to ``centre``: an unanchored asset)."""
-    rng = np.random.default_rng(seed)
-    local = (rng.uniform(size=(count, 3)) - 0.5) * np.asarray(box.size)
-    turned = scenes.ObjectBox(box.label, box.name, box.center if centre is None else centre, box.size,
-                              box.yaw if yaw is None else yaw)
-    return torch.from_numpy(local @ turned.rotation.T + np.asarray(turned.center))
+def write_drive(root: Path, name: str, split: str, seed: int, num_objects: int = 2):
+    """A room filmed along a level drive, written as a v2 segment by the scenes stage's own writer; the render
+    (with its object label maps) and the room's boxes."""
+    render, camtoworlds, intrinsics, spec = scenes.render_drive(seed=seed, frames=FRAMES, height=HEIGHT, width=WIDTH,
+                                                                num_objects=num_objects)
+    frames, cameras = scenes_stage.waymo_segment(render, camtoworlds, intrinsics, spec.objects)
+    waymo.write_segment(root, split, name, frames, cameras)
+    return render, spec
+
+
+@pytest.fixture(scope="module")
+def waymo_set(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("waymo")
+    return root, {name: write_drive(root, name, split, seed) for name, (split, seed) in SEGMENTS.items()}
+
+
+def read_scene(root: Path, name: str, frames: int = 0) -> drive.DriveScene:
+    return drive.drive_scene(waymo.read_segment(root, SEGMENTS[name][0], name), frames)
 
 
 def rotation_matrix(quat: np.ndarray) -> np.ndarray:  # [N, 4] wxyz -> [N, 3, 3]
@@ -50,161 +54,220 @@ def rotation_matrix(quat: np.ndarray) -> np.ndarray:  # [N, 4] wxyz -> [N, 3, 3]
                      2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], axis=1).reshape(-1, 3, 3)
 
 
-def test_reinsertion_removes_and_reinserts_exactly_the_objects_gaussians():
+def random_gaussians(means: torch.Tensor, sh_bases: int, seed: int, owner: int | None = None) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    count = len(means)
+    out = {"means": means.float(), "quats": torch.randn(count, 4, generator=generator),
+           "scales": torch.randn(count, 3, generator=generator) - 3,
+           "opacities": torch.randn(count, generator=generator),
+           "sh0": torch.randn(count, 1, 3, generator=generator),
+           "shN": torch.randn(count, sh_bases - 1, 3, generator=generator)}
+    if owner is not None:
+        out["owner"] = torch.full((count,), owner, dtype=torch.int32)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Driving scenes
+
+
+def test_actor_boxes_project_onto_the_rendered_object_pixels(waymo_set):
+    """Cameras (vehicle pose x extrinsic x Waymo->OpenCV axes) and box poses (vehicle pose x box) read from the
+    parquet files put each box's silhouette on the pixels the ray tracer labelled with that object."""
+    root, written = waymo_set
+    render, spec = written["seg_a"]
+    scene = read_scene(root, "seg_a")
+    assert [a.object_id for a in scene.actors] == sorted(box.name for box in spec.objects)
+    assert np.allclose(scene.intrinsics, scenes.make_intrinsics(HEIGHT, WIDTH, 70.0)) and scene.undistort_maps is None
+    for actor in scene.actors:
+        box = next(b for b in spec.objects if b.name == actor.object_id)
+        assert np.allclose(np.sort(actor.size), np.sort(box.size)) and actor.present.all()
+        silhouettes = drive.box_silhouettes(scene, actor)
+        labels = render.labels == box.label
+        assert labels.any() and silhouettes.any()
+        # the hull covers the object's pixels (occluders hide parts of the box, never add to its label)
+        assert (labels & silhouettes).sum() / labels.sum() > 0.97
+    assert np.array_equal(scene.read_images(), scene.segment.read_images())  # no distortion: the JPEGs as decoded
+    assert np.abs(scene.read_images().astype(int) - render.images).mean() < 4  # (JPEG)
+
+
+def test_distorted_frames_are_resampled_to_a_pinhole_camera(tmp_path):
+    render, camtoworlds, intrinsics, spec = scenes.render_drive(seed=5, frames=2, height=HEIGHT, width=WIDTH,
+                                                                num_objects=1)
+    frames, cameras = scenes_stage.waymo_segment(render, camtoworlds, intrinsics, spec.objects)
+    cameras = [dataclasses.replace(cameras[0], distortion=np.array([-0.2, 0.05, 0.0, 0.0, 0.0]))]
+    waymo.write_segment(tmp_path, "training", "seg_d", frames, cameras)
+    scene = drive.drive_scene(waymo.read_segment(tmp_path, "training", "seg_d"))
+    assert scene.undistort_maps is not None and not np.allclose(scene.intrinsics, intrinsics)
+    assert scene.read_images().shape == render.images.shape and not np.array_equal(scene.read_images(), render.images)
+
+
+def test_place_moves_actors_rigidly_and_hides_absent_ones():
     rng = np.random.default_rng(0)
-    outside = torch.from_numpy(rng.uniform([-3, 0, -3], [3, 2.5, 3], size=(200, 3)))
-    scene = random_gaussians(torch.cat([outside, box_points(BOX, 30, 1)]), sh_bases=16, seed=2)
-    # the asset: a box-shaped cloud in a frame of its own (turned by 50 degrees, elsewhere), degree-0 colour
-    asset = random_gaussians(box_points(BOX, 400, 3, yaw=BOX.yaw + math.radians(50), centre=(2.0, 1.0, 2.0)),
-                             sh_bases=1, seed=4)
-    asset["opacities"] = torch.full((400,), 2.0)
-    yaw, confidence = stage.pca_yaw(asset)
-    assert confidence > 0.5
-    assert abs(math.degrees(stage.axis_difference(BOX.yaw + math.radians(50), yaw))) < 3
-
-    edited, removed, asset_ids = stage.reinsert(scene, BOX, asset, yaw, margin=0.05)
-
-    local = (scene["means"].double().numpy() - np.asarray(BOX.center)) @ BOX.rotation  # brute force
-    inside = np.flatnonzero((np.abs(local) <= np.asarray(BOX.size) / 2 + 0.05).all(axis=1))
-    assert removed.tolist() == inside.tolist() and len(inside) >= 30
-    kept = np.setdiff1d(np.arange(230), inside)
-    assert len(edited["means"]) == len(kept) + 400 and asset_ids.tolist() == list(range(len(kept), len(kept) + 400))
-    for key in gs.GAUSSIAN_KEYS:  # the kept Gaussians, untouched and in order
-        torch.testing.assert_close(edited[key][: len(kept)], scene[key][kept], rtol=0, atol=0)
-    for key in ("scales", "opacities", "sh0"):
-        torch.testing.assert_close(edited[key][asset_ids], asset[key], rtol=0, atol=0)
-    assert edited["shN"].shape == (len(kept) + 400, 15, 3) and (edited["shN"][asset_ids] == 0).all()
-    # a rigid turn about the vertical: positions and orientations turned alike, the asset back in the box
-    turn = stage.axis_difference(stage.box_axis_yaw(BOX), yaw)
-    c, s = math.cos(turn), math.sin(turn)
-    rotation = np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
-    placed = edited["means"][asset_ids].double().numpy()
-    offsets = asset["means"].double().numpy() - asset["means"].double().numpy().mean(axis=0)
-    np.testing.assert_allclose(placed - placed.mean(axis=0), offsets @ rotation.T, atol=1e-5)
-    np.testing.assert_allclose(rotation_matrix(edited["quats"][asset_ids].double().numpy()),
-                               rotation @ rotation_matrix(asset["quats"].double().numpy()), atol=1e-5)
-    assert gs.in_box(edited["means"][asset_ids], BOX.center, BOX.size, BOX.yaw, margin=0.05).float().mean() > 0.97
+    background = random_gaussians(torch.from_numpy(rng.normal(size=(20, 3))), 4, 1, owner=-1)
+    actors = [random_gaussians(torch.from_numpy(rng.normal(size=(10, 3))), 4, 2 + k, owner=k) for k in range(2)]
+    gaussians = {key: torch.cat([g[key] for g in (background, *actors)]) for key in background}
+    gaussians["means"].requires_grad_(True)
+    poses = np.tile(np.eye(4), (2, 1, 1))
+    for k, (yaw, shift) in enumerate([(0.7, (3.0, -1.0, 0.5)), (-2.0, (0.0, 4.0, 0.0))]):
+        poses[k, :3, :3] = [[math.cos(yaw), -math.sin(yaw), 0], [math.sin(yaw), math.cos(yaw), 0], [0, 0, 1]]
+        poses[k, :3, 3] = shift
+    placed = drive.place(gaussians, torch.from_numpy(poses).float(), torch.tensor([True, False]))
+    means, quats = placed["means"].detach().numpy(), placed["quats"].detach().numpy()
+    assert np.allclose(means[:20], background["means"].numpy())  # the background stays in world coordinates
+    for k, rows in enumerate((slice(20, 30), slice(30, 40))):
+        local = actors[k]["means"].numpy()
+        assert np.allclose(means[rows], local @ poses[k, :3, :3].T + poses[k, :3, 3], atol=1e-5)
+        assert np.allclose(rotation_matrix(quats[rows]), poses[k, :3, :3] @ rotation_matrix(actors[k]["quats"].numpy()),
+                           atol=1e-5)
+    opacity = torch.sigmoid(placed["opacities"]).detach()
+    assert (opacity[30:] < gs.ALPHA_THRESHOLD).all() and torch.equal(placed["opacities"][:30], gaussians["opacities"][:30])
+    placed["means"][20:30].sum().backward()  # differentiable in the actor's local means
+    assert torch.allclose(gaussians["means"].grad[20:30], torch.from_numpy(poses[0, :3, :3].sum(0)).float()[None].expand(10, 3),
+                          atol=1e-6)
 
 
-def test_orientation_estimate_and_axis_conventions():
-    for yaw in (0.0, 0.4, 1.2, 2.9):
-        cloud = {"means": box_points(scenes.ObjectBox(1, "b", (0, 0, 0), (2.0, 0.5, 0.5), yaw), 2000, 5).float(),
-                 "opacities": torch.zeros(2000)}
-        estimate, confidence = stage.pca_yaw(cloud)
-        assert abs(stage.axis_difference(yaw, estimate)) < math.radians(2) and 0 <= estimate < math.pi
-        assert confidence == pytest.approx((4 - 0.25) / (4 + 0.25), abs=0.05)  # variances scale with size^2
-    long_z = scenes.ObjectBox(1, "b", (0, 0, 0), (0.3, 1.0, 0.9), 0.2)
-    assert stage.box_axis_yaw(long_z) == pytest.approx((0.2 - math.pi / 2) % math.pi)
-    assert stage.axis_difference(0.05, math.pi - 0.05) == pytest.approx(0.1)  # axes: 179 degrees is -1
+def test_reconstruction_fits_and_densification_keeps_each_gaussians_owner(waymo_set):
+    root, _ = waymo_set
+    scene = read_scene(root, "seg_b")
+    params = tiny_params(iterations=40, refine_start_iter=5, refine_stop_iter=35, refine_every=5, grow_grad2d=1e-6)
+    frames = scene.read_images()
+    trained, info = stage.reconstruct(scene, frames, params, torch.device("cpu"))
+    owner = drive.actor_ids(trained)
+    assert len(owner) == len(trained["means"]) != params.background_points + 2 * params.actor_points  # densified
+    assert set(owner.tolist()) == {-1, 0, 1}
+    history = info["history"]["loss"]
+    assert np.mean(history[-5:]) < 0.8 * np.mean(history[:5])
+    for k, actor in enumerate(scene.actors):  # actors' Gaussians stay near their boxes (box frame)
+        local = trained["means"][owner == k].numpy()
+        assert (np.abs(local) <= actor.size / 2 + 0.5 * np.linalg.norm(actor.size)).mean() > 0.9
+
+
+def test_replace_actor_removes_exactly_its_gaussians_and_adds_the_asset():
+    rng = np.random.default_rng(1)
+    parts = [random_gaussians(torch.from_numpy(rng.normal(size=(n, 3))), 9, n, owner=o)
+             for n, o in ((15, -1), (6, 0), (7, 1), (5, 0))]
+    scene = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+    asset = random_gaussians(torch.from_numpy(rng.normal(size=(11, 3))), 1, 99)
+    edited = drive.replace_actor(scene, 0, asset)
+    kept = drive.actor_ids(scene) != 0
+    assert torch.equal(edited["means"][:kept.sum()], scene["means"][kept])  # the rest, in order
+    assert torch.equal(edited["means"][kept.sum():], asset["means"])
+    assert edited["owner"].tolist() == scene["owner"][kept].tolist() + [0] * 11
+    assert edited["shN"].shape == (kept.sum() + 11, 8, 3) and not edited["shN"][kept.sum():].any()
+    removed = drive.replace_actor(scene, 1, None)
+    assert len(removed["means"]) == len(scene["means"]) - 7 and 1 not in removed["owner"].tolist()
+
+
+def test_heading_estimate_and_turns_about_the_vertical():
+    rng = np.random.default_rng(2)
+    cloud = (rng.uniform(size=(500, 3)) - 0.5) * np.array([2.0, 0.6, 0.8])  # long along x
+    gaussians = random_gaussians(torch.from_numpy(cloud), 1, 3)
+    gaussians["opacities"] = torch.full((500,), 3.0)
+    yaw, confidence = drive.heading(gaussians)
+    assert abs(drive.axis_difference(0.0, yaw)) < math.radians(3) and confidence > 0.7
+    turned = drive.turn_about_z(gaussians, math.radians(130), (0.0, 0.0, 0.0), (1.0, 2.0, 0.0))
+    yaw, _ = drive.heading(turned)
+    assert abs(drive.axis_difference(math.radians(130), yaw)) < math.radians(3)
+    assert np.allclose(turned["means"].mean(0).numpy(), cloud.mean(0) @ np.array(
+        [[math.cos(math.radians(130)), math.sin(math.radians(130)), 0], [-math.sin(math.radians(130)),
+                                                                          math.cos(math.radians(130)), 0], [0, 0, 1]])
+                       + [1.0, 2.0, 0.0], atol=1e-5)
+    assert drive.box_axis(np.array([1.0, 2.0, 0.5])) == math.pi / 2 and drive.box_axis(np.array([2.0, 1.0, 0.5])) == 0
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The stage
 
 
-TINY = stage.Params(box_margin=0.05, min_visible_pixels=4, asset_views=2, asset_iterations=5, asset_points=40,
-                    asset_lr_scale=10.0, asset_alpha_weight=1.0, max_yaw_error_deg=90.0, min_confidence=0.0,
-                    scene_dir=None, image_dir=None, device="cpu", sample_videos=1, seed=0, threads=1)
+def tiny_params(root: Path | str = "data/scenes/waymo", **changes) -> stage.Params:
+    base = stage.Params(
+        waymo_path=str(root), waymo_camera="FRONT", waymo_train_split="training", waymo_test_split="validation",
+        waymo_train_segments=None, waymo_test_segments=None, waymo_frames=0,
+        actor_types=("TYPE_VEHICLE", "TYPE_PEDESTRIAN", "TYPE_CYCLIST"), every=3, iterations=12, sh_degree=1,
+        sh_degree_interval=6, background_points=150, actor_points=30, init_extent=1.5, init_opacity=0.1,
+        lr_scale=10.0, refine_start_iter=3, refine_stop_iter=9, refine_every=3, reset_every=100, grow_grad2d=3e-4,
+        min_visible_pixels=4, asset_views=2, asset_iterations=5, asset_points=40, asset_lr_scale=10.0,
+        asset_alpha_weight=1.0, max_yaw_error_deg=90.0, min_confidence=0.0, device="cpu", sample_videos=2, seed=0,
+        threads=1)
+    return dataclasses.replace(base, **changes)
 
 
-def tiny_params(**changes) -> stage.Params:
-    return dataclasses.replace(TINY, **changes)
-
-
-SPLAT = splat.Params(every=4, iterations=6, sh_degree=1, sh_degree_interval=3, init_num_points=150, init_extent=3.0,
-                     init_opacity=0.1, init_scale=1.0, ssim_lambda=0.2, means_lr=1.6e-3, scales_lr=5e-2,
-                     quats_lr=1e-2, opacities_lr=0.1, sh0_lr=2.5e-2, shN_lr=1.25e-3, refine_start_iter=100,
-                     refine_stop_iter=100, refine_every=3, reset_every=100, grow_grad2d=2e-4, scene_dir=None,
-                     image_dir=None, device="cpu", sample_videos=0, seed=0, threads=1)
-
-
-def make_set(folder: Path) -> Path:
-    for index, name in enumerate(["s0", "s1"]):
-        scenes.generate_scene(folder / name, seed=[11, index], frames=9, height=16, width=24, num_objects=2,
-                              supersample=1, texture_size=32)
-    scenes.write_split(folder, ["s0"], ["s1"])
-    return folder
-
-
-@pytest.fixture(scope="module")
-def splat_output(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("reinsert")
-    scene_set = make_set(root / "scenes")
-    splat.run(SPLAT, scene_set, root / "splat", root / "splat.json", root / "splat_plots")
-    return scene_set, root / "splat" / "gaussians"
-
-
-def run_stage(params, scene_set, gaussians, out: Path) -> dict:
-    return stage.run(params, scene_set, gaussians, out / "reinsert", out / "metrics.json", out / "plots")
-
-
-def test_stage_writes_driving_pairs_and_edited_scenes(splat_output, tmp_path):
-    scene_set, gaussians = splat_output
-    result = run_stage(tiny_params(), scene_set, gaussians, tmp_path)
-    assert len(pairs_folder.load_pairs(tmp_path / "reinsert" / "driving")) == 2  # the shared reader validates it
-    pairs = json.loads((tmp_path / "reinsert" / "driving" / "pairs.json").read_text())
-    assert pairs["task"] == "driving" and pairs["application"] == "driving"
-    assert [(p["scene"], p["split"], p["frames"]) for p in pairs["pairs"]] == [("s0", "train", 9), ("s1", "test", 9)]
-    for pair in pairs["pairs"]:
-        inputs = video.read_frames(tmp_path / "reinsert" / "driving" / pair["input"])
-        targets = video.read_frames(tmp_path / "reinsert" / "driving" / pair["target"])
-        assert inputs.shape == targets.shape == (9, 16, 24, 3)
-        np.testing.assert_array_equal(targets, scenes.load_scene(scene_set / pair["scene"]).images)
-        measures = result["metrics"]["scenes"][pair["scene"]]
-        assert measures["reinserted"]  # the thresholds accept every asset here
-        original, _ = gs.load_gaussians(gaussians / f"{pair['scene']}.safetensors")
-        edited, metadata = gs.load_gaussians(tmp_path / "reinsert" / "gaussians" / f"{pair['scene']}.safetensors")
-        assert len(edited["means"]) == (len(original["means"]) - measures["removed_gaussians"]
-                                        + measures["asset_gaussians"])
-        assert metadata["reinsert"]["object"] == measures["object"] and measures["asset_gaussians"] == 40
+def test_stage_writes_driving_pairs_and_edited_scenes(waymo_set, tmp_path):
+    root, written = waymo_set
+    result = stage.run(tiny_params(root), tmp_path / "reinsert", tmp_path / "metrics.json", tmp_path / "plots")
+    manifest = pairs_folder.load_pairs(tmp_path / "reinsert" / "driving")
+    assert [(p["scene"], p["split"]) for p in manifest] == [("seg_a", "train"), ("seg_b", "train"), ("seg_c", "test")]
+    assert json.loads((tmp_path / "reinsert" / "driving" / "pairs.json").read_text())["fps"] == 10.0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics == result["metrics"] and metrics["reinserted_scenes"] == 2
-    assert {p.name for p in (tmp_path / "plots").iterdir()} == {"videos", "frames.png"}
-    assert video.read_video(tmp_path / "plots" / "videos" / "s0.mp4").shape == (9, 16, 48, 3)
+    assert metrics == result["metrics"] and metrics["num_segments"] == 3
+    for pair in manifest:
+        render, spec = written[pair["scene"]]
+        read = pairs_folder.read_pair(pair)
+        degraded, target = read["input"], read["target"]
+        assert np.array_equal(target, read_scene(root, pair["scene"]).read_images())  # targets: the camera frames
+        measures = metrics["segments"][pair["scene"]]
+        assert measures["reinserted"] and measures["actors"] == 2
+        gaussians, meta = gs.load_gaussians(tmp_path / "reinsert" / "gaussians" / f"{pair['scene']}.safetensors")
+        assert meta["actors"] == sorted(box.name for box in spec.objects) and meta["reinsert"]["actor"] == measures["actor"]
+        index = meta["actors"].index(measures["actor"])  # the asset is that actor's now
+        assert int((gaussians["owner"] == index).sum()) == measures["asset_gaussians"] == 40
+        scene = read_scene(root, pair["scene"])
+        edited = drive.render(gaussians, scene, 1)
+        assert np.abs(edited.astype(int) - degraded.astype(int)).max() <= 1  # the pairs' inputs are its renders
+    assert sorted(p.name for p in (tmp_path / "plots" / "videos").iterdir()) == ["seg_a.mp4", "seg_c.mp4"]
+    assert (tmp_path / "plots" / "frames.png").is_file() and (tmp_path / "plots" / "training.png").is_file()
 
 
-def test_inconsistent_assets_are_discarded_and_the_next_object_tried(splat_output):
-    scene_set, gaussians = splat_output
-    scene = scenes.load_scene(scene_set / "s0")
-    original, _ = gs.load_gaussians(gaussians / "s0.safetensors")
-    order = sorted(scene.objects, key=lambda b: -int((scene.masks == b.label).sum()))
-    made = {}  # id(asset) -> the box it was made for
+def test_inconsistent_assets_are_discarded_and_the_next_actor_tried(waymo_set):
+    root, _ = waymo_set
+    scene = read_scene(root, "seg_a")
+    frames = scene.read_images()
+    trained = drive.init_drive_gaussians(scene, np.arange(0, FRAMES, 3), 50, 20, 1.5, 1, 0.1, 1.0,
+                                         torch.Generator().manual_seed(0))
+    tried = []
 
-    def generate(views: stage.AssetViews, box: scenes.ObjectBox):  # a stand-in generator: the box, as points
-        assert views.images.shape[0] == 2 and views.masks.shape == views.images.shape[:3]
-        assert (views.images[views.masks == 0] == 0).all()  # the background is masked out
-        asset = random_gaussians(box_points(box, 50, 0), sh_bases=1, seed=1)
-        made[id(asset)] = box
-        return asset
+    def generate(views: stage.AssetViews, actor: drive.Actor):  # a stand-in generator: the box, as points
+        tried.append(actor.object_id)
+        assert views.viewmats.shape == (2, 4, 4) and views.images.shape == (2, HEIGHT, WIDTH, 3)
+        points = (torch.rand(30, 3, generator=torch.Generator().manual_seed(0)) - 0.5) * torch.from_numpy(actor.size).float()
+        return random_gaussians(points, 1, 5)
 
-    def estimate(asset):  # a stand-in estimator: 40 degrees off for the first object, right for the second
-        box = made[id(asset)]
-        return stage.box_axis_yaw(box) + (math.radians(40) if box is order[0] else 0.0), 0.9
+    def estimate(asset):  # 40 degrees off for the first actor tried, right for the second
+        return (math.radians(40) if len(tried) == 1 else 0.0), 0.9
 
-    params = tiny_params(max_yaw_error_deg=15.0)
-    _, info = stage.insert_best_object(original, scene, scene.images, scene.masks, params, generate, estimate)
-    assert [box.name for box in made.values()] == [order[0].name, order[1].name]
-    assert info["reinserted"] and info["object"] == order[1].name and info["yaw_error_deg"] == pytest.approx(0)
-    assert info["discarded"] == [{"object": order[0].name, "yaw_error_deg": pytest.approx(40.0),
-                                  "confidence": 0.9, "asset_views": info["discarded"][0]["asset_views"],
+    params = tiny_params(root, max_yaw_error_deg=15.0, min_confidence=0.1)
+    edited, info = stage.insert_best_actor(trained, scene, frames, params, generate, estimate)
+    assert info["reinserted"] and info["actor"] == tried[1] and len(tried) == 2
+    assert info["discarded"] == [{"actor": tried[0], "yaw_error_deg": 40.0, "confidence": 0.9,
+                                  "asset_views": info["discarded"][0]["asset_views"],
                                   "reason": "inconsistent orientation"}]
-
-    def never(asset):
-        return 0.0, 0.01  # unconfident: every asset discarded, the original scene kept (as in the paper)
-
-    kept, info = stage.insert_best_object(original, scene, scene.images, scene.masks, params, generate, never)
-    assert kept is original and not info["reinserted"] and len(info["discarded"]) == 2
+    index = info["index"]
+    assert int((edited["owner"] == index).sum()) == 30 and int((trained["owner"] == index).sum()) == 20
+    kept, info = stage.insert_best_actor(trained, scene, frames, params, generate, lambda asset: (0.0, 0.01))
+    assert kept is trained and not info["reinserted"] and len(info["discarded"]) == 2  # the reconstruction kept
 
 
-def test_scenes_without_objects_or_gaussians_are_refused(splat_output, tmp_path):
-    scene_set, gaussians = splat_output
-    with pytest.raises(FileNotFoundError, match="run the splat stage"):
-        run_stage(tiny_params(), scene_set, tmp_path / "nowhere", tmp_path)
-    objects = json.loads((scene_set / "s1" / "objects.json").read_text())
-    try:
-        (scene_set / "s1" / "objects.json").write_text(json.dumps({**objects, "objects": []}))
-        with pytest.raises(ValueError, match="scene s1 lists no objects"):
-            run_stage(tiny_params(), scene_set, gaussians, tmp_path)
-    finally:
-        (scene_set / "s1" / "objects.json").write_text(json.dumps(objects))
-    assert not (tmp_path / "reinsert").exists() and not (tmp_path / "metrics.json").exists()
+@pytest.mark.parametrize("change, error, words", [
+    (lambda tmp, root: {"waymo_path": str(tmp / "nowhere")}, waymo.WaymoNotFoundError,
+     "reinsert.waymo_path: .* is not a folder"),
+    (lambda tmp, root: {"waymo_frames": FRAMES + 1}, waymo.WaymoError, "fewer than reinsert.waymo_frames"),
+    (lambda tmp, root: {"actor_types": ("TYPE_SIGN",)}, waymo.WaymoError, "labels a 3D box of type TYPE_SIGN"),
+    (lambda tmp, root: {"waymo_test_split": "training"}, waymo.WaymoError, "both training and test segments"),
+    (lambda tmp, root: {"waymo_camera": "SIDE_LEFT"}, waymo.WaymoError, "SIDE_LEFT"),
+])
+def test_bad_input_is_refused_before_any_work(waymo_set, tmp_path, change, error, words):
+    root, _ = waymo_set
+    with pytest.raises(error, match=words):
+        stage.run(tiny_params(root, **change(tmp_path, root)), tmp_path / "reinsert", tmp_path / "metrics.json",
+                  tmp_path / "plots")
+    assert not any(tmp_path.iterdir())
+
+
+def test_params_are_checked():
+    with pytest.raises(ValueError, match="actor_types must be a non-empty list of"):
+        tiny_params(actor_types=("TYPE_CAR",))
+    with pytest.raises(ValueError, match="reinsert.background_points must be >= 4"):
+        tiny_params(background_points=3)
+    with pytest.raises(ValueError, match="refine_start_iter must be in"):
+        tiny_params(refine_start_iter=10, refine_stop_iter=5)

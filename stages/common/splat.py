@@ -47,12 +47,13 @@ __all__ = [
     "SceneEntry",
     "TrainConfig",
     "concat",
-    "in_box",
     "init_gaussians",
     "load_gaussians",
     "num_sh_bases",
     "numeric_metrics",
+    "quat_multiply",
     "plot_frame_pairs",
+    "plot_training",
     "random_points",
     "rasterize",
     "read_colmap_points",
@@ -67,7 +68,6 @@ __all__ = [
     "sfm_points",
     "ssim",
     "train",
-    "turn_about_y",
     "viewmats_from_camtoworlds",
 ]
 
@@ -254,7 +254,8 @@ METADATA_KEY = "chopgrad"  # the one safetensors metadata entry: the whole recor
 
 
 def save_gaussians(path: str | Path, gaussians: dict[str, Tensor], metadata: dict | None = None) -> Path:
-    """Write Gaussians as safetensors (float32), with ``metadata`` as one JSON string.
+    """Write Gaussians as safetensors (GAUSSIAN_KEYS in float32, other entries such as a driving scene's
+    ``owner`` as they are), with ``metadata`` as one JSON string.
 
     One entry, its keys sorted: safetensors keeps its metadata in a Rust ``HashMap``, whose order
     changes from process to process, so several entries would make a rerun's file differ byte for
@@ -264,13 +265,14 @@ def save_gaussians(path: str | Path, gaussians: dict[str, Tensor], metadata: dic
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {key: gaussians[key].detach().to("cpu", torch.float32).contiguous() for key in GAUSSIAN_KEYS}
+    tensors = {key: value.detach().to("cpu", torch.float32 if key in GAUSSIAN_KEYS else value.dtype).contiguous()
+               for key, value in gaussians.items()}
     save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(metadata or {}, sort_keys=True)})
     return path
 
 
 def load_gaussians(path: str | Path) -> tuple[dict[str, Tensor], dict]:
-    """Read :func:`save_gaussians`' file: the tensors and the metadata (decoded from JSON)."""
+    """Read :func:`save_gaussians`' file: the tensors (every entry) and the metadata (decoded from JSON)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -283,7 +285,7 @@ def load_gaussians(path: str | Path) -> tuple[dict[str, Tensor], dict]:
             lacking = sorted(missing) + ([f"metadata {METADATA_KEY!r}"] if METADATA_KEY not in stored else [])
             raise ValueError(f"{path} lacks {', '.join(lacking)}; it is not a splat stage output of this "
                              "version (re-run the splat stage).")
-        tensors = {key: handle.get_tensor(key) for key in GAUSSIAN_KEYS}
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     return tensors, json.loads(stored[METADATA_KEY])
 
 
@@ -523,12 +525,21 @@ def train(
     scale: float,
     target_alphas: Tensor | None = None,  # [V, H, W] in [0, 1], for config.alpha_weight
     progress: Callable[[int, float, int], None] | None = None,
+    place: Callable[[dict[str, Tensor], int], dict[str, Tensor]] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, list]]:
     """Fit Gaussians to posed images with gsplat's trainer recipe (see the module docstring).
 
+    Args:
+        gaussians: the GAUSSIAN_KEYS, and any other per-Gaussian tensors (e.g. the driving scenes' ``owner``),
+            which are not trained but follow the Gaussians through densification (gsplat's strategy ops
+            carry every entry of the parameter dict).
+        place: ``place(params, view) -> Gaussians`` to render at training view ``view``: e.g. actors' local
+            Gaussians moved to that frame's box poses (``stages.common.drive``); None: as they are.
+
     Returns:
-        The trained Gaussians (detached tensors) and the history ``{"loss": [...], "num_gaussians": [...]}``
-        (one entry per step). ``progress(step, loss, num_gaussians)`` is called after each step.
+        The trained Gaussians (detached tensors, extra entries included) and the history
+        ``{"loss": [...], "num_gaussians": [...]}`` (one entry per step). ``progress(step, loss, num_gaussians)``
+        is called after each step.
     """
     from gsplat.strategy import DefaultStrategy
 
@@ -547,6 +558,8 @@ def train(
                                refine_stop_iter=config.refine_stop_iter, refine_every=config.refine_every,
                                reset_every=config.reset_every, grow_grad2d=config.grow_grad2d)
     strategy.check_sanity(params, optimizers)
+    for key in gaussians.keys() - set(GAUSSIAN_KEYS):  # after the check: it wants an optimizer per entry
+        params[key] = torch.nn.Parameter(gaussians[key].detach().clone().to(device), requires_grad=False)
     state = strategy.initialize_state(scene_scale=scale)
     generator = torch.Generator().manual_seed(config.seed)
     order: list[int] = []
@@ -557,20 +570,21 @@ def train(
             if not order:  # a fresh permutation of the views every epoch, as the trainer's shuffled loader
                 order = torch.randperm(len(images), generator=generator).tolist()
             loss = _train_step(step, order.pop(), params, optimizers, decay, strategy, state, images, viewmats, Ks,
-                               config, target_alphas)
+                               config, target_alphas, place)
             history["loss"].append(loss)
             history["num_gaussians"].append(len(params["means"]))
             if progress is not None:
                 progress(step, history["loss"][-1], history["num_gaussians"][-1])
-    return {k: params[k].detach() for k in GAUSSIAN_KEYS}, history
+    return {k: params[k].detach() for k in params.keys()}, history
 
 
 def _train_step(step: int, view: int, params, optimizers, decay, strategy, state, images: Tensor, viewmats: Tensor,
-                Ks: Tensor, config: TrainConfig, target_alphas: Tensor | None) -> float:
+                Ks: Tensor, config: TrainConfig, target_alphas: Tensor | None, place=None) -> float:
     """One step of :func:`train` on training view ``view`` (simple_trainer's loop body); returns the loss."""
     height, width = images.shape[1:3]
     sh_degree = min(step // config.sh_degree_interval, config.sh_degree)
-    colors, alphas, info = rasterize(params, viewmats[view:view + 1], Ks[view:view + 1], width, height, sh_degree)
+    shown = params if place is None else place(params, view)
+    colors, alphas, info = rasterize(shown, viewmats[view:view + 1], Ks[view:view + 1], width, height, sh_degree)
     strategy.step_pre_backward(params, optimizers, state, step, info)
     target = images[view:view + 1]
     l1 = (colors - target).abs().mean()
@@ -588,16 +602,7 @@ def _train_step(step: int, view: int, params, optimizers, decay, strategy, state
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Editing Gaussians (the reinsert stage): select, transform, concatenate
-
-
-def in_box(means: Tensor, center, size, yaw: float, margin: float = 0.0) -> Tensor:  # [N, 3] -> [N] bool
-    """Which centres lie in a box of full extents ``size`` at ``center`` turned by ``yaw`` about +y
-    (the convention of ``stages.common.scenes.ObjectBox``), grown by ``margin`` on every side."""
-    c, s = math.cos(yaw), math.sin(yaw)
-    rotation = means.new_tensor([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])  # local -> world
-    local = (means - means.new_tensor(center)) @ rotation  # rows: R^T (p - centre)
-    return (local.abs() <= means.new_tensor(size) / 2 + margin).all(dim=-1)
+# Editing Gaussians (the reinsert stage): select, rotate, concatenate
 
 
 def select(gaussians: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:
@@ -625,21 +630,8 @@ def quat_multiply(left: Tensor, right: Tensor) -> Tensor:  # [..., 4] wxyz x [..
                         w1 * y2 - x1 * z2 + y1 * w2 + z1 * x2, w1 * z2 + x1 * y2 - y1 * x2 + z1 * w2], dim=-1)
 
 
-def turn_about_y(gaussians: dict[str, Tensor], angle: float, pivot, target) -> dict[str, Tensor]:
-    """Rigidly move Gaussians: turn by ``angle`` about the vertical through ``pivot``, then carry ``pivot``
-    to ``target``. Only view-independent colour stays right (SH above degree 0 are not rotated)."""
-    means = gaussians["means"]
-    c, s = math.cos(angle), math.sin(angle)
-    rotation = means.new_tensor([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
-    turn = gaussians["quats"].new_tensor([math.cos(angle / 2), 0.0, math.sin(angle / 2), 0.0])
-    moved = dict(gaussians)
-    moved["means"] = (means - means.new_tensor(pivot)) @ rotation.T + means.new_tensor(target)
-    moved["quats"] = quat_multiply(turn.expand_as(gaussians["quats"]), gaussians["quats"])
-    return moved
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Scene sets (shared by the splat and reinsert stages)
+# Scene sets (the splat stage)
 
 
 @dataclass(frozen=True)
@@ -687,6 +679,26 @@ def numeric_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def plot_training(histories: dict[str, dict], path: Path) -> Path:
+    """Loss and Gaussian count per step, one line per scene (:func:`train`'s histories)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), dpi=100)
+    for name, history in histories.items():
+        axes[0].plot(history["loss"], lw=0.8, label=name)
+        axes[1].plot(history["num_gaussians"], lw=1.2, label=name)
+    axes[0].set(xlabel="step", ylabel="0.8 L1 + 0.2 (1 - SSIM)", yscale="log", title="training loss")
+    axes[1].set(xlabel="step", ylabel="Gaussians", title="DefaultStrategy densification")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def plot_frame_pairs(rows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], labels: tuple[str, str],

@@ -72,6 +72,8 @@ __all__ = [
     "Segment",
     "WaymoError",
     "WaymoNotFoundError",
+    "choose_segments",
+    "frame_rate",
     "list_segments",
     "read_segment",
     "read_segment_list",
@@ -424,6 +426,50 @@ def list_segments(root: str | os.PathLike, split: str) -> list[str]:
         raise WaymoNotFoundError(f"{folder} not found: a Waymo Open Dataset v2 split folder holds one folder "
                                  "per component (camera_image, vehicle_pose, ...).")
     return sorted(path.stem for path in folder.glob("*.parquet"))
+
+
+def choose_segments(root: str | os.PathLike, splits: Mapping[str, tuple[str, str | None]], section: str,
+                    frames: int = 0) -> list[tuple[str, str, str]]:
+    """The segments a stage reads, checked before any image is decoded.
+
+    Args:
+        root: a Waymo Open Dataset v2 folder (``<split>/<component>/<segment>.parquet``).
+        splits: pairs split (``train``/``test``) -> (the release's split folder, a segment list file or None
+            for every segment of that folder).
+        section: the params section (``masks``, ``reinsert``), named in the errors with its keys
+            ``waymo_path``, ``waymo_<split>_segments`` and ``waymo_frames``.
+        frames: the first frames a stage keeps (0: all): a segment with fewer is an error.
+
+    Returns:
+        ``(context name, pairs split, split folder)`` per segment, in the order of ``splits``.
+
+    Raises:
+        WaymoError: no such folder, an empty split, a segment in two splits, too few frames, or whatever
+            :func:`read_segment` refuses.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise WaymoNotFoundError(f"{section}.waymo_path: {root} is not a folder; point it at a Waymo Open Dataset "
+                                 "v2 folder (<split>/camera_image/<segment>.parquet, ...; docs/data.md).")
+    chosen = []
+    for split, (folder, listing) in splits.items():
+        names = read_segment_list(listing) if listing else list_segments(root, folder)
+        if not names:
+            raise WaymoError(f"{root / folder / 'camera_image'} holds no segment; the {split} pairs need at least "
+                             f"one (or list them with {section}.waymo_{split}_segments).")
+        chosen += [(name, split, folder) for name in names]
+    counts = Counter(name for name, _, _ in chosen)
+    twice = sorted(name for name, count in counts.items() if count > 1)
+    if twice:
+        raise WaymoError(f"Waymo segment(s) {twice} are both training and test segments; a segment may be in one "
+                         f"split only (check {section}.waymo_train_segments / waymo_test_segments).")
+    return chosen
+
+
+def frame_rate(segment: Segment, frames: int) -> float:
+    """Frames per second of the first ``frames`` frames, from their timestamps (the release: 10 Hz)."""
+    steps = np.diff(segment.timestamps_micros[:frames])
+    return round(1e6 / float(np.median(steps)), 3) if len(steps) else 10.0
 
 
 def read_segment_list(path: str | os.PathLike) -> list[str]:

@@ -66,7 +66,7 @@ import chopgrad.restoration
 from chopgrad import distributed
 from chopgrad import losses as pixel_losses
 from stages.common import checkpoint as ckpt
-from stages.common import cli, experiments, restoration, training
+from stages.common import cli, experiments, measure, restoration, training
 from stages.common import pairs as pairs_io
 from stages.common.params import ParamsError, params_from_mapping
 from stages.common.training import Method
@@ -120,6 +120,7 @@ class Params:
     decoder_lora_alpha: float  # Mirage: 16
     decoder_skip: bool  # Mirage's encoder-to-decoder skip connections, fusion conv trained (B.4)
     checkpoint_every: int  # iterations between checkpoints
+    validation_every: int  # iterations between PSNRs on the pairs' validation split (and at the end); 0: none
     sample_frames: int  # frames (1 + 4k) of the sample video written per task
     weights: Literal["official", "stand_in", "substitute"]  # pixel-loss backbones (below, and apply_substitutes)
     substitutes: dict[str, LossTable]  # weights "substitute": a network loss whose files are missing -> these losses
@@ -146,6 +147,8 @@ class Params:
                      "checkpoint_every", "timestep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.validation_every < 0:
+            raise ValueError(f"train.validation_every must be >= 0 (0: no validation), got {self.validation_every}")
         for name in ("clip_frames", "sample_frames"):  # the VAE's own rule is checked with the VAE (plan)
             value = getattr(self, name)
             if value < 1:
@@ -294,6 +297,7 @@ class Task:
     application: str
     fps: float
     train: list[dict]  # pairs of the train split (from stages.common.pairs.load_pairs)
+    validation: list[dict] = ()  # pairs of the validation split (DL3DV's 5 scenes), for train.validation_every
 
 
 def _json(path: Path) -> dict:
@@ -402,7 +406,8 @@ def _task(params: Params, method: str, name: str, folder: Path, vae_config: dict
         if tile < smallest:
             raise ValueError(f"tiles of {tile} pixels (the smallest of train.crop / train.tiles) are too small for the {application} "
                              f"losses {sorted(pixel)} (at least {smallest}): use a larger crop or fewer tiles")
-    return Task(name, folder, application, float(manifest["fps"]), train)
+    validation = [pair for pair in manifest["pairs"] if pair["split"] == "validation"]
+    return Task(name, folder, application, float(manifest["fps"]), train, validation)
 
 
 def apply_substitutes(params: Params) -> tuple[Params, dict[str, LossTable]]:
@@ -680,6 +685,9 @@ def train_task(params: Params, method: str, task: Task, vae_dir: Path, checkpoin
                disable=not info.is_main, file=sys.stderr, mininterval=1.0)
     while run.record["iteration"] < total:
         entry = _iterate(params, method, task, run, clips, losses, info)
+        if task.validation and params.validation_every and (
+                run.record["iteration"] % params.validation_every == 0 or run.record["iteration"] == total):
+            entry["validation_psnr"] = validation_psnr(run.model, task.validation, params.clip_frames)
         bar.update(1)
         bar.set_postfix(loss=f"{entry['loss']:.4g}")
         if run.record["iteration"] % params.checkpoint_every == 0 or run.record["iteration"] == total:
@@ -735,6 +743,8 @@ def _summary(params: Params, method: str, task: Task, run: _Run, pixel_loss, inf
         "final_loss": _mean_tail(last, "loss") if last else None,
         "final_latent_loss": _mean_tail(last, "latent") if last else None,
         "final_pixel_loss": _mean_tail(last, "pixel") if spec_method.decode and last else None,
+        "validation_pairs": len(task.validation) if params.validation_every else 0,
+        "final_validation_psnr": next((h["validation_psnr"] for h in reversed(history) if "validation_psnr" in h), None),
         "world_size": info.world_size, "sequence_parallel": params.sequence_parallel, "batch": params.data_parallel,
         "d_trunc": spec_method.d_trunc, "decoding": spec_method.decode,
         "latent_weight": loss_table(params, task.application)[0] if spec_method.decode else 1.0,
@@ -757,6 +767,22 @@ def _measured(params: Params, run: _Run, info: distributed.DistInfo) -> dict:
         "clip_frames_per_second": round(params.clip_frames * params.data_parallel * len(history) / seconds, 3),
         **training.peak_memory(info.device), "device": str(info.device), "resumed_from_iteration": run.resumed_from,
     }
+
+
+def validation_psnr(model: restoration.Model, validation: list[dict], frames: int) -> float:
+    """Mean PSNR (dB) of the restored first ``frames`` frames (whole frames) of each validation pair against
+    its target: the curve that tells when training has converged (the paper's Mirage stage: "the validation
+    loss plateaued"). Every rank runs it (the FSDP forward is a collective)."""
+    model.restorer.eval()
+    scores = []
+    with torch.no_grad():
+        for pair in validation:
+            count = min(frames, 1 + model.frame_multiple * ((pair["frames"] - 1) // model.frame_multiple))
+            read = lambda folder: np.stack([read_image(p) for p in list_frames(folder)[:count]])
+            output, _ = restoration.restore_video(model, read(pair["input"]))
+            scores.append(measure.psnr(output, read(pair["target"])))
+    model.restorer.train()
+    return round(float(np.mean(scores)), 4)
 
 
 def sample_video(model: restoration.Model, pair: dict, frames: int) -> np.ndarray:  # -> [T, H, 3W, 3] uint8
@@ -958,7 +984,7 @@ def log_result(tracker, result: dict) -> None:
     for task, record in result["tasks"].items():
         history = record["history"]
         iterations = [h["iteration"] for h in history]
-        for key in ("loss", "latent", "pixel", "lr"):
+        for key in ("loss", "latent", "pixel", "lr", "validation_psnr"):
             points = [(h["iteration"], h[key]) for h in history if h.get(key) is not None]
             if points:
                 tracker.log_curve(f"{task}/{key}", *zip(*points))

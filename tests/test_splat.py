@@ -367,6 +367,20 @@ def test_stage_writes_pairs_gaussians_metrics_and_plots(scene_set, splat_run):
     assert video.read_video(out / "plots" / "videos" / "s0.mp4").shape == (9, 16, 48, 3)  # render | truth
 
 
+def test_validation_scenes_become_validation_pairs(tmp_path):
+    """DL3DV's 5 validation scenes of split.json: reconstructed like the others, written as the validation
+    split, which train restores for its validation PSNR and infer / evaluate never read."""
+    for index, name in enumerate(("a", "b", "c")):
+        scenes.generate_scene(tmp_path / "set" / name, seed=[8, index], frames=5, height=16, width=24, num_objects=1,
+                              supersample=1, texture_size=32)
+    scenes.write_split(tmp_path / "set", ["a"], ["c"], validation=["b"])
+    stage.run(tiny_params(every=2, iterations=2, sample_videos=0), tmp_path / "set", tmp_path / "splat",
+              tmp_path / "m.json", tmp_path / "plots")
+    written = pairs_folder.load_pairs(tmp_path / "splat" / "nvs")
+    assert [(p["scene"], p["split"]) for p in written] == [("a", "train"), ("c", "test"), ("b", "validation")]
+    assert [p["scene"] for p in pairs_folder.load_pairs(tmp_path / "splat" / "nvs", "test")] == ["c"]
+
+
 def write_dl3dv_scene(folder: Path, with_colmap: bool, frames: int = 6) -> None:
     """A DL3DV-Benchmark-style scene written by hand: <scene>/nerfstudio/transforms.json listing images/ at
     96 x 64 while only the 4x-downsampled images_4/ ships, OpenGL poses, an ns-process-data

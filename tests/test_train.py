@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,8 @@ from chopgrad import losses
 from chopgrad.weights import MissingWeightsError
 from stages import train
 from stages.common import pairs as pairs_io
-from stages.common import restoration, training
+from stages.common import measure, restoration, training
+from stages.common import video as video_io
 from stages.common.params import ParamsError, params_from_mapping
 
 METHODS = {name: training.Method(decode, d_trunc, factor) for name, (decode, d_trunc, factor) in {
@@ -42,7 +44,7 @@ BASE = {
     "loss_sr": {"mse": 1.0, "dists": 0.1}, "loss_driving": {"lpips_vgg": 1.0, "gram": 0.1},
     "schedule": "joint", "reconstruction_iterations": 1, "loss_reconstruction": {"mse": 1.0, "lpips_vgg": 0.1},
     "tiles": [1, 1], "halo": 2, "transformer_lora_rank": 0, "transformer_lora_alpha": 4.0, "decoder_lora_rank": 0,
-    "decoder_lora_alpha": 2.0, "decoder_skip": False, "checkpoint_every": 2, "sample_frames": 5,
+    "decoder_lora_alpha": 2.0, "decoder_skip": False, "checkpoint_every": 2, "validation_every": 0, "sample_frames": 5,
     "weights": "stand_in", "substitutes": {"lpips_vgg": {"mse": 1.0}, "dists": {"mse": 1.0}, "gram": {"mse": 1.0}},
     "nproc_per_node": 1, "nnodes": 1, "rdzv_endpoint": None, "sequence_parallel": 1,
     "device": "cpu", "mixed_precision": True, "activation_checkpointing": True, "seed": 0,
@@ -416,6 +418,36 @@ def test_a_rerun_with_the_same_inputs_writes_the_same_bytes(tmp_path, inputs, we
     assert measured <= set(metrics["tasks"]["nvs"]) and metrics["tasks"]["nvs"]["train_seconds"] > 0
     assert {k: v for k, v in metrics["tasks"]["nvs"].items() if k not in measured} == record  # and the times
     assert runs[0]["tasks"]["sr"]["train_seconds"] == metrics["tasks"]["sr"]["train_seconds"]
+
+
+def test_validation_pairs_give_a_psnr_curve_and_stay_out_of_training(tmp_path, inputs, weight_home):
+    """Pairs of the validation split (DL3DV's 5 scenes) are restored every validation_every iterations and at
+    the end; their PSNR is in the history and train.json; training never draws them."""
+    folder = tmp_path / "pairs" / "nvs"
+    shutil.copytree(inputs["pairs"][0], folder)
+    manifest = json.loads((folder / "pairs.json").read_text())
+    validation = {**manifest["pairs"][2], "scene": "scene_9", "split": "validation"}
+    for key in ("input", "target"):
+        shutil.copytree(folder / manifest["pairs"][2][key], folder / "validation" / "scene_9" / key)
+        validation[key] = f"validation/scene_9/{key}"
+    manifest["pairs"].append(validation)
+    (folder / "pairs.json").write_text(json.dumps(manifest))
+    result = run_stage(tmp_path, inputs, weight_home, method="latent_mse", pairs=[folder], iterations=5,
+                       validation_every=2)
+    history = result["tasks"]["nvs"]["history"]
+    assert [h["iteration"] for h in history if "validation_psnr" in h] == [2, 4, 5]
+    model = restoration.load_model(tmp_path / "out" / "latent_mse" / "nvs", inputs["vae"])
+    pair = pairs_io.load_pairs(folder, "validation")[0]
+    read = lambda key: np.stack([video_io.read_image(p) for p in video_io.list_frames(pair[key])[:5]])
+    output, _ = restoration.restore_video(model, read("input"))
+    record = json.loads((tmp_path / "out" / "latent_mse" / "nvs" / "train.json").read_text())
+    assert record["final_validation_psnr"] == history[-1]["validation_psnr"] == pytest.approx(
+        measure.psnr(output, read("target")), abs=1e-3)
+    assert record["validation_pairs"] == 1
+    plan = train.plan(params(), "latent_mse", [folder], inputs["vae"])
+    assert [p["scene"] for p in plan["tasks"][0].train] == ["scene_0", "scene_1"]  # never trained on
+    off = run_stage(tmp_path / "off", inputs, weight_home, method="latent_mse", pairs=[folder], iterations=2)
+    assert not any("validation_psnr" in h for h in off["tasks"]["nvs"]["history"])
 
 
 def test_a_checkpoint_of_other_params_is_not_resumed(tmp_path, inputs, weight_home):

@@ -46,7 +46,7 @@ PAIRS_FILE = "pairs.json"
 # task -> application (the paper's four applications; three inpainting mask sources)
 APPLICATIONS = {"nvs": "nvs", "inpaint_box": "inpainting", "inpaint_objects": "inpainting",
                 "inpaint_rovi": "inpainting", "driving": "driving", "sr": "sr"}
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "validation")  # validation: held out of training and of the tables (train's validation PSNR)
 PAIR_KEYS = ("scene", "split", "input", "target", "mask", "prompt", "lowres", "frames", "height", "width")
 FOLDER_KEYS = ("input", "target", "mask", "lowres")  # the keys that name frame folders
 
@@ -294,7 +294,7 @@ def load_pairs(folder: str | os.PathLike, split: str | None = None, check_frames
 
     Args:
         folder: the folder holding ``pairs.json`` (e.g. ``data/degrade/sr``).
-        split: ``"train"`` or ``"test"`` to keep one split only; None for all.
+        split: ``"train"``, ``"test"`` or ``"validation"`` to keep one split only; None for all.
         check_frames: also check that the frame folders of a pair hold the same names (frames are
             paired by name), count them and check the first frame's size (one image read per
             folder; cheap). False checks only that the folders exist.

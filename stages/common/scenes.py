@@ -825,7 +825,8 @@ def load_split(folder: str | os.PathLike) -> dict[str, list[str]]:
     """Read ``<folder>/split.json``, ``{"train": [...], "test": [...]}`` and optionally ``"validation"``
     (returned as ``[]`` when absent); the lists are disjoint and every scene folder must exist.
 
-    The validation scenes (the paper's 5 of DL3DV-Benchmark) are held out of both: no stage reads them.
+    The validation scenes (the paper's 5 of DL3DV-Benchmark) are held out of both: they become pairs of the
+    ``validation`` split, which ``train`` restores for its validation PSNR and never trains on.
     """
     folder = Path(folder)
     split = _read_json(folder / "split.json", "a scene set holds split.json; the scenes stage writes it "

@@ -638,7 +638,7 @@ def quat_multiply(left: Tensor, right: Tensor) -> Tensor:  # [..., 4] wxyz x [..
 class SceneEntry:
     name: str
     folder: Path  # the folder holding transforms.json
-    split: str  # "train" or "test"
+    split: str  # "train", "test" or "validation"
     search: tuple[Path, ...]  # where SfM points may lie (the scene folder, and DL3DV's parent of nerfstudio/)
 
 
@@ -656,7 +656,7 @@ def scene_entries(source: str | Path) -> list[SceneEntry]:
     source = Path(source)
     if (source / "split.json").is_file():
         split = scenes.load_split(source)
-        named = [(name, "train") for name in split["train"]] + [(name, "test") for name in split["test"]]
+        named = [(name, part) for part in ("train", "test", "validation") for name in split[part]]
         if not named:
             raise scenes.SceneError(f"{source / 'split.json'} lists no scenes.")
         found = [(name, source / name, part) for name, part in named]

@@ -180,12 +180,17 @@ def test_bad_declarations_are_refused_naming_the_experiment(tmp_path):
         ({"colour": "red"}, r"unknown key\(s\) \['colour'\]"),
         ({"test_sets": {"UDM-10": "x"}}, "test_sets must map labels"),
         ({"test_sets": ["x"]}, "test_sets must map labels"),
+        ({"evaluate_pairs": False}, "false only with test_sets"),
+        ({"evaluate_pairs": "no", "test_sets": {"x": "y"}}, "evaluate_pairs must be true or false"),
     ]
     for change, message in cases:
         broken = copy.deepcopy(data)
         broken["experiments"]["a"].update(change)
         with pytest.raises(ParamsError, match=message):
             experiments.load(path, broken)
+    only_sets = copy.deepcopy(data)
+    only_sets["experiments"]["a"].update(evaluate_pairs=False, test_sets={"UDM10": "y"})
+    assert [e.name for e in experiments.evaluations(experiments.load(path, only_sets))] == ["a_UDM10"]
     bare = copy.deepcopy(data)
     del bare["experiments"]["a"]["train"]  # a train@ run depends on it (dvc.yaml): it must be written, {} or not
     with pytest.raises(ParamsError, match=r"missing key\(s\) \['train'\]"):

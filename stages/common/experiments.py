@@ -15,11 +15,14 @@ experiment trains on and overrides any of those keys for itself::
         eval_frames: 294            # first frames evaluated (null: every inferred frame)
         paper_dataset: null         # the paper's data set these rows stand beside (null: the task's default)
         test_sets: {}               # {UDM10: data/degrade/test_sets/UDM10}: more test sets for its trained models
+        evaluate_pairs: true        # false: only the test_sets are evaluated, not the pairs folder's own test split
 
 Each entry of ``test_sets`` is one more test set of the experiment's trained models: ``infer`` runs every
 model of the experiment on that pairs folder's test pairs and ``evaluate`` scores them as rows of their
 own, named ``<experiment>_<label>`` (Table 1: one row group per VSR test set); a label that is a data
 set of the paper's table for the task (``UDM10``) is placed beside it. Nothing is trained for them.
+``evaluate_pairs: false`` leaves out the pairs folder's own test split (DOVE's training videos have
+none that the paper reports: its Table 1 is the five test sets alone); it needs ``test_sets``.
 
 DVC runs one ``train@<experiment>-<method>`` per (experiment, method): ``dvc.yaml`` iterates over the
 ``runs:`` table, which lists each pair with the folders it depends on (DVC cannot look one section
@@ -43,7 +46,8 @@ __all__ = ["TASKS", "Evaluation", "Experiment", "check_runs", "evaluations", "in
            "train_mapping", "write_runs"]
 
 TASKS = ("nvs", "inpaint_box", "inpaint_objects", "inpaint_rovi", "driving", "sr")  # the paper's tasks
-_KEYS = ("task", "pairs", "vae", "methods", "start", "train", "infer", "eval_frames", "paper_dataset", "test_sets")
+_KEYS = ("task", "pairs", "vae", "methods", "start", "train", "infer", "eval_frames", "paper_dataset", "test_sets",
+         "evaluate_pairs")
 LABEL = re.compile(r"[A-Za-z0-9_]+")  # a test set's label: a part of folder and row names
 REQUIRED = ("task", "pairs", "vae", "methods", "start", "train")  # what train@ runs depend on (dvc.yaml params)
 NOT_OVERRIDABLE = ("methods",)  # train keys an experiment cannot override (the method catalogue is shared)
@@ -62,6 +66,7 @@ class Experiment:
     eval_frames: int | None = None
     paper_dataset: str | None = None
     test_sets: dict[str, str] = field(default_factory=dict)  # label -> pairs folder, evaluated as <name>_<label>
+    evaluate_pairs: bool = True  # False: the test_sets only, not the pairs folder's own test split
 
     def start_folder(self, train_root: str | Path = "data/train") -> Path | None:
         """The trained model folder this experiment starts from (None: from its backbone)."""
@@ -79,12 +84,14 @@ class Evaluation:
 
 
 def evaluations(declared: dict[str, Experiment]) -> list[Evaluation]:
-    """Every test set of every experiment: its own pairs first, then each of its ``test_sets``."""
+    """Every test set of every experiment: its own pairs first (unless ``evaluate_pairs`` is false), then each of
+    its ``test_sets``."""
     from stages.common.paper_tables import paper_datasets
 
     out = []
     for experiment in declared.values():
-        out.append(Evaluation(experiment.name, experiment, experiment.pairs, experiment.paper_dataset))
+        if experiment.evaluate_pairs:
+            out.append(Evaluation(experiment.name, experiment, experiment.pairs, experiment.paper_dataset))
         for label, folder in experiment.test_sets.items():
             dataset = label if label in paper_datasets(experiment.task) else None
             out.append(Evaluation(f"{experiment.name}_{label}", experiment, folder, dataset))
@@ -172,10 +179,14 @@ def load(path: str | Path = "params.yaml", data: dict | None = None) -> dict[str
                                                       for k, v in test_sets.items()):
             raise ParamsError(f"{where}.test_sets must map labels (letters, digits, _) to pairs folders, e.g. "
                               "{UDM10: data/degrade/test_sets/UDM10}; got " + repr(test_sets))
+        own = entry.get("evaluate_pairs", True)
+        if not isinstance(own, bool) or (not own and not test_sets):
+            raise ParamsError(f"{where}.evaluate_pairs must be true or false, and false only with test_sets (an "
+                              f"experiment evaluated nowhere); got {own!r}")
         experiments[name] = Experiment(
             name, entry["task"], str(entry["pairs"]), str(entry["vae"]), tuple(listed), start,
             dict(entry.get("train") or {}), dict(entry.get("infer") or {}), frames, entry.get("paper_dataset"),
-            dict(test_sets))
+            dict(test_sets), own)
     for experiment in experiments.values():
         _check_start(experiments, experiment, path)
     names = [e.name for e in evaluations(experiments)]

@@ -171,7 +171,7 @@ def as_mask_frames(mask: np.ndarray) -> np.ndarray:  # [T, H, W] bool -> [T, H, 
 
 
 def _check_scenes(scenes_dir: Path, image_dir: str | None = None) -> list[tuple[str, str, scenes.Scene]]:
-    """(name, split, scene) for every train and test scene of the set (DL3DV-Benchmark's ``<scene>/nerfstudio/``
+    """(name, split, scene) for every train, test and validation scene of the set (DL3DV-Benchmark's ``<scene>/nerfstudio/``
     too), layouts checked; nothing decoded."""
     split = scenes.load_split(scenes_dir)
     return [(name, split_name, scenes.load_scene(scenes.scene_root(scenes_dir / name), image_dir, load_images=False))
@@ -193,7 +193,7 @@ def _waymo_segments(params: Params) -> list[WaymoSource]:
     somewhere) before any image is decoded or anything written."""
     chosen = waymo.choose_segments(params.waymo_path, {
         "train": (params.waymo_train_split, params.waymo_train_segments),
-        "test": (params.waymo_test_split, params.waymo_test_segments)}, "masks")
+        "test": (params.waymo_test_split, params.waymo_test_segments)}, "masks", optional=True)
     camera = waymo.CameraName[params.waymo_camera]
     sources = []
     for name, split, folder in chosen:

@@ -17,16 +17,18 @@ SplatAD scene      gsplat fit of a static background and     ``reconstruct(scene
                    one rigid Gaussian set per tracked actor,   -> Gaussians with ``owner``
                    moved by its 3D box poses (``stages.common.drive``)
 TRELLIS asset      a few-view gsplat fit in the actor's box  ``AssetGenerator(views: AssetViews, actor)
-                   frame: ``asset_views`` frames masked by     -> Gaussians`` (box frame)
-                   the projected box, no densification
-Orient-Anything    PCA of the asset Gaussians' centres on    ``OrientationEstimator(Gaussians)
-                   the ground plane (opacity-weighted)         -> (heading, confidence)``
+                   frame from an axis-aligned cube (no         -> Gaussians`` (box frame)
+                   heading given): ``asset_views`` frames
+                   masked by the projected box
+Orient-Anything    the minimum-area rectangle of the opaque  ``OrientationEstimator(Gaussians)
+                   Gaussians' ground footprint                 -> (heading, confidence)``
 =================  =======================================  ===========================================
 
 Removal is exact: the actor's own Gaussians are dropped (no box test on a mixed reconstruction).
 Orientation check: the asset's estimated heading of its long horizontal axis (modulo 180 degrees, as any
-symmetric box's) must be within ``max_yaw_error_deg`` of the box's, with a confidence (horizontal
-anisotropy ``(l1 - l2) / (l1 + l2)``) of at least ``min_confidence``. An accepted asset is turned by the
+symmetric box's; modulo 90 for a nearly square footprint, ``drive.heading_error``) must be within
+``max_yaw_error_deg`` of the box's, with a confidence (``1 - min / max`` bounding-rectangle area over
+the directions) of at least ``min_confidence``. An accepted asset is turned by the
 residual about its centroid, centred on the box and becomes the actor's Gaussians, moved by the actor's
 box poses like the reconstruction was. Actors are tried from most to least visible; a segment whose
 assets are all discarded keeps its reconstruction, as in the paper.
@@ -190,14 +192,15 @@ def reconstruct(scene: drive.DriveScene, frames: np.ndarray, params: Params, dev
                                                       "history": history}
 
 
-def asset_views(scene: drive.DriveScene, frames: np.ndarray, silhouettes: np.ndarray, actor: drive.Actor,
+def asset_views(scene: drive.DriveScene, frames: np.ndarray, counts: np.ndarray, actor: drive.Actor,
                 count: int, min_pixels: int) -> AssetViews | None:
-    """``count`` frames spread over those where the actor's box covers ``min_pixels``; None if too few."""
-    visible = np.flatnonzero(silhouettes.reshape(len(silhouettes), -1).sum(axis=1) >= min_pixels)
+    """``count`` frames spread over those where the actor's box covers ``min_pixels`` (``counts [T]``);
+    None if too few."""
+    visible = np.flatnonzero(counts >= min_pixels)
     if len(visible) < count:
         return None
     picks = visible[np.linspace(0, len(visible) - 1, count).round().astype(int)]
-    masks = torch.from_numpy(silhouettes[picks]).float()
+    masks = torch.from_numpy(drive.box_silhouettes(scene, actor, picks.tolist())).float()
     viewmats = torch.from_numpy(scene.viewmats[picks] @ actor.world_from_box[picks]).float()  # box -> camera
     Ks = torch.as_tensor(scene.intrinsics, dtype=torch.float32).expand(count, 3, 3)
     images = torch.from_numpy(frames[picks]).float().div(255) * masks[..., None]
@@ -205,11 +208,13 @@ def asset_views(scene: drive.DriveScene, frames: np.ndarray, silhouettes: np.nda
 
 
 def few_view_asset(params: Params, device: torch.device) -> AssetGenerator:
-    """TRELLIS's stand-in: Gaussians fitted to a few masked views, random in the box, no densification."""
+    """TRELLIS's stand-in: Gaussians fitted to a few masked views, no densification. They start as random
+    points in an axis-aligned cube of the box's largest side (a generator's canonical frame knows nothing
+    of the heading), so the heading the fit takes is the views' and the orientation check tests it."""
 
     def generate(views: AssetViews, actor: drive.Actor) -> Gaussians:
         generator = torch.Generator().manual_seed(params.seed)
-        points = (torch.rand(params.asset_points, 3, generator=generator) - 0.5) * torch.from_numpy(actor.size).float()
+        points = (torch.rand(params.asset_points, 3, generator=generator) - 0.5) * float(max(actor.size))
         rgb = torch.rand(params.asset_points, 3, generator=generator)
         init = gs.init_gaussians(points, rgb, sh_degree=0, generator=generator)
         config = scaled_config(params.asset_iterations, params.asset_lr_scale, sh_degree=0,
@@ -228,18 +233,18 @@ def few_view_asset(params: Params, device: torch.device) -> AssetGenerator:
 def insert_best_actor(scene_gaussians: Gaussians, scene: drive.DriveScene, frames: np.ndarray, params: Params,
                       generate: AssetGenerator, estimate: OrientationEstimator) -> tuple[Gaussians, dict]:
     """Try the actors from most to least visible until an asset passes the orientation check."""
-    silhouettes = [drive.box_silhouettes(scene, actor) for actor in scene.actors]
-    order = sorted(range(len(scene.actors)), key=lambda k: (-int(silhouettes[k].sum()), k))
+    counts = [drive.box_pixel_counts(scene, actor) for actor in scene.actors]
+    order = sorted(range(len(scene.actors)), key=lambda k: (-int(counts[k].sum()), k))
     attempts = []
     for index in order:
         actor = scene.actors[index]
-        views = asset_views(scene, frames, silhouettes[index], actor, params.asset_views, params.min_visible_pixels)
+        views = asset_views(scene, frames, counts[index], actor, params.asset_views, params.min_visible_pixels)
         if views is None:
             attempts.append({"actor": actor.object_id, "reason": "too few views"})
             continue
         asset = generate(views, actor)
         yaw, confidence = estimate(asset)
-        residual = drive.axis_difference(drive.box_axis(actor.size), yaw)
+        residual = drive.heading_error(actor.size, yaw)
         attempt = {"actor": actor.object_id, "yaw_error_deg": round(math.degrees(abs(residual)), 3),
                    "confidence": round(confidence, 4), "asset_views": views.frames}
         if math.degrees(abs(residual)) > params.max_yaw_error_deg or confidence < params.min_confidence:
@@ -252,7 +257,7 @@ def insert_best_actor(scene_gaussians: Gaussians, scene: drive.DriveScene, frame
         edited = drive.replace_actor(scene_gaussians, index, placed)
         return edited, {"reinserted": True, "actor": actor.object_id, "index": index, **attempt,
                         "removed_gaussians": removed, "asset_gaussians": len(placed["means"]),
-                        "region": silhouettes[index], "discarded": attempts}
+                        "discarded": attempts}
     return scene_gaussians, {"reinserted": False, "actor": None, "index": None, "discarded": attempts}
 
 
@@ -308,11 +313,12 @@ def edit_segment(source: Source, build: Path, params: Params, generate: AssetGen
     metadata = {"segment": scene.name, "split": source.split, "sh_degree": params.sh_degree,
                 "frames": scene.frames, "width": scene.width, "height": scene.height,
                 "actors": [actor.object_id for actor in scene.actors],
-                "reinsert": {k: v for k, v in outcome.items() if k not in ("discarded", "region")}}
+                "reinsert": {k: v for k, v in outcome.items() if k != "discarded"}}
     gs.save_gaussians(build / "gaussians" / f"{scene.name}.safetensors", edited, metadata)
     with tqdm(total=scene.frames, desc=f"render {scene.name}", unit="frame", leave=False) as bar:
         renders = drive.render({k: v.to(device) for k, v in edited.items()}, scene, params.sh_degree, bar.update)
-    region = outcome["region"] if outcome["reinserted"] else np.zeros(frames.shape[:3], bool)
+    region = (drive.box_silhouettes(scene, scene.actors[outcome["index"]]) if outcome["reinserted"]
+              else np.zeros(frames.shape[:3], bool))
     # The reconstruction itself, on its training frames and the frames midway between them (held out).
     train_ids = info["train_frames"]
     heldout_ids = np.setdiff1d(np.minimum(train_ids + params.every // 2, scene.frames - 1), train_ids)
@@ -320,9 +326,11 @@ def edit_segment(source: Source, build: Path, params: Params, generate: AssetGen
     before = (drive.render({k: v.to(device) for k, v in reconstruction.items()}, scene, params.sh_degree,
                            indices=shown.tolist()) if outcome["reinserted"] else renders[shown])
     psnr = measure.psnr(before, frames[shown], per_frame=True)
+    sampled = region[shown].any()
     measures = {
-        "split": source.split, "fps": source.fps, "actors": len(scene.actors), "train_views": len(train_ids),
-        "num_gaussians": len(reconstruction["means"]),
+        "split": source.split, "fps": source.fps, "actors": len(scene.actors),
+        "fitted_actors": int(len(np.unique(drive.actor_ids(reconstruction)[drive.actor_ids(reconstruction) >= 0]))),
+        "train_views": len(train_ids), "num_gaussians": len(reconstruction["means"]),
         "actor_gaussians": int((drive.actor_ids(reconstruction) >= 0).sum()),
         "reconstruction_train_psnr": round(float(psnr[:len(train_ids)].mean()), 4),
         "reconstruction_heldout_psnr": round(float(psnr[len(train_ids):].mean()), 4) if len(heldout_ids) else None,
@@ -330,10 +338,15 @@ def edit_segment(source: Source, build: Path, params: Params, generate: AssetGen
         **{key: outcome[key] for key in ("yaw_error_deg", "confidence", "removed_gaussians", "asset_gaussians")
            if key in outcome},
         "discarded_assets": len(outcome["discarded"]),
+        "discarded": outcome["discarded"],  # per asset: actor, yaw error, confidence, views, why
         "psnr": round(float(measure.psnr(renders, frames, per_frame=True).mean()), 4),
+        # over the reinserted actor's projected box: every frame (the pairs' inputs), and on the sampled
+        # frames before and after the edit (the reconstruction's own actor against the asset)
         "object_psnr": round(measure.psnr(renders, frames, region=region), 4) if region.any() else None,
-        "reconstruction_object_psnr": (round(measure.psnr(before, frames[shown], region=region[shown]), 4)
-                                       if region[shown].any() else None),
+        "object_psnr_sampled": (round(measure.psnr(renders[shown], frames[shown], region=region[shown]), 4)
+                                if sampled else None),
+        "reconstruction_object_psnr_sampled": (round(measure.psnr(before, frames[shown], region=region[shown]), 4)
+                                               if sampled else None),
         "seconds": round(time.perf_counter() - began, 2),
     }
     log.info("%s: %s", scene.name, measures)
@@ -347,6 +360,12 @@ def plot_samples(samples: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], 
                    if region.any() else np.arange(len(renders)))
             for name, (renders, truth, region) in samples.items()}
     return gs.plot_frame_pairs(rows, ("insertion", "ground truth"), path, columns)
+
+
+def _mean(values: list) -> float | None:
+    """The mean of the values that are not None (None if none is)."""
+    kept = [value for value in values if value is not None]
+    return round(float(np.mean(kept)), 4) if kept else None
 
 
 def run(params: Params, out_dir: str | Path, metrics_path: str | Path, plots_dir: str | Path) -> dict:
@@ -384,14 +403,12 @@ def run(params: Params, out_dir: str | Path, metrics_path: str | Path, plots_dir
             figures.append(plot_samples(shown, plots_build / "frames.png"))
     videos = [plots_dir / path.relative_to(plots_build) for path in videos]
     figures = [plots_dir / path.relative_to(plots_build) for path in figures]
-    object_psnr = [m["object_psnr"] for m in measures.values() if m["object_psnr"] is not None]
     metrics = {
         "reinserted_segments": sum(m["reinserted"] for m in measures.values()),
         "discarded_assets": sum(m["discarded_assets"] for m in measures.values()),
-        "reconstruction_heldout_psnr": round(float(np.mean([m["reconstruction_heldout_psnr"] for m in measures.values()
-                                                            if m["reconstruction_heldout_psnr"] is not None] or [0])), 4),
+        "reconstruction_heldout_psnr": _mean([m["reconstruction_heldout_psnr"] for m in measures.values()]),
         "psnr": round(float(np.mean([m["psnr"] for m in measures.values()])), 4),
-        "object_psnr": round(float(np.mean(object_psnr)), 4) if object_psnr else None,
+        "object_psnr": _mean([m["object_psnr"] for m in measures.values()]),
         "num_segments": len(measures), "fps": fps,
         "seconds": round(time.perf_counter() - started, 2),
         "segments": measures,

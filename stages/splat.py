@@ -3,7 +3,7 @@
 Paper section 4.2 and supplement B.2: every DL3DV-Benchmark scene is reconstructed with gsplat from
 every 50th frame only, and the whole camera path is rendered; the renders, full of the floaters and
 blur of a sparse-view reconstruction, are the degraded inputs of the "nvs" task, the captured frames
-its targets. This stage does the same for every scene of the set (train and test splits alike, the
+its targets. This stage does the same for every scene of the set (train, test and validation splits alike, the
 split read from ``split.json``), with :mod:`stages.common.splat` (gsplat's trainer recipe and
 ``DefaultStrategy``; ``gsplat.rasterization`` on CUDA, gsplat's PyTorch projection and a dense
 compositor on CPU). Initialisation: the scene's SfM points when it ships them, random points in the

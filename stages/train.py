@@ -297,7 +297,7 @@ class Task:
     application: str
     fps: float
     train: list[dict]  # pairs of the train split (from stages.common.pairs.load_pairs)
-    validation: list[dict] = ()  # pairs of the validation split (DL3DV's 5 scenes), for train.validation_every
+    validation: tuple[dict, ...] = ()  # pairs of the validation split (DL3DV's 5 scenes), for train.validation_every
 
 
 def _json(path: Path) -> dict:
@@ -406,7 +406,15 @@ def _task(params: Params, method: str, name: str, folder: Path, vae_config: dict
         if tile < smallest:
             raise ValueError(f"tiles of {tile} pixels (the smallest of train.crop / train.tiles) are too small for the {application} "
                              f"losses {sorted(pixel)} (at least {smallest}): use a larger crop or fewer tiles")
-    validation = [pair for pair in manifest["pairs"] if pair["split"] == "validation"]
+    validation = tuple(pair for pair in manifest["pairs"] if pair["split"] == "validation")
+    if params.sequence_parallel > 1 and params.validation_every:  # whole frames: their tokens split too
+        step = restoration.frame_multiple(vae_config)
+        patch = tuple(transformer_config(params, vae_config)["patch_size"])
+        for pair in validation:
+            count = validation_frames(step, pair, params.clip_frames)
+            _check_split(params, tokens(count, pair["height"], pair["width"], vae_config, patch),
+                         f"{name}'s validation pair {pair['scene']!r} ({count} frames of {pair['height']}x"
+                         f"{pair['width']}, train.validation_every)")
     return Task(name, folder, application, float(manifest["fps"]), train, validation)
 
 
@@ -532,6 +540,7 @@ class _Run:
     prompts: dict  # pair prompt -> embedding (with a text encoder)
     layout: distributed.Layout  # sample groups of train.sequence_parallel ranks
     start: str | None = None  # the trained model folder a chained experiment started from
+    training_peak: int = 0  # CUDA: the peak memory of training steps before the last validation (bytes)
 
     @property
     def tile_group(self):
@@ -594,7 +603,8 @@ def _start(params: Params, method: str, task: Task, vae_dir: Path, checkpoint_pa
     if info.device.type == "cuda" and params.activation_checkpointing:
         model.transformer.enable_gradient_checkpointing()
     fingerprint = training.fingerprint(
-        {"params": asdict(params), "method": method, "task": task.name, "world_size": info.world_size,
+        {"params": {k: v for k, v in asdict(params).items() if k != "validation_every"},  # validation trains nothing
+         "method": method, "task": task.name, "world_size": info.world_size,
          "start": None if start is None else training.file_sha256(start / restoration.MODEL_FILE)},
         task.folder / pairs_io.PAIRS_FILE, task.train, vae_dir)
     record = {"iteration": 0, "fingerprint": fingerprint, "history": [], "seconds": 0.0}
@@ -687,7 +697,11 @@ def train_task(params: Params, method: str, task: Task, vae_dir: Path, checkpoin
         entry = _iterate(params, method, task, run, clips, losses, info)
         if task.validation and params.validation_every and (
                 run.record["iteration"] % params.validation_every == 0 or run.record["iteration"] == total):
-            entry["validation_psnr"] = validation_psnr(run.model, task.validation, params.clip_frames)
+            if info.device.type == "cuda":  # the reported peak is the training steps', not the validation's
+                run.training_peak = max(run.training_peak, torch.cuda.max_memory_allocated(info.device))
+            entry["validation_psnr"] = validation_psnr(run.model, task.validation, params, info.device)
+            if info.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(info.device)
         bar.update(1)
         bar.set_postfix(loss=f"{entry['loss']:.4g}")
         if run.record["iteration"] % params.checkpoint_every == 0 or run.record["iteration"] == total:
@@ -761,28 +775,38 @@ def _measured(params: Params, run: _Run, info: distributed.DistInfo) -> dict:
     interruption included), throughput, peak memory, the device, the iteration it resumed from. None of
     it goes into ``train.json``, whose bytes must not change when the same inputs run again."""
     history, seconds = run.record["history"], max(run.record["seconds"], 1e-9)
+    memory = training.peak_memory(info.device)
+    if memory["peak_memory_bytes"] is not None:  # CUDA: with the training peaks before each validation
+        memory["peak_memory_bytes"] = max(memory["peak_memory_bytes"], run.training_peak)
     return {
         "train_seconds": round(run.record["seconds"], 3),
         "seconds_per_iteration": round(seconds / max(1, len(history)), 4),
         "clip_frames_per_second": round(params.clip_frames * params.data_parallel * len(history) / seconds, 3),
-        **training.peak_memory(info.device), "device": str(info.device), "resumed_from_iteration": run.resumed_from,
+        **memory, "device": str(info.device), "resumed_from_iteration": run.resumed_from,
     }
 
 
-def validation_psnr(model: restoration.Model, validation: list[dict], frames: int) -> float:
-    """Mean PSNR (dB) of the restored first ``frames`` frames (whole frames) of each validation pair against
-    its target: the curve that tells when training has converged (the paper's Mirage stage: "the validation
-    loss plateaued"). Every rank runs it (the FSDP forward is a collective)."""
+def validation_psnr(model: restoration.Model, validation: list[dict], params: Params, device: torch.device) -> float:
+    """Mean PSNR (dB) of the restored first ``clip_frames`` frames (whole frames) of each validation pair
+    against its target, decoded as ``infer`` decodes (the training tiles and halo, bf16 autocast on CUDA):
+    the curve that tells when training has converged (the paper's Mirage stage: "the validation loss
+    plateaued"). Every rank runs it (the FSDP forward is a collective)."""
     model.restorer.eval()
     scores = []
     with torch.no_grad():
         for pair in validation:
-            count = min(frames, 1 + model.frame_multiple * ((pair["frames"] - 1) // model.frame_multiple))
+            count = validation_frames(model.frame_multiple, pair, params.clip_frames)
             read = lambda folder: np.stack([read_image(p) for p in list_frames(folder)[:count]])
-            output, _ = restoration.restore_video(model, read(pair["input"]))
+            output, _ = restoration.restore_video(model, read(pair["input"]), tiles=params.tiles, halo=params.halo,
+                                                  autocast=device.type == "cuda" and params.mixed_precision)
             scores.append(measure.psnr(output, read(pair["target"])))
     model.restorer.train()
     return round(float(np.mean(scores)), 4)
+
+
+def validation_frames(frame_multiple: int, pair: dict, clip_frames: int) -> int:
+    """Frames of a validation pair restored: ``clip_frames``, or the longest clip the VAE takes that it has."""
+    return min(clip_frames, 1 + frame_multiple * ((pair["frames"] - 1) // frame_multiple))
 
 
 def sample_video(model: restoration.Model, pair: dict, frames: int) -> np.ndarray:  # -> [T, H, 3W, 3] uint8

@@ -112,7 +112,8 @@ def test_place_moves_actors_rigidly_and_hides_absent_ones():
     for k, (yaw, shift) in enumerate([(0.7, (3.0, -1.0, 0.5)), (-2.0, (0.0, 4.0, 0.0))]):
         poses[k, :3, :3] = [[math.cos(yaw), -math.sin(yaw), 0], [math.sin(yaw), math.cos(yaw), 0], [0, 0, 1]]
         poses[k, :3, 3] = shift
-    placed = drive.place(gaussians, torch.from_numpy(poses).float(), torch.tensor([True, False]))
+    quats = torch.tensor([[math.cos(yaw / 2), 0.0, 0.0, math.sin(yaw / 2)] for yaw in (0.7, -2.0)])
+    placed = drive.place(gaussians, torch.from_numpy(poses).float(), quats, torch.tensor([True, False]))
     means, quats = placed["means"].detach().numpy(), placed["quats"].detach().numpy()
     assert np.allclose(means[:20], background["means"].numpy())  # the background stays in world coordinates
     for k, rows in enumerate((slice(20, 30), slice(30, 40))):
@@ -143,6 +144,25 @@ def test_reconstruction_fits_and_densification_keeps_each_gaussians_owner(waymo_
         assert (np.abs(local) <= actor.size / 2 + 0.5 * np.linalg.norm(actor.size)).mean() > 0.9
 
 
+def test_gsplat_densification_carries_the_owner_with_its_gaussian():
+    """gsplat's own duplicate / split / remove (what DefaultStrategy calls) on a dict with ``owner``: each row's
+    owner stays with its Gaussian (here marked by its colour, which duplication and splitting copy)."""
+    from gsplat.strategy import ops
+
+    rng = np.random.default_rng(3)
+    owner = torch.from_numpy(rng.integers(-1, 3, 40)).int()
+    gaussians = random_gaussians(torch.from_numpy(rng.normal(size=(40, 3))), 4, 5)
+    gaussians["sh0"][:, 0, 0] = owner.float()
+    params = torch.nn.ParameterDict({k: torch.nn.Parameter(v) for k, v in gaussians.items()})
+    optimizers = {k: torch.optim.Adam([{"params": params[k], "lr": 1e-3, "name": k}]) for k in params}
+    params["owner"] = torch.nn.Parameter(owner, requires_grad=False)
+    ops.duplicate(params, optimizers, {}, torch.from_numpy(rng.random(40) < 0.3))
+    ops.split(params, optimizers, {}, torch.from_numpy(rng.random(len(params["means"])) < 0.3))
+    ops.remove(params, optimizers, {}, torch.from_numpy(rng.random(len(params["means"])) < 0.2))
+    assert len(params["owner"]) == len(params["means"]) != 40
+    assert torch.equal(params["owner"].float(), params["sh0"][:, 0, 0].detach())
+
+
 def test_replace_actor_removes_exactly_its_gaussians_and_adds_the_asset():
     rng = np.random.default_rng(1)
     parts = [random_gaussians(torch.from_numpy(rng.normal(size=(n, 3))), 9, n, owner=o)
@@ -165,15 +185,40 @@ def test_heading_estimate_and_turns_about_the_vertical():
     gaussians = random_gaussians(torch.from_numpy(cloud), 1, 3)
     gaussians["opacities"] = torch.full((500,), 3.0)
     yaw, confidence = drive.heading(gaussians)
-    assert abs(drive.axis_difference(0.0, yaw)) < math.radians(3) and confidence > 0.7
+    assert abs(drive.axis_difference(0.0, yaw)) < math.radians(3) and confidence > 0.4
     turned = drive.turn_about_z(gaussians, math.radians(130), (0.0, 0.0, 0.0), (1.0, 2.0, 0.0))
     yaw, _ = drive.heading(turned)
     assert abs(drive.axis_difference(math.radians(130), yaw)) < math.radians(3)
-    assert np.allclose(turned["means"].mean(0).numpy(), cloud.mean(0) @ np.array(
-        [[math.cos(math.radians(130)), math.sin(math.radians(130)), 0], [-math.sin(math.radians(130)),
-                                                                          math.cos(math.radians(130)), 0], [0, 0, 1]])
-                       + [1.0, 2.0, 0.0], atol=1e-5)
+    angle = math.radians(130)
+    rotation = np.array([[math.cos(angle), -math.sin(angle), 0], [math.sin(angle), math.cos(angle), 0], [0, 0, 1]])
+    assert np.allclose(turned["means"].mean(0).numpy(), rotation @ cloud.mean(0) + [1.0, 2.0, 0.0], atol=1e-5)
+    round_cloud = rng.normal(size=(2000, 3))
+    assert drive.heading(random_gaussians(torch.from_numpy(round_cloud), 1, 4) | {"opacities": torch.full((2000,), 3.0)})[1] < 0.15
     assert drive.box_axis(np.array([1.0, 2.0, 0.5])) == math.pi / 2 and drive.box_axis(np.array([2.0, 1.0, 0.5])) == 0
+    # a nearly square footprint has no long side: a quarter turn is no error, 30 degrees is
+    square = np.array([1.0, 1.1, 0.5])
+    assert abs(drive.heading_error(square, math.pi / 2)) < 1e-9 and abs(drive.heading_error(square, math.radians(120))) == \
+        pytest.approx(math.radians(30))
+    assert abs(drive.heading_error(np.array([2.0, 1.0, 0.5]), math.pi / 2)) == pytest.approx(math.pi / 2)
+
+
+def test_a_fitted_asset_recovers_the_box_heading_and_a_turned_one_is_discarded(waymo_set):
+    """The few-view asset starts axis-aligned in a cube (no heading given) and takes the box's from the views;
+    the orientation check accepts it, and refuses the same asset turned by 40 degrees. (An elongated box, 0.86 x
+    0.36 m: on nearly square footprints the stand-in estimator misses more often; docs/data.md.)"""
+    root, _ = waymo_set
+    render, camtoworlds, intrinsics, spec = scenes.render_drive(seed=27, frames=16, height=48, width=64, num_objects=1)
+    frames, cameras = scenes_stage.waymo_segment(render, camtoworlds, intrinsics, spec.objects)
+    waymo.write_segment(root / "fit", "training", "seg_f", frames, cameras)
+    scene = drive.drive_scene(waymo.read_segment(root / "fit", "training", "seg_f"))
+    actor = scene.actors[0]
+    params = tiny_params(root, asset_views=6, asset_iterations=200, asset_points=300)
+    views = stage.asset_views(scene, scene.read_images(), drive.box_pixel_counts(scene, actor), actor, 6, 30)
+    asset = stage.few_view_asset(params, torch.device("cpu"))(views, actor)
+    yaw, confidence = drive.heading(asset)
+    assert abs(math.degrees(drive.heading_error(actor.size, yaw))) < 15 and confidence > 0.1
+    turned = drive.turn_about_z(asset, math.radians(40), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0))
+    assert abs(math.degrees(drive.heading_error(actor.size, drive.heading(turned)[0]))) > 15
 
 
 # ----------------------------------------------------------------------------------------------------------

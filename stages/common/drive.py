@@ -5,7 +5,8 @@ A segment (``stages.common.waymo.read_segment``, one camera) becomes a :class:`D
 
 - **Cameras.** ``world_from_vehicle[t] @ camera_to_vehicle`` places Waymo's camera (+x forward, +y left,
   +z up) in the world; ``OPENCV_IN_WAYMO_CAMERA`` turns it into the OpenCV camera gsplat wants
-  (``viewmats`` = world-to-camera). Frames with lens distortion (``k1, k2, p1, p2, k3``, OpenCV's model) are
+  (``viewmats`` = world-to-camera). The world is recentred on the first frame's vehicle pose: Waymo's
+  world frame lies kilometres away, which float32 Gaussians cannot resolve to the centimetre. Frames with lens distortion (``k1, k2, p1, p2, k3``, OpenCV's model) are
   resampled to a pinhole camera of the same size (``scenes.undistortion``), as DL3DV's are.
 - **Actors.** Every 3D box (``lidar_box``) of the chosen types, grouped by ``key.laser_object_id``. A box's
   frame: its centre, +x to its front (heading about the vehicle's +z), +z up; ``world_from_box[t] =
@@ -46,9 +47,13 @@ __all__ = [
     "Actor",
     "DriveScene",
     "actor_ids",
+    "axis_difference",
+    "box_axis",
+    "box_pixel_counts",
     "box_silhouettes",
     "drive_scene",
     "heading",
+    "heading_error",
     "init_drive_gaussians",
     "place",
     "render",
@@ -57,6 +62,7 @@ __all__ = [
 ]
 
 OPENCV_IN_WAYMO_CAMERA = np.array([[0.0, 0, 1, 0], [-1, 0, 0, 0], [0, -1, 0, 0], [0, 0, 0, 1]])  # columns: x right, y down, z forward
+SQUARE_RATIO = 1.2  # a footprint whose length / width is below this is compared modulo 90 degrees
 HIDDEN_OPACITY = -30.0  # logit: sigmoid ~ 1e-13, far below gsplat's 1/255 alpha threshold
 
 
@@ -67,6 +73,7 @@ class Actor:
     size: np.ndarray  # [3] length (x), width (y), height (z), metres: the track's largest
     world_from_box: np.ndarray  # [T, 4, 4]; identity where absent
     present: np.ndarray  # [T] bool: the frame labels it
+    quats: np.ndarray  # [T, 4] wxyz: the rotations of world_from_box
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,15 +90,14 @@ class DriveScene:
 
     def read_images(self, indices: Sequence[int] | None = None) -> np.ndarray:  # -> [t, H, W, 3] uint8
         chosen = range(self.frames) if indices is None else indices
-        images = self.segment.read_images(list(chosen))
-        if self.undistort_maps is None:
-            return images
-        return np.stack([cv2.remap(image, *self.undistort_maps, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-                         for image in images])
+        return scenes.undistort(self.segment.read_images(list(chosen)), self.undistort_maps, cv2.INTER_LINEAR)
 
-    def poses(self, frame: int) -> tuple[Tensor, Tensor]:  # -> world_from_box [A, 4, 4], present [A]
-        return (torch.from_numpy(np.stack([a.world_from_box[frame] for a in self.actors]).astype(np.float32))
-                if self.actors else torch.zeros(0, 4, 4),
+    def poses(self, frame: int) -> tuple[Tensor, Tensor, Tensor]:  # -> world_from_box [A, 4, 4], quats [A, 4], present [A]
+        """The actors' box poses at ``frame``, their rotations as quaternions, and which the frame labels."""
+        if not self.actors:
+            return torch.zeros(0, 4, 4), torch.zeros(0, 4), torch.zeros(0, dtype=torch.bool)
+        return (torch.from_numpy(np.stack([a.world_from_box[frame] for a in self.actors]).astype(np.float32)),
+                torch.from_numpy(np.stack([a.quats[frame] for a in self.actors]).astype(np.float32)),
                 torch.tensor([bool(a.present[frame]) for a in self.actors], dtype=torch.bool))
 
 
@@ -106,9 +112,13 @@ def _box_in_vehicle(box: waymo.Box3d) -> np.ndarray:  # -> [4, 4]
 def drive_scene(segment: waymo.Segment, frames: int = 0, actor_types: Sequence[int] = (waymo.BoxType.TYPE_VEHICLE,)
                 ) -> DriveScene:
     """The cameras and actors of the first ``frames`` frames (0: all) of a segment; no image is decoded."""
+    from scipy.spatial.transform import Rotation
+
     count = frames or segment.num_frames
     camera = segment.camera
-    world_from_camera = segment.world_from_vehicle[:count] @ camera.camera_to_vehicle @ OPENCV_IN_WAYMO_CAMERA
+    origin = np.linalg.inv(segment.world_from_vehicle[0])  # the scene's world: the first vehicle frame
+    world_from_vehicle = origin @ segment.world_from_vehicle[:count]
+    world_from_camera = world_from_vehicle @ camera.camera_to_vehicle @ OPENCV_IN_WAYMO_CAMERA
     intrinsics, maps = scenes.undistortion(camera.intrinsics, camera.distortion, camera.width, camera.height)
     tracks: dict[str, dict] = {}
     for t, boxes in enumerate(segment.boxes_3d[:count]):
@@ -119,9 +129,10 @@ def drive_scene(segment: waymo.Segment, frames: int = 0, actor_types: Sequence[i
                                                       "poses": np.tile(np.eye(4), (count, 1, 1)),
                                                       "present": np.zeros(count, bool)})
             track["size"] = np.maximum(track["size"], box.size)
-            track["poses"][t] = segment.world_from_vehicle[t] @ _box_in_vehicle(box)
+            track["poses"][t] = world_from_vehicle[t] @ _box_in_vehicle(box)
             track["present"][t] = True
-    actors = tuple(Actor(object_id, track["type"], track["size"], track["poses"], track["present"])
+    actors = tuple(Actor(object_id, track["type"], track["size"], track["poses"], track["present"],
+                         Rotation.from_matrix(track["poses"][:, :3, :3]).as_quat()[:, [3, 0, 1, 2]])
                    for object_id, track in sorted(tracks.items()))
     return DriveScene(segment.context_name, segment, count, np.linalg.inv(world_from_camera),
                       np.asarray(intrinsics, float), camera.width, camera.height, actors, maps)
@@ -139,8 +150,9 @@ def init_drive_gaussians(scene: DriveScene, train_ids: np.ndarray, background_po
                          extent: float, sh_degree: int, init_opacity: float, init_scale: float,
                          generator: torch.Generator) -> dict[str, Tensor]:
     """Random background Gaussians in a cube of ``extent`` x the scene scale around the training cameras,
-    and ``actor_points`` random Gaussians in each actor's box (its frame); simple_trainer's scales,
-    rotations, opacities and colours for each set (``splat.init_gaussians``)."""
+    and ``actor_points`` random Gaussians in the box (its frame) of each actor that a training frame shows
+    (an actor seen only between training frames gets none: nothing would fit it); simple_trainer's
+    scales, rotations, opacities and colours for each set (``splat.init_gaussians``)."""
     camtoworlds = np.linalg.inv(scene.viewmats[train_ids])
     centres = camtoworlds[:, :3, 3]
     reach = extent * gs.scene_scale(camtoworlds)
@@ -149,6 +161,8 @@ def init_drive_gaussians(scene: DriveScene, train_ids: np.ndarray, background_po
     parts = [gs.init_gaussians(points, rgb, sh_degree, init_opacity, init_scale, generator)]
     owners = [torch.full((background_points,), -1, dtype=torch.int32)]
     for index, actor in enumerate(scene.actors):
+        if not box_pixel_counts(scene, actor, train_ids).any():
+            continue
         local = (torch.rand(actor_points, 3, generator=generator) - 0.5) * torch.from_numpy(actor.size).float()
         colours = torch.rand(actor_points, 3, generator=generator)
         parts.append(gs.init_gaussians(local, colours, sh_degree, init_opacity, init_scale, generator))
@@ -158,28 +172,20 @@ def init_drive_gaussians(scene: DriveScene, train_ids: np.ndarray, background_po
     return merged
 
 
-def _rotation_quats(rotations: Tensor) -> Tensor:  # [A, 3, 3] -> [A, 4] wxyz
-    from scipy.spatial.transform import Rotation
-
-    if not len(rotations):
-        return rotations.new_zeros(0, 4)
-    xyzw = Rotation.from_matrix(rotations.detach().cpu().double().numpy()).as_quat()
-    return torch.from_numpy(xyzw[:, [3, 0, 1, 2]]).to(rotations)
-
-
-def place(gaussians: dict[str, Tensor], world_from_box: Tensor, present: Tensor) -> dict[str, Tensor]:
-    """The Gaussians of one frame in world coordinates: each actor's moved by its box pose ``[A, 4, 4]``,
-    hidden (opacity ~0) where ``present [A]`` is False; differentiable in the Gaussians."""
+def place(gaussians: dict[str, Tensor], world_from_box: Tensor, quats: Tensor, present: Tensor) -> dict[str, Tensor]:
+    """The Gaussians of one frame in world coordinates: each actor's moved by its box pose ``[A, 4, 4]``
+    (rotation ``quats [A, 4]``, wxyz), hidden (opacity ~0) where ``present [A]`` is False; differentiable in
+    the Gaussians (:meth:`DriveScene.poses` gives the three)."""
     owner = actor_ids(gaussians)
     actor = owner >= 0
     if not actor.any():
         return gaussians
     index = owner.clamp_min(0)
     device = gaussians["means"].device
-    world_from_box, present = world_from_box.to(device), present.to(device)
+    world_from_box, quats, present = world_from_box.to(device), quats.to(device), present.to(device)
     rotation, translation = world_from_box[index, :3, :3], world_from_box[index, :3, 3]
     moved = (rotation @ gaussians["means"][..., None]).squeeze(-1) + translation
-    turned = gs.quat_multiply(_rotation_quats(world_from_box[:, :3, :3])[index], gaussians["quats"])
+    turned = gs.quat_multiply(quats[index], gaussians["quats"])
     placed = dict(gaussians)
     placed["means"] = torch.where(actor[:, None], moved, gaussians["means"])
     placed["quats"] = torch.where(actor[:, None], turned, gaussians["quats"])
@@ -227,36 +233,74 @@ def _corners(size: np.ndarray) -> np.ndarray:  # [3] -> [8, 4] homogeneous, box 
     return np.concatenate([signs * size, np.ones((8, 1))], axis=1)
 
 
-def box_silhouettes(scene: DriveScene, actor: Actor, near: float = 0.05) -> np.ndarray:  # -> [T, H, W] bool
-    """The image region of the actor's 3D box in each frame (the convex hull of its projected corners), empty
-    where the frame does not label it or a corner is within ``near`` metres of the camera plane."""
-    out = np.zeros((scene.frames, scene.height, scene.width), bool)
-    corners = _corners(actor.size)
-    for t in np.flatnonzero(actor.present[:scene.frames]):
-        camera = (scene.viewmats[t] @ actor.world_from_box[t] @ corners.T)[:3]  # [3, 8]
-        if (camera[2] <= near).any():
-            continue
-        pixels = (scene.intrinsics @ camera)[:2] / camera[2]
-        hull = cv2.convexHull(np.round(pixels.T * 16).astype(np.int32))  # 4 fractional bits
-        mask = np.zeros((scene.height, scene.width), np.uint8)
-        cv2.fillConvexPoly(mask, hull, 1, lineType=cv2.LINE_8, shift=4)
-        out[t] = mask.astype(bool)
+def box_silhouette(scene: DriveScene, actor: Actor, frame: int, near: float = 0.05) -> np.ndarray | None:
+    """The image region ``[H, W]`` bool of the actor's 3D box at ``frame`` (the convex hull of its projected
+    corners); None where the frame does not label it or a corner is within ``near`` metres of the camera
+    plane."""
+    if not actor.present[frame]:
+        return None
+    camera = (scene.viewmats[frame] @ actor.world_from_box[frame] @ _corners(actor.size).T)[:3]  # [3, 8]
+    if (camera[2] <= near).any():
+        return None
+    pixels = (scene.intrinsics @ camera)[:2] / camera[2]
+    hull = cv2.convexHull(np.round(pixels.T * 16).astype(np.int32))  # 4 fractional bits
+    mask = np.zeros((scene.height, scene.width), np.uint8)
+    cv2.fillConvexPoly(mask, hull, 1, lineType=cv2.LINE_8, shift=4)
+    return mask.astype(bool)
+
+
+def box_pixel_counts(scene: DriveScene, actor: Actor, frames: Sequence[int] | None = None) -> np.ndarray:  # [t] int
+    """Pixels of the actor's projected box in each of ``frames`` (all by default); one image at a time."""
+    chosen = range(scene.frames) if frames is None else frames
+    return np.array([0 if (mask := box_silhouette(scene, actor, int(t))) is None else int(mask.sum())
+                     for t in chosen], np.int64)
+
+
+def box_silhouettes(scene: DriveScene, actor: Actor, frames: Sequence[int] | None = None) -> np.ndarray:
+    """:func:`box_silhouette` of ``frames`` (all by default), ``[t, H, W]`` bool, empty where there is none."""
+    chosen = range(scene.frames) if frames is None else frames
+    out = np.zeros((len(chosen), scene.height, scene.width), bool)
+    for row, t in enumerate(chosen):
+        mask = box_silhouette(scene, actor, int(t))
+        if mask is not None:
+            out[row] = mask
     return out
 
 
-def heading(gaussians: dict[str, Tensor]) -> tuple[float, float]:
-    """Orient-Anything's stand-in: the heading of the long horizontal axis of the opacity-weighted centres,
-    in the box frame (about +z, from +x), in [0, pi) (an axis: modulo 180 degrees), and a confidence
-    ``(l1 - l2) / (l1 + l2)`` from the eigenvalues of the horizontal covariance (0: round, 1: a line)."""
-    weights = torch.sigmoid(gaussians["opacities"]).double()
-    ground = gaussians["means"][:, :2].double()
-    centre = (weights[:, None] * ground).sum(0) / weights.sum()
-    spread = ground - centre
-    covariance = (weights[:, None, None] * spread[:, :, None] * spread[:, None, :]).sum(0) / weights.sum()
-    values, vectors = torch.linalg.eigh(covariance)  # ascending
-    axis_x, axis_y = vectors[:, 1].tolist()
-    confidence = float((values[1] - values[0]) / (values[1] + values[0]).clamp_min(1e-12))
-    return math.atan2(axis_y, axis_x) % math.pi, confidence
+def heading(gaussians: dict[str, Tensor], steps: int = 90) -> tuple[float, float]:
+    """Orient-Anything's stand-in: the heading of the asset's footprint, in its box frame (about +z, from +x).
+
+    The footprint is the ground-plane (x, y) positions of the opaque Gaussians (opacity > 0.5; all if fewer
+    than 8 are); its extents along each direction are the 5 and 95 % quantiles (a few floaters do not
+    count). The minimum-area bounding rectangle over ``steps`` directions in [0, 90) degrees gives the
+    heading of its longer side, in [0, pi) (an axis: modulo 180 degrees), and the confidence
+    ``1 - min area / max area`` over the directions (0: round, no heading; 0.5: a square; towards 1: a
+    long thin footprint).
+    """
+    opaque = torch.sigmoid(gaussians["opacities"]) > 0.5
+    points = gaussians["means"][opaque if int(opaque.sum()) >= 8 else slice(None), :2].double()
+    angles = torch.arange(steps, dtype=torch.float64) * (math.pi / 2 / steps)  # [S]
+    directions = torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)  # [S, 2]: along; across = +90
+    along = points @ directions.T  # [N, S]
+    across = points @ torch.stack([-directions[:, 1], directions[:, 0]], dim=1).T
+    quantiles = torch.tensor([0.05, 0.95], dtype=torch.float64)
+    length = torch.diff(torch.quantile(along, quantiles, dim=0), dim=0)[0]  # [S]
+    width = torch.diff(torch.quantile(across, quantiles, dim=0), dim=0)[0]
+    area = length * width
+    best = int(torch.argmin(area))
+    yaw = float(angles[best]) + (0.0 if length[best] >= width[best] else math.pi / 2)
+    confidence = float(1 - area.min() / area.max().clamp_min(1e-12))
+    return yaw % math.pi, confidence
+
+
+def heading_error(size: np.ndarray, estimate: float, square_ratio: float = SQUARE_RATIO) -> float:
+    """The signed error of a heading estimate against a box of ``size``: modulo 180 degrees against its long
+    axis, or modulo 90 degrees when its footprint is nearly square (length / width below ``square_ratio``):
+    then no side is the long one, and a quarter turn looks the same."""
+    target = box_axis(size)
+    if max(size[0], size[1]) < square_ratio * min(size[0], size[1]):
+        return (target - estimate + math.pi / 4) % (math.pi / 2) - math.pi / 4
+    return axis_difference(target, estimate)
 
 
 def box_axis(size: np.ndarray) -> float:

@@ -64,7 +64,7 @@ def _rovi_index(root: Path) -> list[dict]:
     if not root.is_dir():
         raise RoviError(f"masks.rovi_path: {root} is not a folder; point it at a ROVI-layout folder holding "
                         "train.json/test.json, JPEGImages/ and Annotations/, or set it to null.")
-    split_files = {split: root / f"{split}.json" for split in pairs.SPLITS if (root / f"{split}.json").is_file()}
+    split_files = {split: root / f"{split}.json" for split in ("train", "test") if (root / f"{split}.json").is_file()}
     if not split_files:
         raise RoviError(f"{root} holds neither train.json nor test.json; a ROVI folder lists its videos, "
                         "their expressions and object ids in them.")

@@ -66,6 +66,8 @@ __all__ = [
     "render_drive",
     "scene_folders",
     "scene_root",
+    "undistort",
+    "undistortion",
     "write_scene",
     "write_split",
 ]
@@ -601,14 +603,14 @@ class Scene:
 
     def read_images(self, indices: Sequence[int] | None = None) -> np.ndarray:  # -> [t, H, W, 3] uint8
         """Read frames (all, or ``indices``) from disk, checking their size; undistorted (:func:`undistortion`)."""
-        return _undistort(_read_all(self.image_paths, indices, False, (self.height, self.width)),
+        return undistort(_read_all(self.image_paths, indices, False, (self.height, self.width)),
                           self.undistort_maps, cv2.INTER_LINEAR)
 
     def read_masks(self, indices: Sequence[int] | None = None) -> np.ndarray:  # -> [t, H, W] labels
         """Read object-label masks (all, or ``indices``) from disk, checking their size."""
         if self.mask_paths is None:
             raise SceneError(f"Scene {self.folder} has no masks/ folder.")
-        return _undistort(_read_all(self.mask_paths, indices, True, (self.height, self.width)),
+        return undistort(_read_all(self.mask_paths, indices, True, (self.height, self.width)),
                           self.undistort_maps, cv2.INTER_NEAREST)
 
 
@@ -628,7 +630,8 @@ def undistortion(intrinsics: np.ndarray, distortion: np.ndarray, width: int, hei
     return new, maps
 
 
-def _undistort(frames: np.ndarray, maps, interpolation: int) -> np.ndarray:  # [t, H, W(, 3)] -> same
+def undistort(frames: np.ndarray, maps, interpolation: int) -> np.ndarray:  # [t, H, W(, 3)] -> same
+    """Resample frames with :func:`undistortion`'s maps (None: the frames as they are)."""
     if maps is None:
         return frames
     return np.stack([cv2.remap(frame, maps[0], maps[1], interpolation, borderMode=cv2.BORDER_REPLICATE)

@@ -429,7 +429,7 @@ def list_segments(root: str | os.PathLike, split: str) -> list[str]:
 
 
 def choose_segments(root: str | os.PathLike, splits: Mapping[str, tuple[str, str | None]], section: str,
-                    frames: int = 0) -> list[tuple[str, str, str]]:
+                    optional: bool = False) -> list[tuple[str, str, str]]:
     """The segments a stage reads, checked before any image is decoded.
 
     Args:
@@ -437,20 +437,21 @@ def choose_segments(root: str | os.PathLike, splits: Mapping[str, tuple[str, str
         splits: pairs split (``train``/``test``) -> (the release's split folder, a segment list file or None
             for every segment of that folder).
         section: the params section (``masks``, ``reinsert``), named in the errors with its keys
-            ``waymo_path``, ``waymo_<split>_segments`` and ``waymo_frames``.
-        frames: the first frames a stage keeps (0: all): a segment with fewer is an error.
+            ``waymo_path`` and ``waymo_<split>_segments``.
+        optional: ``<section>.waymo_path`` may be null (the error says so).
 
     Returns:
         ``(context name, pairs split, split folder)`` per segment, in the order of ``splits``.
 
     Raises:
-        WaymoError: no such folder, an empty split, a segment in two splits, too few frames, or whatever
-            :func:`read_segment` refuses.
+        WaymoError: no such folder, an empty split or a segment in two splits (what :func:`read_segment`
+            refuses is checked when each is read).
     """
     root = Path(root)
     if not root.is_dir():
         raise WaymoNotFoundError(f"{section}.waymo_path: {root} is not a folder; point it at a Waymo Open Dataset "
-                                 "v2 folder (<split>/camera_image/<segment>.parquet, ...; docs/data.md).")
+                                 "v2 folder (<split>/camera_image/<segment>.parquet, ...; docs/data.md)"
+                                 + (", or set it to null." if optional else "."))
     chosen = []
     for split, (folder, listing) in splits.items():
         names = read_segment_list(listing) if listing else list_segments(root, folder)

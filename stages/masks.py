@@ -191,18 +191,13 @@ class WaymoSource:
 def _waymo_segments(params: Params) -> list[WaymoSource]:
     """Every segment to mask, each read and checked (components, camera, frames, boxes, a vehicle in view
     somewhere) before any image is decoded or anything written."""
-    chosen = waymo.choose_segments(params.waymo_path, {
-        "train": (params.waymo_train_split, params.waymo_train_segments),
-        "test": (params.waymo_test_split, params.waymo_test_segments)}, "masks", optional=True)
-    camera = waymo.CameraName[params.waymo_camera]
+    splits = {"train": (params.waymo_train_split, params.waymo_train_segments),
+              "test": (params.waymo_test_split, params.waymo_test_segments)}
     sources = []
-    for name, split, folder in chosen:
-        segment = waymo.read_segment(params.waymo_path, folder, name, camera)
-        if params.waymo_frames > segment.num_frames:
-            raise MaskError(f"{segment.path}: segment {name} has {segment.num_frames} frames, fewer than "
-                            f"masks.waymo_frames ({params.waymo_frames}); lower it, or 0 for every frame.")
-        count = params.waymo_frames or segment.num_frames
-        sources.append(WaymoSource(name, split, folder, count, tuple(vehicle_ids(segment, count)),
+    for segment, split, folder, count in waymo.checked_segments(
+            params.waymo_path, splits, "masks", waymo.CameraName[params.waymo_camera], params.waymo_frames,
+            optional=True, error=MaskError):
+        sources.append(WaymoSource(segment.context_name, split, folder, count, tuple(vehicle_ids(segment, count)),
                                    waymo.frame_rate(segment, count)))
     if not any(source.vehicles for source in sources):
         raise MaskError(f"no segment of {params.waymo_path} shows a vehicle box in camera {params.waymo_camera}; "

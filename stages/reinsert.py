@@ -267,31 +267,32 @@ def insert_best_actor(scene_gaussians: Gaussians, scene: drive.DriveScene, frame
 
 @dataclass(frozen=True)
 class Source:
-    scene: drive.DriveScene
+    name: str  # the segment's context name
     split: str  # the pairs' split: train or test
+    folder: str  # the release's split folder it is read from
     fps: float
+
+
+def _scene(params: Params, segment: waymo.Segment) -> drive.DriveScene:
+    return drive.drive_scene(segment, params.waymo_frames, [waymo.BoxType[name] for name in params.actor_types])
 
 
 def check_inputs(params: Params) -> list[Source]:
     """Every segment read and checked (components, camera, frames, boxes with tracks, an actor somewhere)
-    before any image is decoded or anything written."""
-    chosen = waymo.choose_segments(params.waymo_path, {
-        "train": (params.waymo_train_split, params.waymo_train_segments),
-        "test": (params.waymo_test_split, params.waymo_test_segments)}, STAGE)
-    camera = waymo.CameraName[params.waymo_camera]
-    types = [waymo.BoxType[name] for name in params.actor_types]
-    sources = []
-    for name, split, folder in chosen:
-        segment = waymo.read_segment(params.waymo_path, folder, name, camera)
-        if params.waymo_frames > segment.num_frames:
-            raise waymo.WaymoError(f"{segment.path}: segment {name} has {segment.num_frames} frames, fewer than "
-                                   f"reinsert.waymo_frames ({params.waymo_frames}); lower it, or 0 for every frame.")
-        scene = drive.drive_scene(segment, params.waymo_frames, types)
+    before any image is decoded or anything written; each is read again when its turn comes (a real
+    split's images do not fit in memory together)."""
+    splits = {"train": (params.waymo_train_split, params.waymo_train_segments),
+              "test": (params.waymo_test_split, params.waymo_test_segments)}
+    sources, actors = [], 0
+    for segment, split, folder, count in waymo.checked_segments(
+            params.waymo_path, splits, STAGE, waymo.CameraName[params.waymo_camera], params.waymo_frames):
+        scene = _scene(params, segment)
         if min(scene.height, scene.width) < 11:
             raise waymo.WaymoError(f"{segment.path}: {scene.width}x{scene.height} frames; the SSIM loss of the "
                                    "reconstruction needs at least 11x11 pixels.")
-        sources.append(Source(scene, split, waymo.frame_rate(segment, scene.frames)))
-    if not any(source.scene.actors for source in sources):
+        actors += len(scene.actors)
+        sources.append(Source(scene.name, split, folder, waymo.frame_rate(segment, count)))
+    if not actors:
         raise waymo.WaymoError(f"no segment of {params.waymo_path} labels a 3D box of type "
                                f"{', '.join(params.actor_types)}: the driving task has no actor to remove and "
                                "reinsert (check reinsert.actor_types).")
@@ -305,7 +306,8 @@ def edit_segment(source: Source, build: Path, params: Params, generate: AssetGen
     from tqdm import tqdm
 
     began = time.perf_counter()
-    scene = source.scene
+    scene = _scene(params, waymo.read_segment(params.waymo_path, source.folder, source.name,
+                                              waymo.CameraName[params.waymo_camera]))
     frames = scene.read_images()
     with tqdm(total=params.iterations, desc=f"reconstruct {scene.name}", unit="it", leave=False) as bar:
         reconstruction, info = reconstruct(scene, frames, params, device, lambda *_: bar.update(1))
@@ -380,8 +382,8 @@ def run(params: Params, out_dir: str | Path, metrics_path: str | Path, plots_dir
         raise ValueError("reinsert.device is 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'.")
     device = torch.device("cuda" if params.device != "cpu" and torch.cuda.is_available() else "cpu")
     generate, estimate = few_view_asset(params, device), drive.heading
-    names = [s.scene.name for s in sources]
-    firsts = [next((s.scene.name for s in sources if s.split == part), None) for part in ("train", "test")]
+    names = [s.name for s in sources]
+    firsts = [next((s.name for s in sources if s.split == part), None) for part in ("train", "test")]
     samples = list(dict.fromkeys([n for n in firsts if n] + names))[:params.sample_videos]
     fps = float(np.median([source.fps for source in sources]))  # the pairs' rate: the cameras' (10 Hz)
     started = time.perf_counter()
@@ -389,7 +391,7 @@ def run(params: Params, out_dir: str | Path, metrics_path: str | Path, plots_dir
         measures, videos, shown, histories = {}, [], {}, {}
         with pairs.PairsWriter(build / TASK, TASK, fps=fps) as writer:
             for source in sources:
-                name = source.scene.name
+                name = source.name
                 renders, frames, region, measures[name], histories[name] = edit_segment(
                     source, build, params, generate, estimate, device)
                 writer.add(name, source.split, renders, frames)

@@ -52,7 +52,7 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -72,6 +72,7 @@ __all__ = [
     "Segment",
     "WaymoError",
     "WaymoNotFoundError",
+    "checked_segments",
     "choose_segments",
     "frame_rate",
     "list_segments",
@@ -465,6 +466,24 @@ def choose_segments(root: str | os.PathLike, splits: Mapping[str, tuple[str, str
         raise WaymoError(f"Waymo segment(s) {twice} are both training and test segments; a segment may be in one "
                          f"split only (check {section}.waymo_train_segments / waymo_test_segments).")
     return chosen
+
+
+def checked_segments(root: str | os.PathLike, splits: Mapping[str, tuple[str, str | None]], section: str,
+                     camera: int, frames: int = 0, optional: bool = False,
+                     error: type[Exception] = WaymoError) -> Iterator[tuple[Segment, str, str, int]]:
+    """Read and check each segment :func:`choose_segments` picks, one at a time (a real split's images do not
+    fit in memory together): ``(segment, pairs split, split folder, frames kept)``, no image decoded.
+
+    Raises:
+        error: a segment with fewer than ``frames`` frames (``<section>.waymo_frames``; 0: all).
+        WaymoError: what :func:`choose_segments` and :func:`read_segment` refuse.
+    """
+    for name, split, folder in choose_segments(root, splits, section, optional):
+        segment = read_segment(root, folder, name, camera)
+        if frames > segment.num_frames:
+            raise error(f"{segment.path}: segment {name} has {segment.num_frames} frames, fewer than "
+                        f"{section}.waymo_frames ({frames}); lower it, or 0 for every frame.")
+        yield segment, split, folder, frames or segment.num_frames
 
 
 def frame_rate(segment: Segment, frames: int) -> float:
